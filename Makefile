@@ -1,0 +1,42 @@
+# ddpm-lightning: every command a user types is here and in the README.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install test test-slow test-all lint format demo train ablation bench clean
+
+install: $(STAMP)
+
+# reinstall only when pyproject.toml changes (the stamp records its hash)
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ "$$(cat $(STAMP) 2>/dev/null)" != "$$(sha256sum pyproject.toml | cut -d' ' -f1)" ]; then \
+		$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' && \
+		sha256sum pyproject.toml | cut -d' ' -f1 > $(STAMP); \
+	else touch $(STAMP); fi
+
+test: install  ## unit + integration + ddp tiers, minus the slow ones (~10 min on 2 CPU cores)
+	$(PYTEST) -m "not slow" --durations=15
+
+test-slow: install  ## the slow tier only
+	$(PYTEST) -m slow --durations=15
+
+test-all: install
+	$(PYTEST) --durations=15
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+
+format: install
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+	$(BIN)/ruff format src tests benchmarks scripts
+
+train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
+	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)
+
+clean:
+	rm -rf runs results/ablation .pytest_cache .ruff_cache build src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

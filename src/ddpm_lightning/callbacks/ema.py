@@ -1,0 +1,36 @@
+"""EMA of the weights through Lightning's own ``EMAWeightAveraging``, with public access to the averaged model."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+
+class EMA(EMAWeightAveraging):
+    """Exponential moving average of all weights (Ho et al.: decay 0.9999, updated after every optimizer step).
+
+    Lightning keeps the average on the model's device, swaps it in for validation, writes it to the checkpoint's
+    ``state_dict`` (the raw weights go to ``current_model_state``) and restores both on resume. So a checkpoint loaded
+    with ``DiffusionModule.load_from_checkpoint`` holds the EMA weights.
+    """
+
+    def __init__(self, decay: float = 0.9999, update_starting_at_step: int | None = None):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        super().__init__(decay=decay, update_starting_at_step=update_starting_at_step)
+        self.decay = decay
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # keep the average where training runs: the model may still be on the CPU when setup is called
+        if self._device is None:
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+    def average_module(self) -> L.LightningModule | None:
+        """The averaged copy of the LightningModule during fit, or None outside fit."""
+        return None if self._average_model is None else self._average_model.module
+
+    @property
+    def state_key(self) -> str:
+        # one EMA per run: a stable key lets a checkpoint resume even if the decay changes
+        return "EMA"

@@ -1,0 +1,19 @@
+"""Diffusion maths in pure torch: schedules, the Gaussian process and samplers (no Lightning here)."""
+
+from ddpm_lightning.diffusion.gaussian import OBJECTIVES, VARIANCES, GaussianDiffusion, extract
+from ddpm_lightning.diffusion.samplers import SAMPLERS, SPACINGS, NoiseSource, sample, sampling_timesteps
+from ddpm_lightning.diffusion.schedules import SCHEDULES, make_betas
+
+__all__ = [
+    "OBJECTIVES",
+    "SAMPLERS",
+    "SCHEDULES",
+    "SPACINGS",
+    "VARIANCES",
+    "GaussianDiffusion",
+    "NoiseSource",
+    "extract",
+    "make_betas",
+    "sample",
+    "sampling_timesteps",
+]

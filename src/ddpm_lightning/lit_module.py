@@ -1,0 +1,190 @@
+"""``DiffusionModule``: thin glue between the U-Net, the diffusion maths and Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ddpm_lightning.callbacks.ema import EMA
+from ddpm_lightning.diffusion import GaussianDiffusion, make_betas, sampling_timesteps
+from ddpm_lightning.models import UNet
+
+
+def _images(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch: datasets yield (image, label) pairs or bare images."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class DiffusionModule(L.LightningModule):
+    """A DDPM: the noise-prediction U-Net trained with L_simple, sampled with the EMA weights.
+
+    The defaults are Ho et al. 2020's CIFAR-10 setup: the 35.7M U-Net, T=1000 linear betas 1e-4..0.02, eps
+    prediction, fixed-large variance, Adam 2e-4 with 5000 warm-up steps and an EMA of 0.9999 (gradient clipping at
+    1.0 is a Trainer setting, ``gradient_clip_val``).
+
+    Args:
+        image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout: the :class:`UNet`.
+        schedule, num_timesteps, beta_start, beta_end: the noise schedule (:func:`make_betas`).
+        variance, objective: see :class:`GaussianDiffusion`.
+        lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up.
+        ema_decay: decay of the weights' EMA; 0 turns the EMA off (sampling then uses the raw weights).
+        sampler, sample_steps, eta: default sampler for :meth:`sample` (``"ddpm"``: all T steps, or ``"ddim"``).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        schedule: Literal["linear", "cosine"] = "linear",
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        variance: Literal["fixed_large", "fixed_small"] = "fixed_large",
+        objective: Literal["eps", "x0", "v"] = "eps",
+        lr: float = 2e-4,
+        warmup_steps: int = 5000,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        ema_decay: float = 0.9999,
+        sampler: Literal["ddpm", "ddim"] = "ddpm",
+        sample_steps: int | None = None,
+        eta: float = 0.0,
+    ):
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.save_hyperparameters()
+        self.unet = UNet(
+            in_channels=in_channels,
+            ch=ch,
+            ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=attn_resolutions,
+            dropout=dropout,
+            image_size=image_size,
+        )
+        betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
+        self.diffusion = GaussianDiffusion(betas, variance=variance, objective=objective)
+        # fail at construction, not at the first sampling callback
+        sampling_timesteps(num_timesteps, sampler, sample_steps if sampler == "ddim" else None)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t)
+
+    # -------------------------------------------------------------------------------------------- training
+    def configure_callbacks(self) -> list[Callback]:
+        return [EMA(self.hparams.ema_decay)] if self.hparams.ema_decay > 0 else []
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
+        hp = self.hparams
+        if (size is not None and size != hp.image_size) or (channels is not None and channels != hp.in_channels):
+            raise ValueError(
+                f"the data ({type(datamodule).__name__}) has {channels}x{size}x{size} images but the model expects "
+                f"{hp.in_channels}x{hp.image_size}x{hp.image_size}: set model.image_size={size} and "
+                f"model.in_channels={channels}, or change the data"
+            )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x0 = _images(batch)
+        loss = self.diffusion.training_loss(self.unet, x0)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def _fixed_seed_loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, int]:
+        """L_simple with t and eps drawn from a seed fixed per batch, so evaluation losses are comparable."""
+        x0 = _images(batch)
+        generator = torch.Generator().manual_seed(batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
+        return self.diffusion.training_loss(self.unet, x0, t=t, noise=noise), x0.shape[0]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, n = self._fixed_seed_loss(batch, batch_idx)
+        self.log("val/loss", loss, sync_dist=True, batch_size=n, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss, n = self._fixed_seed_loss(batch, batch_idx)
+        self.log("test/loss", loss, sync_dist=True, batch_size=n)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Samples for a batch of global sample indices; sample i is seeded by i."""
+        indices = _images(batch)
+        return self.sample(len(indices), seeds=[int(i) for i in indices])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.Adam(
+            self.unet.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay
+        )
+        warmup = hp.warmup_steps
+        # linear warm-up of the learning rate, as in Ho et al.'s code: lr * min(step / warmup, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup > 0 else 1.0
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------------------- sampling
+    def sampling_module(self) -> DiffusionModule:
+        """The module whose weights sampling uses: the EMA copy during fit when there is one, else this one.
+
+        Outside fit a checkpoint written with the EMA already holds the averaged weights in its ``state_dict``.
+        """
+        if self._trainer is not None:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, EMA) and callback.average_module() is not None:
+                    return callback.average_module()
+        return self
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int,
+        *,
+        seed: int | None = 0,
+        seeds: Sequence[int] | None = None,
+        sampler: Literal["ddpm", "ddim"] | None = None,
+        num_steps: int | None = None,
+        eta: float | None = None,
+        return_steps: Sequence[int] | None = None,
+        progress: bool = False,
+        use_ema: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Generate ``num`` images in [-1, 1] with the EMA weights (fixed seed by default; ``seeds`` per sample)."""
+        hp = self.hparams
+        sampler = sampler or hp.sampler
+        num_steps = num_steps if num_steps is not None else hp.sample_steps
+        module = self.sampling_module() if use_ema else self
+        was_training = module.training
+        module.eval()
+        try:
+            return self.diffusion.sample(
+                module.unet,
+                (num, hp.in_channels, hp.image_size, hp.image_size),
+                sampler=sampler,
+                num_steps=num_steps if sampler == "ddim" else None,
+                eta=hp.eta if eta is None else eta,
+                seed=None if seeds is not None else seed,
+                seeds=seeds,
+                return_steps=return_steps,
+                device=self.device,
+                progress=progress,
+            )
+        finally:
+            module.train(was_training)

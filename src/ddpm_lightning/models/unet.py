@@ -1,0 +1,234 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B), a PixelCNN++-style backbone with a sinusoidal time embedding.
+
+The default configuration is the CIFAR-10 network of the paper: 35,746,307 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in Ho et al.'s ``get_timestep_embedding``)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb  # (B, dim)
+
+
+def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
+    """Ho et al.'s variance-scaling init (fan_avg, uniform); scale 0 zero-initialises output layers."""
+    if scale == 0:
+        nn.init.zeros_(module.weight)
+    else:
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+        bound = math.sqrt(3 * scale / ((fan_in + fan_out) / 2))
+        nn.init.uniform_(module.weight, -bound, bound)
+    nn.init.zeros_(module.bias)
+
+
+def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+    _init(conv, scale)
+    return conv
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the projected time embedding, then GroupNorm -> SiLU -> dropout -> conv."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = _conv3x3(c_in, c_out)
+        self.temb_proj = nn.Linear(temb_dim, c_out)
+        _init(self.temb_proj)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _conv3x3(c_out, c_out, scale=0.0)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        if isinstance(self.skip, nn.Conv2d):
+            _init(self.skip)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        _init(self.qkv)
+        _init(self.proj_out, scale=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
+        return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Learned 2x down-sampling: a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv3x3(channels, channels, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """2x nearest-neighbour up-sampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Noise-prediction U-Net: ``UNet()(x_t, t) -> eps`` with x_t (B, C, H, W) and integer t (B,).
+
+    Args:
+        in_channels: image channels (3 for CIFAR-10, 1 for digits); ``out_channels`` defaults to the same.
+        ch: base width; the time embedding has 4 * ch features.
+        ch_mult: width multiplier per resolution level; every level but the last halves the resolution.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attn_resolutions: feature-map sizes (in pixels) that get a self-attention block after each residual block.
+        dropout: dropout rate inside the residual blocks (0.1 for CIFAR-10).
+        image_size: input height and width, needed to place attention and to check the down-sampling.
+        num_groups: GroupNorm groups (32 in the paper); ``ch * mult`` must be divisible by it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        image_size: int = 32,
+        out_channels: int | None = None,
+        num_groups: int = 32,
+    ):
+        super().__init__()
+        ch_mult = tuple(ch_mult)
+        attn_resolutions = tuple(attn_resolutions)
+        self._check(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, num_groups)
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.out_channels = out_channels or in_channels
+        temb_dim = 4 * ch
+        self.ch = ch
+
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        _init(self.temb[0])
+        _init(self.temb[2])
+        self.conv_in = _conv3x3(in_channels, ch)
+
+        # down path: remember the width of every feature map kept for a skip connection
+        self.down = nn.ModuleList()
+        skip_channels = [ch]
+        c, res = ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([ResBlock(c, ch * mult, temb_dim, dropout, num_groups)])
+                c = ch * mult
+                if res in attn_resolutions:
+                    block.append(AttnBlock(c, num_groups))
+                self.down.append(block)
+                skip_channels.append(c)
+            if level != len(ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(c)]))
+                skip_channels.append(c)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(c, c, temb_dim, dropout, num_groups),
+                AttnBlock(c, num_groups),
+                ResBlock(c, c, temb_dim, dropout, num_groups),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                block = nn.ModuleList([ResBlock(c + skip_channels.pop(), ch * mult, temb_dim, dropout, num_groups)])
+                c = ch * mult
+                if res in attn_resolutions:
+                    block.append(AttnBlock(c, num_groups))
+                self.up.append(block)
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(c)]))
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(num_groups, c)
+        self.conv_out = _conv3x3(c, self.out_channels, scale=0.0)
+
+    @staticmethod
+    def _check(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, num_groups) -> None:
+        if in_channels <= 0:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        if not ch_mult or any(m <= 0 for m in ch_mult):
+            raise ValueError(f"ch_mult must be a non-empty list of positive integers, got {list(ch_mult)}")
+        for mult in ch_mult:
+            if (ch * mult) % num_groups:
+                raise ValueError(f"ch * mult = {ch * mult} is not divisible by num_groups={num_groups} (GroupNorm)")
+        if num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size <= 0 or image_size % factor:
+            raise ValueError(
+                f"image_size={image_size} cannot be halved {len(ch_mult) - 1} times by ch_mult={list(ch_mult)}: "
+                f"it must be a positive multiple of {factor}"
+            )
+        resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+        unknown = [r for r in attn_resolutions if r not in resolutions]
+        if unknown:
+            raise ValueError(
+                f"attn_resolutions {unknown} are not feature-map sizes of this U-Net; allowed: {resolutions}"
+            )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_channels or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match the U-Net's "
+                f"(B, {self.in_channels}, {self.image_size}, {self.image_size})"
+            )
+        temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4ch)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            for layer in block:
+                h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        h = self.mid[0](h, temb)
+        h = self.mid[1](h)
+        h = self.mid[2](h, temb)
+        for block in self.up:
+            for layer in block:
+                if isinstance(layer, ResBlock):
+                    h = layer(torch.cat([h, skips.pop()], dim=1), temb)
+                else:
+                    h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

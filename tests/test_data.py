@@ -1,0 +1,171 @@
+"""The data layer: CIFAR-10 through torchvision's loader, its error messages, and the embedded digits."""
+
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+
+from ddpm_lightning.data import (
+    CIFAR10DataModule,
+    DataNotFoundError,
+    EmbeddedDigitsDataModule,
+    per_process_batch_size,
+    to_model_range,
+    to_uint8,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _ready(dm: CIFAR10DataModule | EmbeddedDigitsDataModule) -> CIFAR10DataModule | EmbeddedDigitsDataModule:
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _raw_cifar(dataset: torchvision.datasets.CIFAR10) -> torch.Tensor:
+    """The stored uint8 HWC pixels as (N, 3, 32, 32) in [-1, 1], written out here as the paper's scaling."""
+    return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+
+
+def test_to_uint8_inverts_model_range_and_clamps_overshoot() -> None:
+    pixels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(to_model_range(pixels.float() / 255)), pixels)
+    assert to_uint8(torch.tensor([-1.7, 1.3])).tolist() == [0, 255]
+
+
+def test_cifar10_batch_is_float32_images_in_model_range(cifar10_dir: Path) -> None:
+    dm = _ready(CIFAR10DataModule(str(cifar10_dir), batch_size=16, num_workers=2))
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
+    assert x.min() >= -1 and x.max() <= 1
+    assert x.min() < 0 < x.max()
+
+
+def test_cifar10_splits_have_the_fake_sizes(cifar10_dir: Path) -> None:
+    dm = _ready(CIFAR10DataModule(str(cifar10_dir), batch_size=16, num_workers=0))
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (200, 40, 40)
+    assert len(dm.train_dataloader()) == 200 // 16  # drop_last on train only
+    assert len(dm.val_dataloader()) == -(-40 // 16)
+
+
+def test_cifar10_val_batch_equals_unflipped_data(cifar10_dir: Path) -> None:
+    torch.manual_seed(0)
+    dm = _ready(CIFAR10DataModule(str(cifar10_dir), batch_size=8, num_workers=0, random_flip=True))
+    x, _ = next(iter(dm.val_dataloader()))
+    assert torch.allclose(x, _raw_cifar(dm.val_set)[:8], atol=1e-6)
+
+
+def test_cifar10_flips_train_images_only(cifar10_dir: Path) -> None:
+    torch.manual_seed(0)
+    dm = _ready(CIFAR10DataModule(str(cifar10_dir), batch_size=8, num_workers=0, random_flip=True))
+    train_image = _raw_cifar(dm.train_set)[0]
+    draws = [dm.train_set[0][0] for _ in range(32)]
+    unflipped = [torch.allclose(d, train_image, atol=1e-6) for d in draws]
+    flipped = [torch.allclose(d, train_image.flip(-1), atol=1e-6) for d in draws]
+    assert all(u or f for u, f in zip(unflipped, flipped, strict=True))
+    assert any(unflipped) and any(flipped)
+    val_image = _raw_cifar(dm.val_set)[0]
+    assert all(torch.allclose(dm.val_set[0][0], val_image, atol=1e-6) for _ in range(32))
+
+
+def test_cifar10_real_images_dataset_is_unaugmented(cifar10_dir: Path) -> None:
+    dataset = CIFAR10DataModule(str(cifar10_dir), random_flip=True).real_images_dataset("train")
+    assert torch.allclose(torch.stack([dataset[i][0] for i in range(4)]), _raw_cifar(dataset)[:4], atol=1e-6)
+
+
+@pytest.mark.parametrize("step", ["prepare_data", "setup"])
+def test_missing_cifar10_error_names_archive_folder_and_download(tmp_path: Path, step: str) -> None:
+    dm = CIFAR10DataModule(str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(FileNotFoundError) as error:
+        getattr(dm, step)()
+    assert isinstance(error.value, DataNotFoundError)
+    message = str(error.value)
+    assert "cifar-10-python.tar.gz" in message and "cifar-10-batches-py" in message
+    assert str((tmp_path / "nowhere").resolve()) in message
+    assert "download: true" in message
+
+
+def test_offline_download_gives_the_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataNotFoundError, match="cifar-10-python.tar.gz"):
+        CIFAR10DataModule(str(tmp_path), download=True).prepare_data()
+
+
+def test_archive_only_folder_is_extracted_and_loads(fake_cifar10_tarball: Path, cifar10_dir: Path) -> None:
+    # `cifar10_dir` patches the md5s; the archive holds byte-identical copies of its files.
+    dm = _ready(CIFAR10DataModule(str(fake_cifar10_tarball.parent), batch_size=8, num_workers=0))
+    assert (fake_cifar10_tarball.parent / "cifar-10-batches-py" / "data_batch_1").is_file()
+    assert next(iter(dm.train_dataloader()))[0].shape == (8, 3, 32, 32)
+
+
+def test_corrupt_archive_error_names_the_file(fake_cifar10_tarball: Path) -> None:
+    fake_cifar10_tarball.write_bytes(fake_cifar10_tarball.read_bytes()[:5000])
+    with pytest.raises(DataNotFoundError) as error:
+        CIFAR10DataModule(str(fake_cifar10_tarball.parent)).prepare_data()
+    assert str(fake_cifar10_tarball) in str(error.value) and "corrupt" in str(error.value)
+    assert not (fake_cifar10_tarball.parent / "cifar-10-batches-py").exists()
+
+
+def test_global_batch_size_is_split_over_the_world_size(cifar10_dir: Path) -> None:
+    dm = CIFAR10DataModule(str(cifar10_dir), batch_size=128, num_workers=0)
+    dm.trainer = SimpleNamespace(world_size=4)
+    dm.setup("fit")
+    assert dm.per_process_batch_size == 32
+    assert dm.train_dataloader().batch_size == 32
+
+
+def test_batch_size_not_divisible_by_world_size_names_both() -> None:
+    with pytest.raises(ValueError, match=r"batch_size=128.*divisible.*3 processes"):
+        per_process_batch_size(128, 3)
+    dm = EmbeddedDigitsDataModule(batch_size=10)
+    dm.trainer = SimpleNamespace(world_size=4)
+    with pytest.raises(ValueError, match=r"batch_size=10.*4 processes"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("batch_size", 0), ("num_workers", -1), ("val_fraction", 1.0), ("image_size", 0)]
+)
+def test_bad_digits_argument_raises_naming_it(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{name}.*{value}"):
+        EmbeddedDigitsDataModule(**{name: value})
+
+
+@pytest.fixture(scope="module")
+def digits() -> EmbeddedDigitsDataModule:
+    return _ready(EmbeddedDigitsDataModule(batch_size=32, seed=0))
+
+
+def test_digits_batch_is_one_channel_32px_in_model_range(digits: EmbeddedDigitsDataModule) -> None:
+    x, y = next(iter(digits.train_dataloader()))
+    assert x.shape == (32, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() == -1 and x.max() <= 1  # the 2-pixel padding is background, -1
+
+
+def test_digits_splits_are_disjoint_and_cover_all_5000(digits: EmbeddedDigitsDataModule) -> None:
+    train_x, train_y = digits.split_arrays("train")
+    val_x, val_y = digits.split_arrays("val")
+    assert (len(train_y), len(val_y)) == (4500, 500)
+    train_rows = {row.numpy().tobytes() for row in train_x.flatten(1)}
+    assert not any(row.numpy().tobytes() in train_rows for row in val_x.flatten(1))
+    assert set(train_y.tolist()) == set(val_y.tolist()) == set(range(10))
+
+
+def test_digits_split_depends_on_seed_only(digits: EmbeddedDigitsDataModule) -> None:
+    torch.manual_seed(123)
+    same = EmbeddedDigitsDataModule(seed=0).split_arrays("val")[1]
+    other = EmbeddedDigitsDataModule(seed=1).split_arrays("val")[1]
+    assert torch.equal(same, digits.split_arrays("val")[1])
+    assert not torch.equal(other, same)
+
+
+def test_digits_resize_to_other_image_size() -> None:
+    images, _ = EmbeddedDigitsDataModule(image_size=16).split_arrays("val")
+    assert images.shape == (500, 1, 16, 16) and images.min() >= -1 and images.max() <= 1

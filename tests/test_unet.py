@@ -1,0 +1,65 @@
+"""The DDPM U-Net: the paper's parameter count, shapes, and the checks on its settings."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lightning.models import UNet
+from ddpm_lightning.models.unet import timestep_embedding
+
+pytestmark = pytest.mark.unit
+SMALL = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,)}
+
+
+def test_default_unet_has_the_papers_parameter_count():
+    assert sum(p.numel() for p in UNet().parameters()) == 35_746_307
+
+
+@pytest.mark.parametrize(("channels", "size", "attn"), [(3, 32, (16,)), (1, 32, (16,)), (1, 28, (14,)), (3, 64, (32,))])
+def test_output_has_the_input_shape(channels, size, attn):
+    net = UNet(in_channels=channels, image_size=size, **{**SMALL, "attn_resolutions": attn})
+    x = torch.randn(2, channels, size, size)
+    assert net(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_output_layer_starts_at_zero_and_learns_from_t():
+    torch.manual_seed(0)
+    net = UNet(**SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert net(x, torch.tensor([1, 2])).abs().max().item() == 0.0  # zero-initialised conv_out, as in Ho et al.
+    for p in net.parameters():  # leave the zero init behind, as after some training
+        torch.nn.init.normal_(p, std=0.05)
+    a, b = net(x, torch.tensor([1, 1])), net(x, torch.tensor([1, 900]))
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])
+
+
+def test_timestep_embedding_is_the_transformer_sinusoid():
+    t, dim = torch.tensor([0, 1, 17, 999]), 128
+    half = dim // 2
+    freqs = np.exp(-math.log(10000) * np.arange(half) / (half - 1))
+    expected = np.concatenate([np.sin(t.numpy()[:, None] * freqs), np.cos(t.numpy()[:, None] * freqs)], axis=1)
+    np.testing.assert_allclose(timestep_embedding(t, dim).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_image_size_the_down_sampling_cannot_handle_is_rejected():
+    with pytest.raises(ValueError, match="image_size=30.*multiple of 8"):
+        UNet(image_size=30)
+
+
+def test_attention_resolution_that_does_not_exist_is_rejected():
+    with pytest.raises(ValueError, match=r"attn_resolutions \[12\].*\[32, 16, 8, 4\]"):
+        UNet(attn_resolutions=(12,))
+
+
+def test_wrong_input_shape_is_rejected():
+    net = UNet(**SMALL)
+    with pytest.raises(ValueError, match=r"\(2, 1, 32, 32\).*\(B, 3, 32, 32\)"):
+        net(torch.randn(2, 1, 32, 32), torch.tensor([0, 1]))
+
+
+def test_groupnorm_divisibility_is_checked():
+    with pytest.raises(ValueError, match="num_groups=32"):
+        UNet(ch=48)
