@@ -14,7 +14,10 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.lit_module import DiffusionModule
+
+__all__ = ["CheckpointError", "load_module", "sample_to_folder", "save_grid", "save_png", "to_uint8"]
 
 
 class CheckpointError(ValueError):
@@ -46,11 +49,6 @@ def load_module(ckpt: str | Path, device: str | torch.device | None = None) -> D
             f"checkpoint {path} does not fit the model built from its hyper-parameters: {err}"
         ) from err
     return module.to(device).eval()
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] to uint8 in [0, 255], quantised as for FID."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:

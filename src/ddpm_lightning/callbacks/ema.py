@@ -26,6 +26,12 @@ class EMA(EMAWeightAveraging):
             self._device = trainer.strategy.root_device
         super().setup(trainer, pl_module, stage)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning would copy the average into the model here, before ModelCheckpoint writes the final last.ckpt:
+        # that checkpoint would then lose the raw weights and a resumed run would continue from the EMA. Keep the
+        # raw weights; sampling reads the average through ``average_module()`` and checkpoints hold both.
+        return
+
     def average_module(self) -> L.LightningModule | None:
         """The averaged copy of the LightningModule during fit, or None outside fit."""
         return None if self._average_model is None else self._average_model.module

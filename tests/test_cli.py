@@ -1,0 +1,125 @@
+"""End to end through the ``ddpm`` command, in-process so the fake CIFAR-10's md5 patch applies."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_lightning.cli import main
+
+pytestmark = pytest.mark.integration
+TINY = [
+    "-c",
+    "configs/cifar10.yaml",
+    "-c",
+    "configs/debug.yaml",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def _fit(cifar10_dir: Path, run_dir: Path, *extra: str) -> None:
+    main(["fit", *TINY, f"--data.init_args.data_dir={cifar10_dir}", f"--trainer.default_root_dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, fake_cifar10_dir) -> Path:
+    """One tiny fit on the fake CIFAR-10 shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as mp:
+        from conftest import patch_cifar_md5
+
+        patch_cifar_md5(mp, fake_cifar10_dir)
+        _fit(fake_cifar10_dir, run_dir, "--trainer.max_steps=6")
+    return run_dir
+
+
+def _last(run_dir: Path) -> Path:
+    (ckpt,) = run_dir.rglob("last.ckpt")
+    return ckpt
+
+
+def test_fit_writes_a_checkpoint_with_ema_and_raw_weights(trained_run):
+    checkpoint = torch.load(_last(trained_run), map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 6
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert set(ema) == set(raw) and all(k.startswith("unet.") for k in ema)
+    # the EMA lags the raw weights after a few steps of training
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    assert checkpoint["hyper_parameters"]["ch"] == 32
+
+
+def test_sample_reads_the_checkpoint_back(trained_run, tmp_path):
+    out = tmp_path / "samples"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--ckpt", str(_last(trained_run)), "--num", "5", "--out", str(out), "--seed", "3"])
+    assert exit_info.value.code == 0
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert files == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]
+    assert Image.open(out / "000000.png").size == (32, 32)
+    # same seed, same images
+    again = tmp_path / "again"
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(_last(trained_run)), "--num", "2", "--out", str(again), "--seed", "3"])
+    assert (again / "000001.png").read_bytes() == (out / "000001.png").read_bytes()
+
+
+def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
+    out = tmp_path / "samples"  # SampleWriter's default: <default_root_dir>/samples
+    main(
+        [
+            "predict",
+            *TINY,
+            "-c",
+            "configs/predict.yaml",
+            "--data.init_args.num_predict=3",
+            "--data.init_args.data_dir=/nonexistent",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--ckpt_path={_last(trained_run)}",
+        ]
+    )
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tmp_path):
+    main(
+        [
+            "fit",
+            "-c",
+            "configs/cifar10.yaml",
+            "-c",
+            "configs/schedule/cosine.yaml",
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.num_workers=0",
+            f"--data.init_args.data_dir={cifar10_dir}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+
+
+def test_missing_data_is_one_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(empty, tmp_path / "run")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-python.tar.gz" in err and str(empty.resolve()) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--model.schedule=sigmoid", "sigmoid"),
+        ("--model.lr=-1", "lr must be > 0"),
+        ("--model.no_such_key=1", "no_such_key"),
+    ],
+)
+def test_bad_settings_are_clear_errors(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, tmp_path / "run", option)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
