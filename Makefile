@@ -34,8 +34,18 @@ format: install
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
 
+DEMO_TIME ?= 00:00:05:00
+demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_TIME of training (dd:hh:mm:ss): runs/demo/
+	$(BIN)/ddpm fit -c configs/demo.yaml --trainer.max_time=$(DEMO_TIME) $(ARGS)
+
 train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)
+
+ablation: install  ## linear vs cosine on the embedded digits (CPU, minutes): results/ablation/{table.md,curves.png}
+	$(BIN)/ddpm ablate -c configs/ablation/demo.yaml $(ARGS)
+
+bench: install  ## train-step speed of the paper U-Net per option (CPU/GPU); table + results/bench_train_step.json
+	$(BIN)/python benchmarks/train_step.py $(ARGS)
 
 clean:
 	rm -rf runs results/ablation .pytest_cache .ruff_cache build src/*.egg-info

@@ -7,26 +7,58 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from ddpm_lightning.ablation import ablate_main
+from ddpm_lightning.evaluate import evaluate_main
 from ddpm_lightning.lit_module import DiffusionModule
+from ddpm_lightning.metrics.inception_weights import fid_weights_main
+from ddpm_lightning.tracking import (
+    LogRunConfig,
+    finish_wandb_run,
+    follow_run_dir,
+    resume_wandb_run,
+    tracking_callbacks,
+)
+from ddpm_lightning.training import checkpoints_in_run_dir, resolve_ckpt_path, use_atomic_checkpoints
 
 
 class DDPMCLI(LightningCLI):
     """LightningCLI over :class:`DiffusionModule` and any LightningDataModule (``data.class_path``)."""
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        # loggers write into the run folder (trainer.default_root_dir); a resumed fit continues its W&B run
+        follow_run_dir(config.trainer)
+        # checkpoints in <run dir>/checkpoints, so `--ckpt_path last` finds the previous run's last.ckpt
+        checkpoints_in_run_dir(config.trainer)
+        if self.subcommand == "fit":
+            config.ckpt_path = resolve_ckpt_path(config.trainer, config.get("ckpt_path"))
+            resume_wandb_run(config.trainer, config.get("ckpt_path"))
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
+
 
 def _lightning_main(argv: Sequence[str]) -> None:
-    DDPMCLI(
-        DiffusionModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=list(argv),
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        DDPMCLI(
+            DiffusionModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            args=list(argv),
+            save_config_callback=LogRunConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": tracking_callbacks()},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        finish_wandb_run()
 
 
 def sample_main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +92,9 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"sample": sample_main}
+COMMANDS["ablate"] = ablate_main
+COMMANDS["evaluate"] = evaluate_main
+COMMANDS["fid-weights"] = fid_weights_main
 
 
 def main(argv: Sequence[str] | None = None) -> None:

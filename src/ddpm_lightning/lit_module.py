@@ -12,6 +12,13 @@ from lightning.pytorch.callbacks import Callback
 from ddpm_lightning.callbacks.ema import EMA
 from ddpm_lightning.diffusion import GaussianDiffusion, make_betas, sampling_timesteps
 from ddpm_lightning.models import UNet
+from ddpm_lightning.training import (
+    GracefulStop,
+    NonFiniteLossError,
+    RNGStates,
+    all_ranks_finite,
+    check_state_dict_shapes,
+)
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -33,6 +40,11 @@ class DiffusionModule(L.LightningModule):
         lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up.
         ema_decay: decay of the weights' EMA; 0 turns the EMA off (sampling then uses the raw weights).
         sampler, sample_steps, eta: default sampler for :meth:`sample` (``"ddpm"``: all T steps, or ``"ddim"``).
+        nonfinite_loss: on a NaN/inf training loss ``"stop"`` with an error naming the step and batch, or
+            ``"skip"`` the optimizer step (counted in ``train/nonfinite_skips``).
+        compile: ``torch.compile`` the U-Net for training (the EMA copy used for sampling stays eager).
+        channels_last: train in the channels-last memory format (faster convolutions on recent GPUs).
+        matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``"high"``: TF32); None keeps it.
     """
 
     def __init__(
@@ -58,6 +70,10 @@ class DiffusionModule(L.LightningModule):
         sampler: Literal["ddpm", "ddim"] = "ddpm",
         sample_steps: int | None = None,
         eta: float = 0.0,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
+        compile: bool = False,
+        channels_last: bool = False,
+        matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ):
         super().__init__()
         if not lr > 0:
@@ -66,6 +82,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
         self.save_hyperparameters()
         self.unet = UNet(
             in_channels=in_channels,
@@ -80,15 +98,38 @@ class DiffusionModule(L.LightningModule):
         self.diffusion = GaussianDiffusion(betas, variance=variance, objective=objective)
         # fail at construction, not at the first sampling callback
         sampling_timesteps(num_timesteps, sampler, sample_steps if sampler == "ddim" else None)
+        self.nonfinite_skips = 0
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t)
 
     # -------------------------------------------------------------------------------------------- training
     def configure_callbacks(self) -> list[Callback]:
-        return [EMA(self.hparams.ema_decay)] if self.hparams.ema_decay > 0 else []
+        ema = [EMA(self.hparams.ema_decay)] if self.hparams.ema_decay > 0 else []
+        return [*ema, RNGStates(), GracefulStop()]
+
+    def configure_model(self) -> None:
+        # after the callbacks' setup, so the EMA copy made there is not compiled and keeps its own weights
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.hparams.compile and self.unet._compiled_call_impl is None:
+            self.unet.compile()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = str(self.trainer.ckpt_path) if self._trainer is not None else "being loaded"
+        check_state_dict_shapes(self, checkpoint["state_dict"], source)
+        self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
     def setup(self, stage: str) -> None:
+        if self.hparams.matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        if stage == "fit" and self.trainer.world_size > 1:
+            # seed_everything gives every process the same seed; offset it so that the processes draw different
+            # t and eps for their images (a resumed run then restores each process's own RNG state)
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
@@ -101,11 +142,26 @@ class DiffusionModule(L.LightningModule):
                 f"model.in_channels={channels}, or change the data"
             )
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x0 = _images(batch)
+        if self.hparams.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         loss = self.diffusion.training_loss(self.unet, x0)
+        if not all_ranks_finite(self, loss):
+            return self._nonfinite_loss(loss, batch_idx)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x0.shape[0])
         return loss
+
+    def _nonfinite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Skip the step (returning None makes Lightning skip backward and the optimizer step) or stop."""
+        if self.hparams.nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); check the data and the learning rate, or set model.nonfinite_loss=skip"
+            )
+        self.nonfinite_skips += 1
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips), on_step=True, on_epoch=False)
+        return None
 
     def _fixed_seed_loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, int]:
         """L_simple with t and eps drawn from a seed fixed per batch, so evaluation losses are comparable."""

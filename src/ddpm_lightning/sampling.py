@@ -16,12 +16,9 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.lit_module import DiffusionModule
+from ddpm_lightning.training import CheckpointError
 
 __all__ = ["CheckpointError", "load_module", "sample_to_folder", "save_grid", "save_png", "to_uint8"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or does not fit the model."""
 
 
 def default_device(device: str | None = None) -> torch.device:

@@ -2,7 +2,7 @@
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def per_process_batch_size(batch_size: int, world_size: int) -> int:
@@ -61,13 +61,20 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader.")
+        sampler = None
+        if train:
+            # The order of epoch e depends on (seed, e) alone (Lightning calls set_epoch), so a run resumed at an
+            # epoch boundary sees the same batches as an uninterrupted one; each process reads its own shard.
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            rank = getattr(self.trainer, "global_rank", 0)
+            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed, drop_last=True)
         return DataLoader(
             dataset,
             batch_size=self.per_process_batch_size,
-            shuffle=train,
+            sampler=sampler,
             # A short last batch would give its images more weight in that step's loss.
             drop_last=train,
-            # Seeds the shuffle order and the workers' base seed, so neither depends on the global RNG.
+            # Seeds the workers' base seed, so it does not depend on the global RNG.
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

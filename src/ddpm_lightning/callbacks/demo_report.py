@@ -1,0 +1,223 @@
+"""The end of ``make demo``: checkpoint, samples, reverse chain, loss curve and classifier-based scores in one folder.
+
+Scores come from :mod:`ddpm_lightning.metrics.digit_classifier`, for three sets side by side: samples of the trained
+model (EMA weights), samples of the untrained model (its initial weights, sampled the same way) and real held-out
+digits. The held-out (val) digits are split in two halves: the first is the Frechet reference, the second is the
+"real" row, so its distance shows the floor set by the finite sample size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ddpm_lightning.callbacks.sampling import image_grid, render_samples, sampler_label
+from ddpm_lightning.diffusion import SAMPLERS, sampling_timesteps
+from ddpm_lightning.metrics.digit_classifier import feature_statistics, load_or_train_digit_classifier, score_digits
+
+__all__ = ["DemoReport"]
+
+
+def _atomic_write(path: Path, write: Any, suffix: str) -> None:
+    """Call ``write(tmp_path)`` then move the file into place, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, lw=0.6, alpha=0.35, color="tab:blue", label="train/loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        ax.plot(steps[window - 1 :], smooth, color="tab:blue", label=f"mean of {window} steps")
+    ax.set(xlabel="optimizer step", ylabel="L_simple (MSE of eps)", yscale="log", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), ".png.tmp")
+    plt.close(fig)
+
+
+class DemoReport(Callback):
+    """At the end of fit, write to ``default_root_dir``: ``demo.ckpt``, ``samples.png`` (grid of ``num_samples``),
+    ``chain.png`` (reverse chain x_T ... x_0), ``loss.png`` (the logged ``train/loss``) and ``metrics.json``, and
+    print where they are. Needs :class:`~ddpm_lightning.data.EmbeddedDigitsDataModule`.
+
+    Args:
+        num_samples: images in ``samples.png``: the first of the evaluation samples.
+        num_eval_samples: samples scored for each model (sample i seeded by ``seed + i``).
+        chain_samples, chain_steps: rows and x_t columns of ``chain.png``.
+        sampler, num_steps, eta: the sampler used for every image of the report.
+        seed: seed of the first sample.
+        classifier_epochs: training epochs of the digit classifier (trained once, then cached).
+        classifier_cache_dir: where the classifier is cached; default ``~/.cache/ddpm-lightning``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        num_eval_samples: int = 250,
+        chain_samples: int = 8,
+        chain_steps: int = 10,
+        sampler: Literal["ddpm", "ddim"] = "ddim",
+        num_steps: int | None = 25,
+        eta: float = 0.0,
+        seed: int = 0,
+        classifier_epochs: int = 6,
+        classifier_cache_dir: str | None = None,
+    ):
+        if not 1 <= num_samples <= num_eval_samples:
+            raise ValueError(
+                f"need 1 <= num_samples <= num_eval_samples, got num_samples={num_samples}, "
+                f"num_eval_samples={num_eval_samples}"
+            )
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        self.num_samples = num_samples
+        self.num_eval_samples = num_eval_samples
+        self.chain_samples = chain_samples
+        self.chain_steps = chain_steps
+        self.sampler = sampler
+        self.num_steps = num_steps
+        self.eta = eta
+        self.seed = seed
+        self.classifier_epochs = classifier_epochs
+        self.classifier_cache_dir = classifier_cache_dir
+        self.losses: list[tuple[int, float]] = []
+        self._initial_state: dict[str, torch.Tensor] | None = None
+        self._train_start = self._train_time = 0.0
+
+    # ------------------------------------------------------------------------------------------------ recording
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if not hasattr(datamodule, "split_arrays"):
+            raise ValueError(
+                f"DemoReport scores digits and needs data.class_path: ddpm_lightning.data.EmbeddedDigitsDataModule, "
+                f"got {type(datamodule).__name__}"
+            )
+        T = pl_module.diffusion.num_timesteps
+        sampling_timesteps(T, self.sampler, self.num_steps if self.sampler == "ddim" else None)
+        if stage == "fit":
+            # the untrained baseline: the weights before the first step (and before a checkpoint is restored)
+            self._initial_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.losses.append((trainer.global_step, float(loss)))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_time = time.perf_counter() - self._train_start
+
+    # ------------------------------------------------------------------------------------------------ the report
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        root = Path(trainer.default_root_dir)
+        ckpt = root / "demo.ckpt"
+        trainer.save_checkpoint(ckpt)  # every rank: it synchronises; the EMA callback puts the EMA weights in it
+        if trainer.is_global_zero:
+            self.write_report(trainer, pl_module, root, ckpt)
+
+    def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule, root: Path, ckpt: Path) -> dict:
+        """Write the images and ``metrics.json``, print a summary; returns the metrics."""
+        # imported here: ddpm_lightning.sampling imports the LightningModule, which imports this package
+        from ddpm_lightning.sampling import save_png
+
+        datamodule = trainer.datamodule
+        train, val = datamodule.split_arrays("train"), datamodule.split_arrays("val")
+        classifier, accuracy, classifier_path = load_or_train_digit_classifier(
+            train, val, cache_dir=self.classifier_cache_dir, epochs=self.classifier_epochs
+        )
+        half = len(val[0]) // 2
+        reference = feature_statistics(classifier.features(val[0][:half]).detach())
+        sample_kwargs = dict(sampler=self.sampler, num_steps=self.num_steps, eta=self.eta, seed=self.seed)
+
+        images, _, strip = render_samples(
+            pl_module, self.num_eval_samples, self.chain_samples, self.chain_steps, **sample_kwargs
+        )
+        save_png(image_grid(images[: self.num_samples]), root / "samples.png")
+        save_png(strip, root / "chain.png")
+
+        accepted = inspect.signature(type(pl_module).__init__).parameters
+        untrained = type(pl_module)(**{k: v for k, v in pl_module.hparams.items() if k in accepted})
+        untrained.load_state_dict(self._initial_state)
+        untrained_images, _, _ = render_samples(
+            untrained.to(pl_module.device), self.num_eval_samples, 1, 1, **sample_kwargs
+        )
+
+        steps = trainer.global_step
+        _plot_loss(
+            [s for s, _ in self.losses],
+            [v for _, v in self.losses],
+            root / "loss.png",
+            f"{steps} steps in {self._train_time / 60:.1f} min",
+        )
+        T = pl_module.diffusion.num_timesteps
+        visited = sampling_timesteps(T, self.sampler, self.num_steps if self.sampler == "ddim" else None)
+        metrics = {
+            "trained": score_digits(classifier, images, reference),
+            "untrained": score_digits(classifier, untrained_images, reference),
+            "real_heldout": score_digits(classifier, val[0][half:], reference),
+            "max_class_entropy": math.log(10),
+            "num_eval_samples": self.num_eval_samples,
+            "num_real_reference": half,
+            "sampler": sampler_label(self.sampler, len(visited), self.eta),
+            "steps": steps,
+            "train_time_s": round(self._train_time, 1),
+            "steps_per_s": round(steps / self._train_time, 3) if self._train_time > 0 else None,
+            "device": str(pl_module.device),
+            "torch_threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in pl_module.unet.parameters()),
+            "classifier": {"val_accuracy": accuracy, "epochs": self.classifier_epochs, "file": str(classifier_path)},
+        }
+        _atomic_write(
+            root / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"), ".json.tmp"
+        )
+        self._print_summary(root, ckpt, metrics)
+        return metrics
+
+    @staticmethod
+    def _print_summary(root: Path, ckpt: Path, metrics: dict) -> None:
+        lines = [
+            f"\ndemo: {metrics['steps']} steps in {metrics['train_time_s']:.0f} s "
+            f"({metrics['steps_per_s']} steps/s on {metrics['device']}, {metrics['torch_threads']} threads)",
+            f"  checkpoint  {ckpt}",
+            *(f"  {name:<11} {root / name}.{ext}" for name, ext in [("samples", "png"), ("chain", "png")]),
+            f"  loss curve  {root / 'loss.png'}",
+            f"  metrics     {root / 'metrics.json'}",
+            f"  {'':<14}{'confident>0.9':>14}{'class entropy':>15}{'Frechet dist.':>15}",
+        ]
+        for name in ("trained", "untrained", "real_heldout"):
+            s = metrics[name]
+            lines.append(
+                f"  {name:<14}{s['confident_share']:>14.3f}{s['class_entropy']:>15.3f}{s['frechet_distance']:>15.2f}"
+            )
+        lines.append(f"  (class entropy is at most log 10 = {math.log(10):.3f}; {metrics['sampler']} sampling)")
+        print("\n".join(lines), flush=True)

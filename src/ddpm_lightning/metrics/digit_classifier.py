@@ -1,0 +1,201 @@
+"""A small CNN trained on the embedded digits, used to score generated digits.
+
+Three figures per set of images: the share classified with confidence above a threshold (do the samples look like
+some digit?), the entropy of the predicted-class histogram (log 10 when all ten digits are equally frequent), and
+the Frechet distance to held-out real digits in the classifier's penultimate feature space (FID's formula, Heusel et
+al. 2017, with this classifier in place of Inception).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DigitClassifier",
+    "class_entropy",
+    "default_cache_dir",
+    "feature_statistics",
+    "frechet_distance",
+    "load_or_train_digit_classifier",
+    "score_digits",
+    "train_digit_classifier",
+]
+
+# bump when the architecture or the training recipe changes, so that cached weights are not reused
+RECIPE_VERSION = 1
+
+
+class DigitClassifier(nn.Module):
+    """Three conv blocks (32 -> 16 -> 8 -> 4 pixels) and a ``feature_dim`` hidden layer; images (B, 1, 32, 32) in
+    [-1, 1]."""
+
+    def __init__(self, feature_dim: int = 64, num_classes: int = 10):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+            )
+
+        self.conv = nn.Sequential(block(1, 16), block(16, 32), block(32, 64))
+        self.hidden = nn.Linear(64 * 4 * 4, feature_dim)
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations (B, feature_dim): the space of the Frechet distance."""
+        return F.relu(self.hidden(self.conv(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))  # logits (B, num_classes)
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Small random rotations (+-10 degrees), scalings (0.9-1.1) and shifts (+-2 px), so that the classifier judges
+    shapes rather than exact pixel positions."""
+    B = x.shape[0]
+    angle = (torch.rand(B, generator=generator) * 2 - 1) * math.radians(10)
+    scale = 0.9 + 0.2 * torch.rand(B, generator=generator)
+    shift = (torch.rand(B, 2, generator=generator) * 2 - 1) * (2 / x.shape[-1] * 2)  # in [-1, 1] grid units
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def train_digit_classifier(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> tuple[DigitClassifier, float]:
+    """Train on ``train`` = (images, labels) with augmentation; returns the model (eval mode) and its accuracy on
+    ``val``. Seeded, and the global RNG is left untouched."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    images, labels = train
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitClassifier()
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        steps = epochs * (len(labels) // batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(labels), generator=generator)
+            for i in range(len(labels) // batch_size):
+                index = order[i * batch_size : (i + 1) * batch_size]
+                loss = F.cross_entropy(model(_augment(images[index], generator)), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    accuracy = (_predict(model, val[0]).argmax(1) == val[1]).float().mean().item()
+    return model.eval(), accuracy
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ddpm-lightning`` (``~/.cache/ddpm-lightning`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm-lightning"
+
+
+def load_or_train_digit_classifier(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    *,
+    cache_dir: str | Path | None = None,
+    epochs: int = 8,
+    seed: int = 0,
+) -> tuple[DigitClassifier, float, Path]:
+    """The classifier of :func:`train_digit_classifier`, trained once and then loaded from
+    ``cache_dir/digit_classifier-<hash>.pt``; the hash covers the data, the recipe and the seed.
+
+    Returns the model (eval mode), its validation accuracy and the cache file.
+    """
+    digest = hashlib.sha256(json.dumps({"recipe": RECIPE_VERSION, "epochs": epochs, "seed": seed}).encode())
+    for tensor in (*train, *val):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    path = Path(cache_dir or default_cache_dir()) / f"digit_classifier-{digest.hexdigest()[:16]}.pt"
+    if path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        model = DigitClassifier()
+        model.load_state_dict(stored["state_dict"])
+        return model.eval(), float(stored["val_accuracy"]), path
+    model, accuracy = train_digit_classifier(train, val, epochs=epochs, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
+    os.close(fd)
+    try:
+        torch.save({"state_dict": model.state_dict(), "val_accuracy": accuracy}, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent or interrupted run never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return model, accuracy, path
+
+
+def class_entropy(predicted: torch.Tensor, num_classes: int = 10) -> float:
+    """Entropy (nats) of the histogram of predicted classes: log(num_classes) when every class is equally frequent."""
+    p = torch.bincount(predicted, minlength=num_classes).double() / len(predicted)
+    p = p[p > 0]
+    return float((p * (1 / p).log()).sum())
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D), in float64, of features (N, D)."""
+    x = features.double().numpy()
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)): the Frechet distance of two Gaussians."""
+    # Tr((sigma1 sigma2)^(1/2)) = Tr((s sigma2 s)^(1/2)) with s = sigma1^(1/2): a symmetric PSD matrix, whose
+    # eigenvalues stay accurate when the covariances are singular (e.g. dead ReLU features of noise images)
+    w, v = np.linalg.eigh(sigma1)
+    s = (v * np.sqrt(w.clip(min=0))) @ v.T
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh(s @ sigma2 @ s).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+@torch.no_grad()
+def score_digits(
+    classifier: DigitClassifier,
+    images: torch.Tensor,
+    reference: tuple[np.ndarray, np.ndarray],
+    confidence: float = 0.9,
+) -> dict[str, float]:
+    """Scores of images (N, 1, 32, 32) in [-1, 1] against ``reference`` = :func:`feature_statistics` of real digits.
+
+    Returns ``confident_share`` (share with top softmax probability > ``confidence``), ``class_entropy`` (nats,
+    log 10 = 2.303 at most) and ``frechet_distance``.
+    """
+    classifier.eval()
+    images = images.clamp(-1, 1)  # samples may overshoot the data range
+    features = torch.cat([classifier.features(images[i : i + 500]) for i in range(0, len(images), 500)])
+    probs = classifier.head(features).softmax(1)
+    top, predicted = probs.max(1)
+    return {
+        "confident_share": float((top > confidence).float().mean()),
+        "class_entropy": class_entropy(predicted, probs.shape[1]),
+        "frechet_distance": frechet_distance(*feature_statistics(features), *reference),
+    }

@@ -1,0 +1,126 @@
+"""Never lose work: exact resume with `--ckpt_path last`, atomic checkpoint writes, clear errors for bad checkpoints."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lightning.cli import main
+from ddpm_lightning.training import AtomicCheckpointIO, read_checkpoint
+
+pytestmark = pytest.mark.integration
+
+STEPS_PER_EPOCH = 3
+
+
+def fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
+    """A tiny U-Net on the embedded digits, epochs of 3 steps, with dropout, EMA, warm-up and flips all on."""
+    return [
+        "fit",
+        "--seed_everything=0",
+        "--model.in_channels=1",
+        "--model.ch=32",
+        "--model.ch_mult=[1,2]",
+        "--model.num_res_blocks=1",
+        "--model.image_size=16",
+        "--model.attn_resolutions=[8]",
+        "--model.dropout=0.1",
+        "--model.num_timesteps=50",
+        "--model.warmup_steps=4",
+        "--model.ema_decay=0.9",
+        "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",
+        "--data.batch_size=4",
+        "--data.image_size=16",
+        "--data.random_flip=true",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.limit_train_batches={STEPS_PER_EPOCH}",
+        "--trainer.limit_val_batches=2",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=ModelCheckpoint",
+        f"--trainer.callbacks.every_n_train_steps={STEPS_PER_EPOCH}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+        *extra,
+    ]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """EMA weights (state_dict), raw weights (current_model_state) and Adam moments of the run's last.ckpt."""
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    out = {f"ema.{k}": v for k, v in checkpoint["state_dict"].items()}
+    out |= {f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}
+    for i, state in checkpoint["optimizer_states"][0]["state"].items():
+        out |= {f"adam.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)}
+    return out
+
+
+def test_resume_with_ckpt_path_last_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    n = STEPS_PER_EPOCH  # stop at an epoch boundary: plain DataLoaders cannot resume mid-epoch
+    main(fit_args(tmp_path / "straight", 2 * n))
+    main(fit_args(tmp_path / "resumed", n))
+    assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == n
+    main(fit_args(tmp_path / "resumed", 2 * n, "--ckpt_path=last"))
+
+    checkpoint = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 2 * n
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 2 * n
+    (states,) = checkpoint["rng_states"]  # one process
+    assert set(states) == {"torch", "cuda", "numpy", "python"}
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    main(fit_args(tmp_path, 1, "--ckpt_path=last"))
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 1
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, path)
+
+    def crash_after_half(obj: object, f, *args: object, **kwargs: object) -> None:
+        f.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_after_half)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+
+    assert read_checkpoint(path)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(fit_args(tmp_path, 1))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint" * 100)
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, 2, "--ckpt_path=last"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path}" in err and "corrupt or truncated" in err
+
+
+def test_resume_with_another_model_shape_names_the_parameter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(fit_args(tmp_path, 1))
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, 2, "--ckpt_path=last", "--model.ch=64"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "another model shape" in err and "last.ckpt" in err and "has shape" in err
