@@ -141,7 +141,9 @@ class DemoReport(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         root = Path(trainer.default_root_dir)
         ckpt = root / "demo.ckpt"
-        trainer.save_checkpoint(ckpt)  # every rank: it synchronises; the EMA callback puts the EMA weights in it
+        # on every rank (it synchronises); the full state, so `ddpm fit --ckpt_path` can resume from it, with the EMA
+        # weights in its state_dict (put there by the EMA callback)
+        trainer.save_checkpoint(ckpt, weights_only=False)
         if trainer.is_global_zero:
             self.write_report(trainer, pl_module, root, ckpt)
 
