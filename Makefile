@@ -44,7 +44,7 @@ train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or d
 ablation: install  ## linear vs cosine on the embedded digits (CPU, minutes): results/ablation/{table.md,curves.png}
 	$(BIN)/ddpm ablate -c configs/ablation/demo.yaml $(ARGS)
 
-bench: install  ## train-step speed of the paper U-Net per option (CPU/GPU); table + results/bench_train_step.json
+bench: install  ## train-step speed of the paper U-Net per option (CPU/GPU); table + benchmarks/results/train_step.json
 	$(BIN)/python benchmarks/train_step.py $(ARGS)
 
 clean:

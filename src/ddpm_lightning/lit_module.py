@@ -108,13 +108,6 @@ class DiffusionModule(L.LightningModule):
         ema = [EMA(self.hparams.ema_decay)] if self.hparams.ema_decay > 0 else []
         return [*ema, RNGStates(), GracefulStop()]
 
-    def configure_model(self) -> None:
-        # after the callbacks' setup, so the EMA copy made there is not compiled and keeps its own weights
-        if self.hparams.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        if self.hparams.compile and self.unet._compiled_call_impl is None:
-            self.unet.compile()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
@@ -124,6 +117,12 @@ class DiffusionModule(L.LightningModule):
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
     def setup(self, stage: str) -> None:
+        # Lightning runs the callbacks' setup first, so the EMA copy made there stays eager: a deep copy of a compiled
+        # module would call the original module's compiled forward, i.e. sample with the raw weights
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.hparams.compile and self.unet._compiled_call_impl is None:
+            self.unet.compile()
         if self.hparams.matmul_precision is not None:
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         if stage == "fit" and self.trainer.world_size > 1:

@@ -1,0 +1,33 @@
+"""Performance options keep the EMA copy separate from the trained network."""
+
+import lightning as L
+import pytest
+import torch
+
+from ddpm_lightning.data import EmbeddedDigitsDataModule
+from ddpm_lightning.lit_module import DiffusionModule
+
+pytestmark = pytest.mark.integration
+
+TINY = {"in_channels": 1, "ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "image_size": 16, "attn_resolutions": (8,)}
+
+
+def test_channels_last_applies_to_the_trained_network_and_not_to_the_ema_copy(tmp_path):
+    module = DiffusionModule(**TINY, num_timesteps=50, warmup_steps=1, ema_decay=0.5, channels_last=True)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, EmbeddedDigitsDataModule(batch_size=4, image_size=16))
+    raw_conv = module.unet.down[0][0].conv1.weight
+    ema_conv = module.sampling_module().unet.down[0][0].conv1.weight
+    assert module.sampling_module() is not module
+    assert raw_conv.is_contiguous(memory_format=torch.channels_last) and not raw_conv.is_contiguous()
+    # the option is applied after the EMA copy is made, so the copy is an independent, plain module
+    assert ema_conv.is_contiguous() and ema_conv.data_ptr() != raw_conv.data_ptr()
+    assert not torch.equal(raw_conv, ema_conv)
