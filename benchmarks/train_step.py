@@ -27,8 +27,8 @@ from ddpm_lightning.models import UNet
 OPTIONS = {
     "fp32": {},
     "channels_last": {"channels_last": True},
-    "bf16 autocast": {"bf16": True},
-    "torch.compile": {"compile": True},
+    "bf16_autocast": {"bf16": True},
+    "torch_compile": {"compile": True},
 }
 
 

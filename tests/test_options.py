@@ -15,7 +15,7 @@ TINY = {"in_channels": 1, "ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "ima
 def test_channels_last_applies_to_the_trained_network_and_not_to_the_ema_copy(tmp_path):
     module = DiffusionModule(**TINY, num_timesteps=50, warmup_steps=1, ema_decay=0.5, channels_last=True)
     trainer = L.Trainer(
-        max_steps=2,
+        max_steps=3,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
