@@ -45,13 +45,14 @@ class DDPMCLI(LightningCLI):
         return trainer
 
 
-def _lightning_main(argv: Sequence[str]) -> None:
+def _lightning_main(argv: Sequence[str] | None) -> None:
+    """LightningCLI on ``argv``; None: on ``sys.argv`` (the console script), which LightningCLI reads itself."""
     try:
         DDPMCLI(
             DiffusionModule,
             L.LightningDataModule,
             subclass_mode_data=True,
-            args=list(argv),
+            args=None if argv is None else list(argv),
             save_config_callback=LogRunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": tracking_callbacks()},
@@ -91,10 +92,18 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"sample": sample_main}
-COMMANDS["ablate"] = ablate_main
-COMMANDS["evaluate"] = evaluate_main
-COMMANDS["fid-weights"] = fid_weights_main
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "sample": sample_main,
+    "evaluate": evaluate_main,
+    "fid-weights": fid_weights_main,
+    "ablate": ablate_main,
+}
+EXTRA_HELP = """more commands (each takes --help):
+  sample       PNG samples and a grid from a checkpoint's EMA weights
+  evaluate     FID / IS / KID with torch-fidelity (the paper's protocol)
+  fid-weights  prepare the FID Inception weights for an offline machine
+  ablate       train and compare the linear and cosine schedules
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,11 +112,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     Bad input (a missing data set, a bad setting, an unreadable checkpoint) ends with a one-paragraph error and exit
     status 2; set ``DDPM_TRACEBACK=1`` to see the full traceback instead.
     """
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in COMMANDS:
             raise SystemExit(COMMANDS[argv[0]](argv[1:]))
-        _lightning_main(argv)
+        if not argv or argv[0] in ("-h", "--help"):
+            print(EXTRA_HELP)
+        _lightning_main(None if from_console else argv)
     except (FileNotFoundError, ValueError) as err:
         if os.environ.get("DDPM_TRACEBACK"):
             raise
