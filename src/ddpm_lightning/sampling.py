@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -16,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.lit_module import DiffusionModule
-from ddpm_lightning.training import CheckpointError
+from ddpm_lightning.training import CheckpointError, read_checkpoint
 
 __all__ = ["CheckpointError", "load_module", "sample_to_folder", "save_grid", "save_png", "to_uint8"]
 
@@ -28,15 +26,10 @@ def default_device(device: str | None = None) -> torch.device:
 def load_module(ckpt: str | Path, device: str | torch.device | None = None) -> DiffusionModule:
     """Load a :class:`DiffusionModule` (EMA weights when the run had an EMA) in eval mode, with clear errors."""
     path = Path(ckpt)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    checkpoint = read_checkpoint(path)
+    if "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint written by `ddpm fit` (no hyper_parameters)")
     device = default_device(str(device) if device is not None else None)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read: {err}") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint written by `ddpm fit` (no state_dict/hyper_parameters)")
     accepted = inspect.signature(DiffusionModule.__init__).parameters
     module = DiffusionModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
     try:
