@@ -124,3 +124,9 @@ def test_resume_with_another_model_shape_names_the_parameter(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "another model shape" in err and "last.ckpt" in err and "has shape" in err
+
+
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path: Path) -> None:
+    # periodic saves every 3 steps write last.ckpt at step 3; the run ends at step 4, which must not be lost
+    main(fit_args(tmp_path, STEPS_PER_EPOCH + 1))
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH + 1

@@ -13,6 +13,7 @@ from ddpm_lightning.callbacks.ema import EMA
 from ddpm_lightning.diffusion import GaussianDiffusion, make_betas, sampling_timesteps
 from ddpm_lightning.models import UNet
 from ddpm_lightning.training import (
+    FinalCheckpoint,
     GracefulStop,
     NonFiniteLossError,
     RNGStates,
@@ -106,7 +107,7 @@ class DiffusionModule(L.LightningModule):
     # -------------------------------------------------------------------------------------------- training
     def configure_callbacks(self) -> list[Callback]:
         ema = [EMA(self.hparams.ema_decay)] if self.hparams.ema_decay > 0 else []
-        return [*ema, RNGStates(), GracefulStop()]
+        return [*ema, RNGStates(), GracefulStop(), FinalCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_skips"] = self.nonfinite_skips

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
+    "FinalCheckpoint",
     "GracefulStop",
     "NonFiniteLossError",
     "RNGStates",
@@ -223,6 +224,22 @@ class RNGStates(Callback):
         if self._pending is not None:
             _set_rng_states(self._pending)
             self._pending = None
+
+
+class FinalCheckpoint(Callback):
+    """Write ``last.ckpt`` when fit ends, unless it already holds the final step.
+
+    ModelCheckpoint writes ``last.ckpt`` at the end of fit only when it has saved nothing else during the run, so the
+    steps after its last periodic save would otherwise be lost (e.g. ``max_steps`` not a multiple of the interval).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None:
+                if callback._last_global_step_saved != trainer.global_step:
+                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
 # ------------------------------------------------------------------------------------------------ signals
