@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install test test-slow test-all lint format demo train ablation bench clean
+.PHONY: install test test-slow test-all lint format demo train ablation sweep bench clean
 
 install: $(STAMP)
 
@@ -44,8 +44,15 @@ train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or d
 ablation: install  ## linear vs cosine on the embedded digits (CPU, minutes): results/ablation/{table.md,curves.png}
 	$(BIN)/ddpm ablate -c configs/ablation/demo.yaml $(ARGS)
 
-bench: install  ## train-step speed of the paper U-Net per option (CPU/GPU); table + benchmarks/results/train_step.json
-	$(BIN)/python benchmarks/train_step.py $(ARGS)
+sweep: install  ## each sampler's quality and images/s at 1000..10 network evaluations on the demo model: results/samplers/
+	$(BIN)/ddpm sampler-sweep --ckpt runs/demo/demo.ckpt $(ARGS)
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench]' && touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## our U-Net vs diffusers and denoising-diffusion-pytorch: benchmarks/results/suite_<device>.{md,json}
+	$(BIN)/python benchmarks/suite.py $(ARGS)
 
 clean:
 	rm -rf runs results/ablation .pytest_cache .ruff_cache build src/*.egg-info

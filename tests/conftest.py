@@ -1,4 +1,5 @@
-"""Shared test setup: offline loggers, 2 threads, and a small fake CIFAR-10 in the real on-disk format."""
+"""Shared test setup: offline loggers, 2 threads, a small fake CIFAR-10 in the real on-disk format, and the demo's
+digit classifier briefly trained into a cache folder."""
 
 import hashlib
 import os
@@ -12,12 +13,16 @@ import pytest
 import torch
 import torchvision
 
+from ddpm_lightning.data import EmbeddedDigitsDataModule
+from ddpm_lightning.metrics.digit_classifier import load_or_train_digit_classifier
+
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(2)
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 IMAGES_PER_BATCH = 40
+CLASSIFIER_TEST_EPOCHS = 2  # the demo trains 6; two reach ~97% and keep the tests fast
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -117,3 +122,19 @@ def fake_cifar10_tarball(fake_cifar10_dir: Path, tmp_path: Path) -> Path:
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(fake_cifar10_dir / CIFAR_FOLDER, arcname=CIFAR_FOLDER)
     return archive
+
+
+@pytest.fixture(scope="session")
+def digits() -> EmbeddedDigitsDataModule:
+    return EmbeddedDigitsDataModule()
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory: pytest.TempPathFactory, digits: EmbeddedDigitsDataModule) -> Path:
+    """A cache folder holding a briefly trained digit classifier, shared by the scorer tests, the demo run and the
+    sampler sweep."""
+    cache = tmp_path_factory.mktemp("classifier_cache")
+    load_or_train_digit_classifier(
+        digits.split_arrays("train"), digits.split_arrays("val"), cache_dir=cache, epochs=CLASSIFIER_TEST_EPOCHS
+    )
+    return cache

@@ -65,6 +65,20 @@ def test_sample_reads_the_checkpoint_back(trained_run, tmp_path):
     assert (again / "000001.png").read_bytes() == (out / "000001.png").read_bytes()
 
 
+def test_sample_takes_any_sampler_and_names_a_bad_step_count(trained_run, tmp_path, capsys):
+    ckpt = str(_last(trained_run))  # T = 100 (configs/debug.yaml)
+    for sampler in ("dpmpp_2m", "ddpm"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", "--ckpt", ckpt, "--num", "2", "--out", str(tmp_path / sampler), "--sampler", sampler,
+                  "--steps", "4", "--spacing", "quadratic"])  # fmt: skip
+        assert exit_info.value.code == 0 and (tmp_path / sampler / "000001.png").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--ckpt", ckpt, "--num", "2", "--out", str(tmp_path / "bad"), "--sampler", "ddim",
+              "--steps", "101"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "num_steps must be in [1, 100]" in capsys.readouterr().err
+
+
 def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
     out = tmp_path / "samples"  # SampleWriter's default: <default_root_dir>/samples
     main(

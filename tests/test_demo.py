@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
 from PIL import Image
 
 from ddpm_lightning.callbacks import DemoReport
@@ -28,22 +29,6 @@ from ddpm_lightning.sampling import load_module
 pytestmark = pytest.mark.integration
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-TEST_EPOCHS = 2  # the demo trains 6; two reach ~97% and keep this file fast
-
-
-@pytest.fixture(scope="session")
-def digits() -> EmbeddedDigitsDataModule:
-    return EmbeddedDigitsDataModule()
-
-
-@pytest.fixture(scope="session")
-def classifier_cache(tmp_path_factory: pytest.TempPathFactory, digits: EmbeddedDigitsDataModule) -> Path:
-    """A cache folder holding a briefly trained classifier, shared by the scorer tests and the demo run."""
-    cache = tmp_path_factory.mktemp("classifier_cache")
-    load_or_train_digit_classifier(
-        digits.split_arrays("train"), digits.split_arrays("val"), cache_dir=cache, epochs=TEST_EPOCHS
-    )
-    return cache
 
 
 def _classifier(digits: EmbeddedDigitsDataModule, cache: Path) -> tuple[digit_classifier.DigitClassifier, float, Path]:

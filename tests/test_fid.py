@@ -2,6 +2,7 @@
 
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import numpy as np
@@ -256,12 +257,39 @@ def test_two_fits_in_one_process_give_the_same_fid(tmp_path: Path) -> None:
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"sampler": "euler"}, "sampler='euler'"),
         ({"sampler": "ddim", "num_steps": None}, "num_steps"),
+        ({"sampler": "dpmpp_2m", "num_steps": 0}, "num_steps"),
+        ({"spacing": "log"}, "spacing='log'"),
         ({"real_split": "holdout"}, "real_split='holdout'"),
     ],
 )
 def test_bad_settings_raise_at_construction(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fid_callback(tmp_path, **kwargs)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("kwargs", "tag"),
+    [
+        ({"sampler": "ddpm", "num_steps": None}, "ddpm"),
+        ({"sampler": "ddpm", "num_steps": 20}, "ddpm"),  # T = 20: the full chain
+        ({"sampler": "ddpm", "num_steps": 10}, "ddpm10"),
+        ({"sampler": "ddim", "num_steps": 5}, "ddim5"),
+        ({"sampler": "ddim", "num_steps": 5, "spacing": "quadratic"}, "ddim5_quad"),
+        ({"sampler": "dpmpp_2m", "num_steps": 8}, "dpmpp_2m8"),
+    ],
+)
+def test_sampler_tag_names_the_sampler_and_its_network_evaluations(tmp_path: Path, kwargs: dict, tag: str) -> None:
+    callback = fid_callback(tmp_path, **kwargs)
+    callback.setup(mock.Mock(), tiny_diffusion(), "validate")
+    assert callback.sampler_tag == tag
+
+
+@pytest.mark.unit
+def test_more_steps_than_the_model_has_fail_at_setup(tmp_path: Path) -> None:
+    callback = fid_callback(tmp_path, sampler="dpmpp_2m", num_steps=21)
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 20\]"):
+        callback.setup(mock.Mock(), tiny_diffusion(), "fit")
 
 
 @pytest.mark.unit

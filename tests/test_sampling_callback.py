@@ -136,6 +136,17 @@ def test_same_seed_gives_the_same_grid(tensorboard_run) -> None:
     assert not torch.equal(first, other)
 
 
+@pytest.mark.parametrize(("sampler", "spacing", "label"), [("dpmpp_2m", "uniform", "dpmpp_2m5"),
+                                                        ("ddpm", "quadratic", "ddpm5_quad")])  # fmt: skip
+def test_every_sampler_renders_its_chain_and_names_its_files(tmp_path: Path, sampler, spacing, label) -> None:
+    module = _tiny_module()
+    x0, grid, strip = render_samples(module, 4, 2, 3, sampler=sampler, num_steps=5, eta=0.0, seed=0, spacing=spacing)
+    assert x0.shape == (4, 1, SIZE, SIZE) and tuple(strip.shape[1:]) == _grid_size(2, 3 + 1)[::-1]
+    callback = SamplingCallback(sampler=sampler, num_steps=5, spacing=spacing)
+    callback.setup(mock.Mock(log_dir=str(tmp_path)), module, "fit")
+    assert callback.label == label
+
+
 def test_csv_run_gets_the_png_files(tmp_path: Path) -> None:
     trainer, _, _ = _fit(tmp_path, CSVLogger(tmp_path, name="csv"), max_steps=2)
     folder = Path(trainer.log_dir) / "samples"

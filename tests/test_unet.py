@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpm_lightning.models import UNet
-from ddpm_lightning.models.unet import timestep_embedding
+from ddpm_lightning.models.unet import Upsample, timestep_embedding
 
 pytestmark = pytest.mark.unit
 SMALL = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,)}
@@ -63,3 +63,32 @@ def test_wrong_input_shape_is_rejected():
 def test_groupnorm_divisibility_is_checked():
     with pytest.raises(ValueError, match="num_groups=32"):
         UNet(ch=48)
+
+
+def test_upsample_equals_nearest_neighbour_upsampling_then_a_3x3_convolution():
+    torch.manual_seed(0)
+    up = Upsample(8).double()
+    torch.nn.init.normal_(up.conv.bias)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    # the paper's definition: nearest 2x up-sampling, then a padded 3x3 convolution
+    upsampled = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    expected = torch.nn.functional.conv2d(upsampled, up.conv.weight, up.conv.bias, padding=1)
+    out = up(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (x, up.conv.weight))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, up.conv.weight))
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_channels_last_unet_computes_the_same_function():
+    torch.manual_seed(0)
+    net = UNet(**SMALL).double().eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([3, 700])
+    expected = net(x, t)
+    net.to(memory_format=torch.channels_last)
+    out = net(x, t)  # a plain NCHW input is moved to the weights' format
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)

@@ -13,9 +13,11 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from ddpm_lightning.ablation import ablate_main
+from ddpm_lightning.diffusion import SAMPLERS, SPACINGS
 from ddpm_lightning.evaluate import evaluate_main
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.metrics.inception_weights import fid_weights_main
+from ddpm_lightning.sampler_sweep import sampler_sweep_main
 from ddpm_lightning.tracking import (
     LogRunConfig,
     finish_wandb_run,
@@ -63,7 +65,8 @@ def _lightning_main(argv: Sequence[str] | None) -> None:
 
 
 def sample_main(argv: Sequence[str] | None = None) -> int:
-    """``ddpm sample --ckpt PATH --num N --out DIR [--seed S]``: PNG files and a grid from the EMA weights."""
+    """``ddpm sample --ckpt PATH --num N --out DIR [--seed S] [--sampler NAME --steps NFE]``: PNG files and a grid
+    from the EMA weights."""
     from ddpm_lightning.sampling import sample_to_folder
 
     parser = argparse.ArgumentParser(prog="ddpm sample", description=sample_main.__doc__)
@@ -71,9 +74,12 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's")
+    parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+    parser.add_argument(
+        "--spacing", choices=SPACINGS, default=None, help="of the timesteps (default: the checkpoint's)"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
@@ -87,6 +93,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         eta=args.eta,
         batch_size=args.batch_size,
         device=args.device,
+        spacing=args.spacing,
     )
     print(f"wrote {args.num} samples to {args.out} and the grid {grid}")
     return 0
@@ -97,12 +104,14 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "evaluate": evaluate_main,
     "fid-weights": fid_weights_main,
     "ablate": ablate_main,
+    "sampler-sweep": sampler_sweep_main,
 }
 EXTRA_HELP = """more commands (each takes --help):
-  sample       PNG samples and a grid from a checkpoint's EMA weights
-  evaluate     FID / IS / KID with torch-fidelity (the paper's protocol)
-  fid-weights  prepare the FID Inception weights for an offline machine
-  ablate       train and compare the linear and cosine schedules
+  sample         PNG samples and a grid from a checkpoint's EMA weights
+  evaluate       FID / IS / KID with torch-fidelity (the paper's protocol)
+  fid-weights    prepare the FID Inception weights for an offline machine
+  ablate         train and compare the linear and cosine schedules
+  sampler-sweep  quality and speed of each sampler against the number of network evaluations
 """
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, to_uint8
+from ddpm_lightning.diffusion import SAMPLERS, SPACINGS
 from ddpm_lightning.metrics.inception_weights import missing_weights_message, resolve_fid_weights
 
 METRICS = ("fid", "isc", "kid")
@@ -76,21 +77,28 @@ def generate(
     eta: float | None,
     seed: int,
     device: str | None,
+    spacing: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``num`` uint8 samples (N, C, H, W) from the checkpoint's EMA weights (sample i seeded by ``seed + i``)."""
     from ddpm_lightning.sampling import load_module
 
     module = load_module(ckpt, device)
     hp = module.hparams
-    sampler = sampler or hp.sampler
+    settings = module.sampling_settings(sampler, num_steps, eta, spacing)
     images = torch.empty(num, hp.in_channels, hp.image_size, hp.image_size, dtype=torch.uint8)
     for start in tqdm(range(0, num, batch_size), desc="sampling", unit="batch"):
         seeds = list(range(seed + start, seed + min(start + batch_size, num)))
-        batch = module.sample(len(seeds), seeds=seeds, sampler=sampler, num_steps=num_steps, eta=eta)
+        batch = module.sample(len(seeds), seeds=seeds, **settings)
         images[start : start + len(seeds)] = to_uint8(batch.float().cpu())
-    steps = hp.num_timesteps if sampler == "ddpm" else (num_steps or hp.sample_steps)
-    eta = hp.eta if eta is None else eta
-    return images, {"sampler": sampler, "steps": steps, "eta": eta if sampler == "ddim" else None, "seed": seed}
+    sampler = settings["sampler"]
+    return images, {
+        "sampler": sampler,
+        "steps": settings["num_steps"],
+        "eta": settings["eta"] if sampler == "ddim" else None,
+        "spacing": settings["spacing"] if settings["num_steps"] < hp.num_timesteps else None,
+        "seed": seed,
+        "num_timesteps": hp.num_timesteps,
+    }
 
 
 def reference_images(dataset: str, data_dir: str, split: str) -> Dataset:
@@ -129,10 +137,57 @@ def _finite_or_none(value: Any) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Compute the metrics for parsed ``ddpm evaluate`` arguments and return the report."""
+def _calculate_metrics(
+    generated: Dataset, reference: Dataset | None, *, weights: str | None, device: str | None, **options: Any
+) -> dict[str, Any]:
+    """torch-fidelity's ``calculate_metrics`` on the device, with a clear error when the weights cannot be had."""
     import torch_fidelity
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        return torch_fidelity.calculate_metrics(
+            input1=generated,
+            input2=reference,
+            cuda=device.type == "cuda",
+            feature_extractor_weights_path=weights,
+            cache=False,
+            verbose=True,
+            **options,
+        )
+    except OSError as err:  # torch-fidelity could not download the weights
+        if weights is not None:
+            raise
+        raise FileNotFoundError(missing_weights_message()) from err
+
+
+def fid_of_images(
+    images: torch.Tensor,
+    *,
+    data: str,
+    data_dir: str = "data",
+    split: str = "train",
+    num_real: int | None = None,
+    weights: str | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
+) -> float:
+    """FID (torch-fidelity) of uint8 images (N, C, H, W) against the local real images of ``data`` / ``split``."""
+    if len(images) < 2:
+        raise ValueError(f"FID needs at least 2 images, got {len(images)}")
+    reference = Uint8Images(reference_images(data, data_dir, split), num_real)
+    result = _calculate_metrics(
+        Uint8Images(images),
+        reference,
+        weights=resolve_fid_weights(weights),
+        device=device,
+        batch_size=batch_size,
+        fid=True,
+    )
+    return float(result["frechet_inception_distance"])
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Compute the metrics for parsed ``ddpm evaluate`` arguments and return the report."""
     metrics = set(args.metrics)
     weights = resolve_fid_weights(args.weights)
     notes = []
@@ -156,6 +211,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             eta=args.eta,
             seed=args.seed,
             device=args.device,
+            spacing=args.spacing,
         )
         generated = Uint8Images(images)
         source = {"checkpoint": str(args.ckpt), "num": len(generated), **sampling}
@@ -166,29 +222,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     need_reference = bool(metrics & {"fid", "kid"})
     reference = Uint8Images(reference_images(args.data, args.data_dir, args.split), args.num_real)
     kid_subset_size = min(args.kid_subset_size, len(generated), len(reference))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        result = torch_fidelity.calculate_metrics(
-            input1=generated,
-            input2=reference if need_reference else None,
-            cuda=device.type == "cuda",
-            batch_size=args.batch_size,
-            fid="fid" in metrics,
-            isc="isc" in metrics,
-            kid="kid" in metrics,
-            kid_subset_size=kid_subset_size,
-            feature_extractor_weights_path=weights,
-            cache=False,
-            verbose=True,
-        )
-    except OSError as err:  # torch-fidelity could not download the weights
-        if weights is not None:
-            raise
-        raise FileNotFoundError(missing_weights_message()) from err
+    result = _calculate_metrics(
+        generated,
+        reference if need_reference else None,
+        weights=weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        fid="fid" in metrics,
+        isc="isc" in metrics,
+        kid="kid" in metrics,
+        kid_subset_size=kid_subset_size,
+    )
 
     paper = (
         args.ckpt is not None
         and source["sampler"] == "ddpm"
+        and source["steps"] == source["num_timesteps"]
         and len(generated) >= PAPER_NUM_SAMPLES
         and (args.data, args.split, args.num_real) == ("cifar10", "train", None)
     )
@@ -227,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("train", "test"), default="train", help="reference split (default train)")
     parser.add_argument("--num-real", type=int, default=None, help="first N reference images (default: all)")
     parser.add_argument("--batch-size", type=int, default=256, help="sampling and Inception batch (default 256)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's")
+    parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the checkpoint's)")
+    parser.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the checkpoint's")
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
     parser.add_argument("--weights", default=None, help="Inception weights file (feature_extractor_weights_path)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="default: all")

@@ -1,4 +1,5 @@
-"""Figures: the noise schedules and the forward process, reverse chains, and the ablation's learning curves."""
+"""Figures: the noise schedules and the forward process, reverse chains, the ablation's learning curves and the
+sampler sweep's quality against network evaluations."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from ddpm_lightning.data.transforms import to_uint8
@@ -142,3 +144,39 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+SWEEP_METRICS = {
+    "frechet_distance": "Frechet distance (digit classifier)",
+    "fid": "FID",
+    "class_entropy": "class entropy (nats)",
+    "confident_share": "confident > 0.9",
+}
+
+
+def quality_vs_nfe_figure(rows: Sequence[Mapping], floors: Mapping[str, float] | None = None) -> Figure:
+    """Each quality figure in ``rows`` against the number of network evaluations, one line per sampler setting.
+
+    ``rows`` are mappings with ``setting``, ``nfe`` and some of :data:`SWEEP_METRICS`; ``floors`` maps a metric to
+    the value of real images, drawn as a dashed line.
+    """
+    metrics = [m for m in SWEEP_METRICS if any(row.get(m) is not None for row in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    settings = list(dict.fromkeys(row["setting"] for row in rows))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for setting in settings:
+            points = sorted((row["nfe"], row[metric]) for row in rows if row["setting"] == setting)
+            ax.plot(*zip(*points, strict=True), marker="o", label=setting)
+        if floors and metric in floors:
+            ax.axhline(floors[metric], color="gray", ls="--", lw=1, label="real held-out")
+        log_y = metric in ("frechet_distance", "fid")
+        ax.set(xscale="log", yscale="log" if log_y else "linear", xlabel="network evaluations (NFE)")
+        for axis in (ax.xaxis, ax.yaxis) if log_y else (ax.xaxis,):
+            axis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+            axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            axis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_title(SWEEP_METRICS[metric] + (", lower is better" if log_y else ""), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

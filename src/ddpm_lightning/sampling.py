@@ -75,8 +75,12 @@ def sample_to_folder(
     eta: float | None = None,
     batch_size: int = 256,
     device: str | None = None,
+    spacing: str | None = None,
 ) -> Path:
-    """Write ``num`` samples as ``out/000000.png ...`` plus ``out/grid.png`` (up to 64 images); returns the grid."""
+    """Write ``num`` samples as ``out/000000.png ...`` plus ``out/grid.png`` (up to 64 images); returns the grid.
+
+    Unset sampler options come from the checkpoint (:meth:`DiffusionModule.sampling_settings`).
+    """
     if num <= 0:
         raise ValueError(f"num must be positive, got {num}")
     if batch_size <= 0:
@@ -87,7 +91,7 @@ def sample_to_folder(
     first: list[torch.Tensor] = []
     for start in tqdm(range(0, num, batch_size), desc="sampling", unit="batch"):
         seeds = list(range(seed + start, seed + min(start + batch_size, num)))
-        images = module.sample(len(seeds), seeds=seeds, sampler=sampler, num_steps=num_steps, eta=eta)
+        images = module.sample(len(seeds), seeds=seeds, sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing)
         for i, image in zip(seeds, to_uint8(images.cpu()), strict=True):
             save_png(image, out / f"{i - seed:06d}.png")
         if sum(len(x) for x in first) < 64:

@@ -15,20 +15,20 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from ddpm_lightning.callbacks.sampling import image_grid, render_samples, sampler_label
-from ddpm_lightning.diffusion import SAMPLERS, sampling_timesteps
-from ddpm_lightning.metrics.digit_classifier import feature_statistics, load_or_train_digit_classifier, score_digits
+from ddpm_lightning.diffusion import Sampler, Spacing, check_sampler, sampling_timesteps
+from ddpm_lightning.metrics.digit_classifier import DigitScorer
 
-__all__ = ["DemoReport"]
+__all__ = ["DemoReport", "atomic_write"]
 
 
-def _atomic_write(path: Path, write: Any, suffix: str) -> None:
+def atomic_write(path: Path, write: Any, suffix: str) -> None:
     """Call ``write(tmp_path)`` then move the file into place, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
@@ -57,7 +57,7 @@ def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str) ->
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), ".png.tmp")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), ".png.tmp")
     plt.close(fig)
 
 
@@ -70,7 +70,8 @@ class DemoReport(Callback):
         num_samples: images in ``samples.png``: the first of the evaluation samples.
         num_eval_samples: samples scored for each model (sample i seeded by ``seed + i``).
         chain_samples, chain_steps: rows and x_t columns of ``chain.png``.
-        sampler, num_steps, eta: the sampler used for every image of the report.
+        sampler, num_steps, eta, spacing: the sampler used for every image of the report (``num_steps`` network
+            evaluations of ``"ddpm"``, ``"ddim"`` or ``"dpmpp_2m"``; None: all T).
         seed: seed of the first sample.
         classifier_epochs: training epochs of the digit classifier (trained once, then cached).
         classifier_cache_dir: where the classifier is cached; default ``~/.cache/ddpm-lightning``.
@@ -82,20 +83,20 @@ class DemoReport(Callback):
         num_eval_samples: int = 250,
         chain_samples: int = 8,
         chain_steps: int = 10,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
+        sampler: Sampler = "ddim",
         num_steps: int | None = 25,
         eta: float = 0.0,
         seed: int = 0,
         classifier_epochs: int = 6,
         classifier_cache_dir: str | None = None,
+        spacing: Spacing = "uniform",
     ):
         if not 1 <= num_samples <= num_eval_samples:
             raise ValueError(
                 f"need 1 <= num_samples <= num_eval_samples, got num_samples={num_samples}, "
                 f"num_eval_samples={num_eval_samples}"
             )
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        check_sampler(sampler, spacing)
         self.num_samples = num_samples
         self.num_eval_samples = num_eval_samples
         self.chain_samples = chain_samples
@@ -103,6 +104,7 @@ class DemoReport(Callback):
         self.sampler = sampler
         self.num_steps = num_steps
         self.eta = eta
+        self.spacing = spacing
         self.seed = seed
         self.classifier_epochs = classifier_epochs
         self.classifier_cache_dir = classifier_cache_dir
@@ -118,8 +120,7 @@ class DemoReport(Callback):
                 f"DemoReport scores digits and needs data.class_path: ddpm_lightning.data.EmbeddedDigitsDataModule, "
                 f"got {type(datamodule).__name__}"
             )
-        T = pl_module.diffusion.num_timesteps
-        sampling_timesteps(T, self.sampler, self.num_steps if self.sampler == "ddim" else None)
+        sampling_timesteps(pl_module.diffusion.num_timesteps, self.sampler, self.num_steps, self.spacing)
         if stage == "fit":
             # the untrained baseline: the weights before the first step (and before a checkpoint is restored)
             self._initial_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
@@ -153,13 +154,15 @@ class DemoReport(Callback):
         from ddpm_lightning.sampling import save_png
 
         datamodule = trainer.datamodule
-        train, val = datamodule.split_arrays("train"), datamodule.split_arrays("val")
-        classifier, accuracy, classifier_path = load_or_train_digit_classifier(
-            train, val, cache_dir=self.classifier_cache_dir, epochs=self.classifier_epochs
+        scorer = DigitScorer.from_splits(
+            datamodule.split_arrays("train"),
+            datamodule.split_arrays("val"),
+            epochs=self.classifier_epochs,
+            cache_dir=self.classifier_cache_dir,
         )
-        half = len(val[0]) // 2
-        reference = feature_statistics(classifier.features(val[0][:half]).detach())
-        sample_kwargs = dict(sampler=self.sampler, num_steps=self.num_steps, eta=self.eta, seed=self.seed)
+        sample_kwargs = dict(
+            sampler=self.sampler, num_steps=self.num_steps, eta=self.eta, seed=self.seed, spacing=self.spacing
+        )
 
         images, _, strip = render_samples(
             pl_module, self.num_eval_samples, self.chain_samples, self.chain_steps, **sample_kwargs
@@ -182,24 +185,24 @@ class DemoReport(Callback):
             f"{steps} steps in {self._train_time / 60:.1f} min",
         )
         T = pl_module.diffusion.num_timesteps
-        visited = sampling_timesteps(T, self.sampler, self.num_steps if self.sampler == "ddim" else None)
+        visited = sampling_timesteps(T, self.sampler, self.num_steps, self.spacing)
         metrics = {
-            "trained": score_digits(classifier, images, reference),
-            "untrained": score_digits(classifier, untrained_images, reference),
-            "real_heldout": score_digits(classifier, val[0][half:], reference),
+            "trained": scorer(images),
+            "untrained": scorer(untrained_images),
+            "real_heldout": scorer(scorer.heldout),
             "max_class_entropy": math.log(10),
             "num_eval_samples": self.num_eval_samples,
-            "num_real_reference": half,
-            "sampler": sampler_label(self.sampler, len(visited), self.eta),
+            "num_real_reference": scorer.num_reference,
+            "sampler": sampler_label(self.sampler, len(visited), self.eta, self.spacing),
             "steps": steps,
             "train_time_s": round(self._train_time, 1),
             "steps_per_s": round(steps / self._train_time, 3) if self._train_time > 0 else None,
             "device": str(pl_module.device),
             "torch_threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in pl_module.unet.parameters()),
-            "classifier": {"val_accuracy": accuracy, "epochs": self.classifier_epochs, "file": str(classifier_path)},
+            "classifier": {"val_accuracy": scorer.accuracy, "epochs": self.classifier_epochs, "file": str(scorer.path)},
         }
-        _atomic_write(
+        atomic_write(
             root / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"), ".json.tmp"
         )
         self._print_summary(root, ckpt, metrics)

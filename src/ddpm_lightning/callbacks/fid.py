@@ -26,9 +26,9 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ddpm_lightning.data.transforms import to_uint8
+from ddpm_lightning.diffusion import SAMPLERS, SPACINGS, Sampler, Spacing, sampling_timesteps
 from ddpm_lightning.metrics.inception_weights import build_fid_extractor, resolve_fid_weights
 
-Sampler = Literal["ddpm", "ddim"]
 Split = Literal["train", "val", "test"]
 INCEPTION_FEATURE = 2048
 
@@ -75,8 +75,9 @@ class FIDCallback(Callback):
         every_n_steps: evaluate when ``global_step`` is a multiple of this; None: only at the end of fit.
         num_samples: generated images per evaluation (paper: 50,000), dealt out to the ranks by index.
         batch_size: images sampled (and real images embedded) at once on each rank.
-        sampler, num_steps, eta: ``"ddpm"``: the model's full ancestral chain (paper); ``"ddim"``: ``num_steps``
-            DDIM steps, a cheaper monitoring signal whose values are not comparable with the paper's.
+        sampler, num_steps, eta, spacing: ``"ddpm"`` with ``num_steps=None``: the model's full ancestral chain
+            (paper); otherwise ``num_steps`` network evaluations of ``"ddpm"`` (strided chain), ``"ddim"`` or
+            ``"dpmpp_2m"``, a cheaper monitoring signal whose values are not comparable with the paper's.
         seed: sample ``i`` is drawn with seed ``seed + i``.
         feature_extractor: a module mapping uint8 (N, C, H, W) images to (N, num_features) features, with an int
             ``num_features`` attribute; None: the FID Inception-v3 (2048-d pool3) from
@@ -107,6 +108,7 @@ class FIDCallback(Callback):
         kid_subset_size: int = 1000,
         kid_subsets: int = 100,
         on_fit_end: bool = True,
+        spacing: Spacing = "uniform",
     ):
         super().__init__()
         if every_n_steps is not None and every_n_steps < 1:
@@ -115,10 +117,14 @@ class FIDCallback(Callback):
             raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if sampler not in get_args(Sampler):
-            raise ValueError(f"sampler={sampler!r}; expected one of {get_args(Sampler)}")
-        if sampler == "ddim" and (num_steps is None or num_steps < 1):
-            raise ValueError(f"sampler='ddim' needs num_steps >= 1, got {num_steps}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}; expected one of {SAMPLERS}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing={spacing!r}; expected one of {SPACINGS}")
+        if sampler != "ddpm" and (num_steps is None or num_steps < 1):
+            raise ValueError(f"sampler={sampler!r} needs num_steps >= 1, got {num_steps}")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1 or None (the full chain, ddpm only), got {num_steps}")
         if real_split not in get_args(Split):
             raise ValueError(f"real_split={real_split!r}; expected one of {get_args(Split)}")
         if num_real is not None and num_real < 2:
@@ -131,8 +137,9 @@ class FIDCallback(Callback):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.sampler = sampler
-        self.num_steps = num_steps if sampler == "ddim" else None
+        self.num_steps = num_steps
         self.eta = eta
+        self.spacing = spacing
         self.seed = seed
         self.custom_extractor = feature_extractor
         # fail now on a missing file, not when fit starts
@@ -156,9 +163,15 @@ class FIDCallback(Callback):
         # global sample index -> SHA-256 of its uint8 image, for this rank's samples of the last evaluation
         self.sample_digests: dict[int, str] = {}
         self._last_step = -1
+        self._num_timesteps: int | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        diffusion = getattr(pl_module, "diffusion", None)
+        if diffusion is not None:
+            # check the step count against the model now rather than at the first evaluation
+            self._num_timesteps = diffusion.num_timesteps
+            sampling_timesteps(self._num_timesteps, self.sampler, self.num_steps, self.spacing)
         if stage != "fit" or self.extractor is not None:
             return
         # built here, in each process, so that ddp_spawn does not pickle the Inception into every worker
@@ -204,8 +217,11 @@ class FIDCallback(Callback):
     # ------------------------------------------------------------------------------------------------ evaluation
     @property
     def sampler_tag(self) -> str:
-        """``ddim50`` or ``ddpm`` (the full chain); the logged ``val/fid_<tag>`` says how samples were drawn."""
-        return f"ddim{self.num_steps}" if self.sampler == "ddim" else "ddpm"
+        """``ddim50``, ``dpmpp_2m20``, ``ddpm250`` (a strided chain) or ``ddpm`` (the full chain), with ``_quad``
+        for quadratic spacing; the logged ``val/fid_<tag>`` says how samples were drawn."""
+        if self.sampler == "ddpm" and self.num_steps in (None, self._num_timesteps):
+            return "ddpm"
+        return f"{self.sampler}{self.num_steps}" + ("_quad" if self.spacing == "quadratic" else "")
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -226,8 +242,9 @@ class FIDCallback(Callback):
                 len(batch),
                 seeds=[self.seed + i for i in batch],
                 sampler=self.sampler,
-                num_steps=self.num_steps,
+                num_steps=self.num_steps or self._num_timesteps,  # None: the full chain
                 eta=self.eta,
+                spacing=self.spacing,
             )
             images_u8 = to_uint8(images.float())  # (B, C, H, W): the uint8 quantisation of FID's protocol
             for i, image in zip(batch, images_u8.cpu(), strict=True):

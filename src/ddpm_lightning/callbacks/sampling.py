@@ -9,7 +9,6 @@ gradient all-reduce; no barrier is needed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -19,7 +18,7 @@ from lightning.pytorch.loggers.logger import Logger
 from torchvision.utils import make_grid
 
 from ddpm_lightning.data.transforms import to_uint8
-from ddpm_lightning.diffusion import SAMPLERS, sampling_timesteps
+from ddpm_lightning.diffusion import Sampler, Spacing, check_sampler, sampling_timesteps
 
 __all__ = ["SamplingCallback", "chain_timesteps", "image_grid", "log_image", "render_samples", "sampler_label"]
 
@@ -32,9 +31,11 @@ def chain_timesteps(timesteps: list[int], count: int) -> list[int]:
     return [timesteps[i] for i in index]
 
 
-def sampler_label(sampler: str, num_steps: int, eta: float = 0.0) -> str:
-    """A short name of the sampling setting for tags and file names, e.g. ``ddim50`` or ``ddim50_eta1.0``."""
-    return f"{sampler}{num_steps}" + (f"_eta{eta:g}" if sampler == "ddim" and eta > 0 else "")
+def sampler_label(sampler: str, num_steps: int, eta: float = 0.0, spacing: str = "uniform") -> str:
+    """A short name of the sampling setting for tags and file names: ``ddim50``, ``ddim50_eta1``, ``dpmpp_2m20``,
+    ``ddim50_quad`` (quadratic spacing)."""
+    label = f"{sampler}{num_steps}" + (f"_eta{eta:g}" if sampler == "ddim" and eta > 0 else "")
+    return label + ("_quad" if spacing == "quadratic" else "")
 
 
 def image_grid(images: torch.Tensor) -> torch.Tensor:
@@ -49,26 +50,29 @@ def render_samples(
     chain_samples: int,
     chain_steps: int,
     *,
-    sampler: Literal["ddpm", "ddim"],
+    sampler: Sampler,
     num_steps: int | None,
     eta: float,
     seed: int,
+    spacing: Spacing = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample ``num_samples`` images (sample i seeded by ``seed + i``) with the module's sampling (EMA) weights.
+    """Sample ``num_samples`` images (sample i seeded by ``seed + i``) with the module's sampling (EMA) weights and
+    ``num_steps`` network evaluations (None: all T) of ``sampler``.
 
     Returns the images in [-1, 1] (B, C, H, W) on the CPU, a uint8 grid (3, H', W') of them, and a uint8 strip
     (3, H'', W'') whose rows are the first ``chain_samples`` samples and whose columns are x_t at ``chain_steps``
     evenly spaced visited timesteps (x_T first) followed by the final x_0.
     """
     T = pl_module.diffusion.num_timesteps
-    visited = sampling_timesteps(T, sampler, num_steps if sampler == "ddim" else None)
+    visited = sampling_timesteps(T, sampler, num_steps, spacing)
     steps = chain_timesteps(visited, chain_steps)
     x0, chain = pl_module.sample(
         num_samples,
         seeds=list(range(seed, seed + num_samples)),
         sampler=sampler,
-        num_steps=num_steps,
+        num_steps=len(visited),
         eta=eta,
+        spacing=spacing,
         return_steps=steps,
     )
     x0 = x0.cpu()
@@ -98,14 +102,16 @@ class SamplingCallback(Callback):
 
     ``<run>`` is ``trainer.log_dir`` (the logger's version folder, or ``default_root_dir`` without a logger). The
     same images go to TensorBoard (``add_image``) and W&B (``log_image``) as ``samples/<sampler>_grid`` and
-    ``samples/<sampler>_chain``, where ``<sampler>`` reads e.g. ``ddim50``.
+    ``samples/<sampler>_chain``, where ``<sampler>`` reads e.g. ``ddim50`` (see :func:`sampler_label`).
 
     Args:
         every_n_steps: sampling period in optimizer steps.
         num_samples: images in the grid; sample i is seeded by ``seed + i``, so the grid changes only with training.
         chain_samples: samples (rows) shown in the reverse-chain strip.
         chain_steps: x_t snapshots per row, evenly spaced over the visited timesteps; x_0 is added as a last column.
-        sampler, num_steps, eta: the sampler; DDIM with 50 steps by default, cheap enough for monitoring.
+        sampler, num_steps, eta, spacing: ``"ddpm"``, ``"ddim"`` or ``"dpmpp_2m"`` with ``num_steps`` network
+            evaluations (None: all T), DDIM's eta and the timestep spacing; DDIM with 50 steps by default, cheap
+            enough for monitoring.
         seed: seed of the first sample.
         on_train_end: also sample once when training ends.
     """
@@ -116,11 +122,12 @@ class SamplingCallback(Callback):
         num_samples: int = 64,
         chain_samples: int = 8,
         chain_steps: int = 10,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
+        sampler: Sampler = "ddim",
         num_steps: int | None = 50,
         eta: float = 0.0,
         seed: int = 0,
         on_train_end: bool = True,
+        spacing: Spacing = "uniform",
     ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
@@ -129,8 +136,7 @@ class SamplingCallback(Callback):
                 f"num_samples, chain_samples and chain_steps must be >= 1, got {num_samples}, {chain_samples}, "
                 f"{chain_steps}"
             )
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        check_sampler(sampler, spacing)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.every_n_steps = every_n_steps
@@ -140,6 +146,7 @@ class SamplingCallback(Callback):
         self.sampler = sampler
         self.num_steps = num_steps
         self.eta = eta
+        self.spacing = spacing
         self.seed = seed
         self.sample_on_train_end = on_train_end
         self.folder: Path | None = None
@@ -148,13 +155,13 @@ class SamplingCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         T = pl_module.diffusion.num_timesteps
         # check the sampler against the model now rather than at the first sampling
-        self._visited = sampling_timesteps(T, self.sampler, self.num_steps if self.sampler == "ddim" else None)
+        self._visited = sampling_timesteps(T, self.sampler, self.num_steps, self.spacing)
         # trainer.log_dir broadcasts from rank 0, so it is resolved here, where every rank calls it
         self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     @property
     def label(self) -> str:
-        return sampler_label(self.sampler, len(self._visited), self.eta)
+        return sampler_label(self.sampler, len(self._visited), self.eta, self.spacing)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
@@ -184,6 +191,7 @@ class SamplingCallback(Callback):
             num_steps=self.num_steps,
             eta=self.eta,
             seed=self.seed,
+            spacing=self.spacing,
         )
         paths = []
         for kind, image in (("grid", grid), ("chain", strip)):

@@ -1,7 +1,16 @@
 """Diffusion maths in pure torch: schedules, the Gaussian process and samplers (no Lightning here)."""
 
 from ddpm_lightning.diffusion.gaussian import OBJECTIVES, VARIANCES, GaussianDiffusion, extract
-from ddpm_lightning.diffusion.samplers import SAMPLERS, SPACINGS, NoiseSource, sample, sampling_timesteps
+from ddpm_lightning.diffusion.samplers import (
+    SAMPLERS,
+    SPACINGS,
+    NoiseSource,
+    Sampler,
+    Spacing,
+    check_sampler,
+    sample,
+    sampling_timesteps,
+)
 from ddpm_lightning.diffusion.schedules import SCHEDULES, make_betas
 
 __all__ = [
@@ -12,6 +21,9 @@ __all__ = [
     "VARIANCES",
     "GaussianDiffusion",
     "NoiseSource",
+    "Sampler",
+    "Spacing",
+    "check_sampler",
     "extract",
     "make_betas",
     "sample",

@@ -6,7 +6,8 @@ and gathered per batch by :func:`extract`. Equation numbers refer to Ho et al. 2
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -37,7 +38,7 @@ def _as_timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianDiffusion(nn.Module):
-    """Forward process q(x_t | x_0), its posterior, L_simple and the reverse steps of DDPM and DDIM.
+    """Forward process q(x_t | x_0), its posterior, L_simple and the reverse steps of DDPM, DDIM and DPM-Solver++.
 
     Args:
         betas: float64 noise schedule of shape (T,), e.g. from :func:`make_betas`.
@@ -84,13 +85,21 @@ class GaussianDiffusion(nn.Module):
         for name, value in buffers.items():
             # not persistent: the schedule is rebuilt from the hyper-parameters, checkpoints stay small
             self.register_buffer(name, value, persistent=False)
+        # float32 copies of Eq. 4's coefficients, rounded once from float64: the training step runs no float64 kernel
+        for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
+            self.register_buffer(f"{name}_f32", buffers[name].float(), persistent=False)
 
     # ----------------------------------------------------------------------------------------------- forward
+    def _eq4_coefficients(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar_t) and sqrt(1 - abar_t) for a batch, from the float64 tables only when x is float64."""
+        if x.dtype == torch.float64:
+            return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+        return extract(self.sqrt_alphas_cumprod_f32, t, x), extract(self.sqrt_one_minus_alphas_cumprod_f32, t, x)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        return (
-            extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-        )
+        sqrt_abar, sqrt_one_minus_abar = self._eq4_coefficients(t, x0)
+        return sqrt_abar * x0 + sqrt_one_minus_abar * noise
 
     def q_posterior(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -121,9 +130,8 @@ class GaussianDiffusion(nn.Module):
             return noise
         if self.objective == "x0":
             return x0
-        return (
-            extract(self.sqrt_alphas_cumprod, t, x0) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-        )
+        sqrt_abar, sqrt_one_minus_abar = self._eq4_coefficients(t, x0)
+        return sqrt_abar * noise - sqrt_one_minus_abar * x0
 
     def model_output_to_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Convert the network's output, whatever the objective, to an eps prediction (the samplers' input)."""
@@ -226,6 +234,58 @@ class GaussianDiffusion(nn.Module):
                 raise ValueError("ddim_step with eta > 0 needs a noise tensor")
             x_prev = x_prev + sigma * noise
         return x_prev
+
+    def respaced(self, timesteps: Sequence[int]) -> GaussianDiffusion:
+        """The process on the sub-chain of ``timesteps`` S, indexed 0..len(S)-1 from low to high t.
+
+        beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}} (abar_{S_{-1}} = 1) keeps abar'_i = abar_{S_i}, so the network,
+        called at t = S_i, sees the x_t it was trained on (Nichol & Dhariwal 2021, Sec. 4). The variance choice and
+        the objective carry over: fixed_large is beta'_i, fixed_small the respaced chain's posterior variance.
+        """
+        S = sorted({int(t) for t in timesteps})
+        if not S or S[0] < 0 or S[-1] >= self.num_timesteps:
+            raise ValueError(f"timesteps must be a non-empty subset of [0, {self.num_timesteps - 1}], got {S}")
+        alphas_cumprod = self.alphas_cumprod[S]  # float64
+        betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        respaced = GaussianDiffusion(betas.cpu(), variance=self.variance, objective=self.objective)
+        return respaced.to(self.betas.device)
+
+    def _alpha_sigma_lambda(self, t: int) -> tuple[float, float, float]:
+        """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t), in float64;
+        t < 0 is the clean data: (1, 0, inf)."""
+        if t < 0:
+            return 1.0, 0.0, math.inf
+        alpha, sigma = float(self.sqrt_alphas_cumprod[t]), float(self.sqrt_one_minus_alphas_cumprod[t])
+        return alpha, sigma, math.log(alpha) - math.log(sigma)
+
+    def dpmpp_2m_step(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: int,
+        t_next: int,
+        x0_prev: torch.Tensor | None = None,
+        t_prev: int | None = None,
+    ) -> torch.Tensor:
+        """One DPM-Solver++(2M) step x_t -> x_{t_next} (Lu et al. 2022, Algorithm 2), from the data prediction x0
+        at t and, for the second order, x0_prev at the previous timestep t_prev (None: first order, = DDIM eta 0).
+
+        x_next = sigma_next / sigma_t x_t - alpha_next (exp(-h) - 1) D with h = lambda_next - lambda_t and
+        D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = (lambda_t - lambda_prev) / h. ``t_next < 0`` is the clean data
+        (sigma = 0, h = inf): that last step is first order and returns x0.
+        """
+        if t_next < 0:
+            return x0
+        alpha_next, sigma_next, lambda_next = self._alpha_sigma_lambda(t_next)
+        _, sigma_t, lambda_t = self._alpha_sigma_lambda(t)
+        h = lambda_next - lambda_t
+        D = x0
+        if x0_prev is not None:
+            if t_prev is None:
+                raise ValueError("dpmpp_2m_step with x0_prev needs its timestep t_prev")
+            r = (lambda_t - self._alpha_sigma_lambda(t_prev)[2]) / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        return sigma_next / sigma_t * x_t - alpha_next * math.expm1(-h) * D
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample(

@@ -91,15 +91,29 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# Row k of _UPSAMPLE_FOLD says which taps of a 3x3 kernel act on the input pixel at offset k of a stride-2 4x4
+# transposed convolution: see Upsample.
+_UPSAMPLE_FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
 class Upsample(nn.Module):
-    """2x nearest-neighbour up-sampling followed by a 3x3 convolution."""
+    """2x nearest-neighbour up-sampling followed by a 3x3 convolution, computed without the up-sampled map.
+
+    Output row 2i reads input rows (i-1, i, i) through the kernel rows (w0, w1, w2), output row 2i+1 reads (i, i, i+1):
+    the composite is a stride-2 transposed convolution whose 4-tap kernel is (w2, w1+w2, w0+w1, w0) along each axis.
+    Same parameters (``conv``) and the same function as ``conv(interpolate(x))`` up to float rounding, with 16 instead
+    of 36 multiply-adds per input pixel and channel pair.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = _conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        fold = torch.tensor(_UPSAMPLE_FOLD, dtype=self.conv.weight.dtype, device=self.conv.weight.device)
+        # conv weight (out, in, 3, 3) -> transposed-conv weight (in, out, 4, 4)
+        kernel = torch.einsum("pk,ql,oikl->iopq", fold, fold, self.conv.weight)
+        return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
 
 class UNet(nn.Module):
@@ -215,7 +229,10 @@ class UNet(nn.Module):
                 f"input of shape {tuple(x.shape)} does not match the U-Net's "
                 f"(B, {self.in_channels}, {self.image_size}, {self.image_size})"
             )
-        temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4ch)
+        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            # a U-Net moved to channels_last (faster convolutions) runs in that format whatever the input's layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        temb = self.temb(timestep_embedding(t, self.ch).to(self.temb[0].weight.dtype))  # (B, 4ch)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

@@ -1,0 +1,106 @@
+"""``ddpm sampler-sweep``: the table, CSV and plot of each sampler's quality against the number of network evaluations,
+on a tiny digits model."""
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSIFIER_TEST_EPOCHS
+from PIL import Image
+
+from ddpm_lightning import evaluate
+from ddpm_lightning.cli import main
+from ddpm_lightning.lit_module import DiffusionModule
+
+pytestmark = pytest.mark.integration
+T = 20
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 1x32x32 model with T = 20, saved as `ddpm fit` would after training on the digits."""
+    torch.manual_seed(0)
+    module = DiffusionModule(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                             schedule="cosine", objective="v", num_timesteps=T, ema_decay=0.0)  # fmt: skip
+    path = tmp_path_factory.mktemp("ckpt") / "digits.ckpt"
+    datamodule = {"_class_path": "ddpm_lightning.data.EmbeddedDigitsDataModule", "val_fraction": 0.1, "seed": 0}
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "datamodule_hyper_parameters": datamodule,
+        },
+        path,
+    )
+    return path
+
+
+def run_cli(*argv: object) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 0
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_the_table_csv_and_plot(digits_ckpt: Path, classifier_cache: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "samplers"
+    run_cli("sampler-sweep", "--ckpt", digits_ckpt, "--out", out, "--nfe", T, 4, "--num", 6, "--batch-size", 4,
+            "--classifier-epochs", CLASSIFIER_TEST_EPOCHS, "--classifier-cache-dir", classifier_cache)  # fmt: skip
+
+    rows = read_csv(out / "table.csv")
+    assert list(rows[0]) == ["setting", "sampler", "spacing", "eta", "nfe", "frechet_distance", "class_entropy",
+                             "confident_share", "seconds", "images_per_s", "same_as"]  # fmt: skip
+    settings = ["ddpm", "ddim", "ddim_quadratic", "dpmpp_2m"]
+    assert [(r["setting"], int(r["nfe"])) for r in rows] == [(s, n) for s in settings for n in (T, 4)]
+    assert all(float(r["images_per_s"]) > 0 and float(r["frechet_distance"]) >= 0 for r in rows)
+    # on all T timesteps quadratic spacing is uniform spacing: sampled once, reported twice
+    quadratic_full = next(r for r in rows if r["setting"] == "ddim_quadratic" and r["nfe"] == str(T))
+    ddim_full = next(r for r in rows if r["setting"] == "ddim" and r["nfe"] == str(T))
+    assert quadratic_full["same_as"] == "ddim" and quadratic_full["frechet_distance"] == ddim_full["frechet_distance"]
+
+    table = (out / "table.md").read_text()
+    assert f"| sampler | {T} | 4 |" in table and "| dpmpp_2m |" in table and "real held-out digits score" in table
+    assert Image.open(out / "quality_vs_nfe.png").size[0] > 0
+    printed = capsys.readouterr().out
+    assert "dpmpp_2m" in printed and str(out / "table.md") in printed
+    assert not list(out.glob("*.tmp"))
+
+
+def test_sweep_scores_fid_for_other_data(digits_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def fake_fid(images: torch.Tensor, **kwargs: object) -> float:
+        assert images.dtype == torch.uint8 and kwargs["data"] == "cifar10"
+        calls.append(len(images))
+        return 12.5
+
+    monkeypatch.setattr(evaluate, "fid_of_images", fake_fid)
+    out = tmp_path / "samplers"
+    run_cli("sampler-sweep", "--ckpt", digits_ckpt, "--out", out, "--data", "cifar10", "--nfe", 3,
+            "--samplers", "ddim", "dpmpp_2m", "--num", 4)  # fmt: skip
+    rows = read_csv(out / "table.csv")
+    assert calls == [4, 4] and [r["fid"] for r in rows] == ["12.5", "12.5"] and "frechet_distance" not in rows[0]
+    assert "**FID**" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nfe", "0"], r"--nfe 0: .* \[1, 20\]"),
+        (["--nfe", "10", "21"], r"--nfe 21: .* \[1, 20\]"),
+        (["--num", "1"], "--num must be >= 2"),
+    ],
+)
+def test_bad_settings_are_clear_errors(digits_ckpt: Path, tmp_path: Path, capsys, argv, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sampler-sweep", "--ckpt", str(digits_ckpt), "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm: error:")
+    assert re.search(message, err)

@@ -1,0 +1,280 @@
+"""The samplers (ancestral DDPM on full and strided chains, DDIM, DPM-Solver++(2M)) against float64 formulas from the
+papers, oracle models that know x0 and a Gaussian toy problem whose exact eps-predictor is closed form; and the
+module's default sampler settings."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lightning.diffusion import SAMPLERS, GaussianDiffusion, make_betas, sample, sampling_timesteps
+from ddpm_lightning.lit_module import DiffusionModule
+
+pytestmark = pytest.mark.unit
+T = 1000
+
+
+def linear_abar(T: int = T) -> np.ndarray:
+    return np.cumprod(1 - np.linspace(1e-4, 0.02, T, dtype=np.float64))
+
+
+def oracle(diffusion: GaussianDiffusion, x0: torch.Tensor):
+    """A model that knows x0: it returns the objective's target for the eps that x_t implies,
+    eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (Eq. 4 solved for eps)."""
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0_64 = x0.to(torch.float64)
+        abar = diffusion.alphas_cumprod[t].reshape(-1, *([1] * (x_t.dim() - 1)))
+        eps = (x_t.to(torch.float64) - abar.sqrt() * x0_64) / (1 - abar).sqrt()
+        return diffusion.training_target(x0_64, t, eps).float()
+
+    return model
+
+
+def gaussian_eps_model(diffusion: GaussianDiffusion, mu: float, s: float):
+    """The exact E[eps | x_t] when x0 ~ N(mu, s^2) per coordinate: x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar) and
+    eps, x_t are jointly Gaussian with Cov(eps, x_t) = sqrt(1 - abar), so
+    E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)."""
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = diffusion.alphas_cumprod[t].reshape(-1, *([1] * (x_t.dim() - 1)))
+        eps = (1 - abar).sqrt() * (x_t.to(torch.float64) - abar.sqrt() * mu) / (abar * s**2 + 1 - abar)
+        return eps.float()
+
+    return model
+
+
+def _x0(shape: tuple[int, ...] = (3, 1, 8, 8), seed: int = 0) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 1.8 - 0.9  # inside [-1, 1]
+
+
+# ------------------------------------------------------------------------------------------------ one step
+@pytest.mark.parametrize("step", ["ddim_eta1", "ddpm_fixed_small"])
+@pytest.mark.parametrize("t", [1, 10, 500, 999])
+def test_ddim_eta_one_step_has_the_ancestral_mean_and_variance(step, t):
+    # Ho et al. Eq. 11 and Eq. 7: mean (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t), variance beta~_t;
+    # DDIM (Song et al. Eq. 12, 16) with eta = 1 and t_prev = t - 1 must give both
+    diffusion = GaussianDiffusion(make_betas("linear", T), variance="fixed_small")
+    betas = np.linspace(1e-4, 0.02, T)
+    abar = linear_abar()
+    g = torch.Generator().manual_seed(0)
+    x_t, eps, z = (torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mean = (x_t.numpy() - betas[t] / np.sqrt(1 - abar[t]) * eps.numpy()) / np.sqrt(1 - betas[t])
+    variance = (1 - abar[t - 1]) / (1 - abar[t]) * betas[t]
+    if step == "ddim_eta1":
+        draw = [diffusion.ddim_step(eps, x_t, t, t - 1, eta=1.0, noise=n, clip_denoised=False) for n in (0 * z, z)]
+    else:
+        draw = [diffusion.ddpm_step(eps, x_t, t, n, clip_denoised=False) for n in (0 * z, z)]
+    np.testing.assert_allclose(draw[0].numpy(), mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(((draw[1] - draw[0]) / z).numpy() ** 2, variance, rtol=1e-7)
+
+
+def test_ddim_eta_one_on_the_full_chain_is_the_fixed_small_ancestral_sampler():
+    diffusion = GaussianDiffusion(make_betas("cosine", 100), variance="fixed_small")
+    model = gaussian_eps_model(diffusion, 0.2, 0.5)
+    ddpm = sample(diffusion, model, (64, 2), sampler="ddpm", seed=3)
+    ddim = sample(diffusion, model, (64, 2), sampler="ddim", eta=1.0, seed=3)  # the same noise, draw for draw
+    torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-4)
+
+
+def test_dpmpp_2m_step_by_hand():
+    # Lu et al. 2022, Algorithm 2, with lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t))
+    diffusion = GaussianDiffusion(make_betas("linear", T))
+    abar = linear_abar()
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    g = torch.Generator().manual_seed(1)
+    x_t, x0, x0_prev = (torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t_prev, t, t_next = 700, 600, 450
+    h, h_prev = lam[t_next] - lam[t], lam[t] - lam[t_prev]
+    r = h_prev / h
+    D = (1 + 1 / (2 * r)) * x0.numpy() - 1 / (2 * r) * x0_prev.numpy()
+    expected = sigma[t_next] / sigma[t] * x_t.numpy() - alpha[t_next] * (np.exp(-h) - 1) * D
+    out = diffusion.dpmpp_2m_step(x0, x_t, t, t_next, x0_prev=x0_prev, t_prev=t_prev)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_dpmpp_first_order_step_is_the_ddim_step_and_the_last_step_returns_x0():
+    diffusion = GaussianDiffusion(make_betas("cosine", T))
+    g = torch.Generator().manual_seed(2)
+    x_t, x0 = (torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    eps = diffusion.predict_eps_from_x0(x_t, torch.full((2,), 800), x0)
+    ddim = diffusion.ddim_step(eps, x_t, 800, 300, clip_denoised=False)
+    torch.testing.assert_close(diffusion.dpmpp_2m_step(x0, x_t, 800, 300), ddim, rtol=1e-9, atol=1e-9)
+    assert diffusion.dpmpp_2m_step(x0, x_t, 5, -1, x0_prev=x_t, t_prev=20) is x0
+
+
+# ------------------------------------------------------------------------------------------------ respacing
+def test_respaced_betas_keep_abar_on_the_kept_timesteps():
+    # Nichol & Dhariwal 2021, Sec. 4: beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}}, beta~'_i from Eq. 7 on them
+    for variance in ("fixed_large", "fixed_small"):
+        diffusion = GaussianDiffusion(make_betas("linear", T), variance=variance)
+        S = sampling_timesteps(T, "ddpm", 10)[::-1]
+        respaced = diffusion.respaced(S)
+        abar = linear_abar()[S]
+        betas = 1 - abar / np.concatenate([[1.0], abar[:-1]])
+        assert respaced.betas.dtype == torch.float64 and respaced.variance == variance
+        np.testing.assert_allclose(respaced.betas.numpy(), betas, rtol=1e-12)
+        np.testing.assert_allclose(respaced.alphas_cumprod.numpy(), abar, rtol=1e-12)
+        posterior = betas[1:] * (1 - abar[:-1]) / (1 - abar[1:])
+        np.testing.assert_allclose(respaced.posterior_variance[1:].numpy(), posterior, rtol=1e-12)
+
+
+def test_ddpm_on_all_timesteps_is_the_full_chain():
+    diffusion = GaussianDiffusion(make_betas("linear", 50))
+    model = gaussian_eps_model(diffusion, 0.0, 0.5)
+    full = sample(diffusion, model, (8, 2), seed=0)
+    torch.testing.assert_close(sample(diffusion, model, (8, 2), num_steps=50, seed=0), full, rtol=0, atol=0)
+    assert not torch.equal(sample(diffusion, model, (8, 2), num_steps=49, seed=0), full)
+
+
+# ------------------------------------------------------------------------------------------------ oracles
+def test_ddim_eta_zero_draws_only_x_T():
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    g = torch.Generator().manual_seed(4)
+    sample(diffusion, oracle(diffusion, _x0()), (3, 1, 8, 8), sampler="ddim", num_steps=20, generator=g)
+    after_x_T = torch.Generator().manual_seed(4)
+    torch.randn((3, 1, 8, 8), generator=after_x_T)
+    assert torch.equal(g.get_state(), after_x_T.get_state())
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("num_steps", [1, 7, 50, T])
+def test_deterministic_samplers_recover_x0_from_an_oracle(sampler, num_steps, objective):
+    diffusion = GaussianDiffusion(make_betas("linear", T), objective=objective)
+    x0 = _x0()
+    for spacing in ("uniform", "quadratic"):
+        out = sample(diffusion, oracle(diffusion, x0), x0.shape, sampler=sampler, num_steps=num_steps,
+                     spacing=spacing, seed=5, clip_denoised=False)  # fmt: skip
+        torch.testing.assert_close(out, x0, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_the_model_is_called_once_per_step(sampler):
+    diffusion = GaussianDiffusion(make_betas("cosine", 100))
+    calls = []
+
+    def model(x_t, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    sample(diffusion, model, (2, 3), sampler=sampler, num_steps=13, seed=0)
+    assert calls == sampling_timesteps(100, sampler, 13)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_returns_its_chain_and_is_reproducible_per_sample(sampler):
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    model = gaussian_eps_model(diffusion, 0.1, 0.3)
+    visited = sampling_timesteps(100, sampler, 10)
+    kwargs = {"sampler": sampler, "num_steps": 10, "eta": 0.5}
+    x0, chain = sample(diffusion, model, (4, 1, 2, 2), seeds=[0, 1, 2, 3], return_steps=[*visited, 1234], **kwargs)
+    assert sorted(chain, reverse=True) == visited and chain[visited[-1]].shape == x0.shape
+    torch.testing.assert_close(chain[99][1:2], torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(1)))
+    part = sample(diffusion, model, (2, 1, 2, 2), seeds=[2, 3], **kwargs)
+    torch.testing.assert_close(x0[2:], part, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ toy problem
+MU, S, NUM = 0.3, 0.2, 20_000
+
+
+def _moment_error(samples: torch.Tensor) -> float:
+    return abs(samples.mean().item() - MU) + abs(samples.std().item() - S)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "spacing"), [("ddpm", "uniform"), ("ddim", "uniform"), ("ddim", "quadratic"), ("dpmpp_2m", "uniform")]
+)
+def test_samples_of_an_exact_model_approach_the_data_as_the_steps_grow(sampler, spacing):
+    diffusion = GaussianDiffusion(make_betas("linear", T), variance="fixed_small")
+    model = gaussian_eps_model(diffusion, MU, S)
+    errors = {
+        n: _moment_error(sample(diffusion, model, (NUM, 1), sampler=sampler, num_steps=n, spacing=spacing, seed=0))
+        for n in (5, 20, T)
+    }
+    assert errors[T] < errors[20] < errors[5]
+    assert errors[T] < 0.01  # about 3 standard errors of the moments of 20k draws
+
+
+def test_ddim_is_first_order_and_dpmpp_2m_second_order_on_the_probability_flow_ode():
+    # for x0 ~ N(mu, s^2) the probability-flow ODE maps x_T to x0 = mu + s (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 +
+    # sigma_T^2): it keeps the Gaussian marginals and is increasing, so it standardises
+    diffusion = GaussianDiffusion(make_betas("cosine", T))
+    model = gaussian_eps_model(diffusion, MU, S)
+    alpha_T = math.sqrt(float(diffusion.alphas_cumprod[-1]))
+    errors = {}
+    for sampler in ("ddim", "dpmpp_2m"):
+        for n in (20, 40, 80):
+            x0, chain = sample(diffusion, model, (2000, 1), sampler=sampler, num_steps=n, seed=0,
+                               clip_denoised=False, return_steps=[T - 1])  # fmt: skip
+            exact = MU + S * (chain[T - 1] - alpha_T * MU) / math.sqrt(alpha_T**2 * S**2 + 1 - alpha_T**2)
+            errors[sampler, n] = (x0 - exact).abs().max().item()
+    assert 3 < errors["ddim", 20] / errors["ddim", 80] < 5  # error ~ 1 / steps
+    assert errors["dpmpp_2m", 20] / errors["dpmpp_2m", 80] > 10  # error ~ 1 / steps^2 (16) once steps are small
+    assert errors["dpmpp_2m", 40] < errors["ddim", 80]
+
+
+def test_dpmpp_2m_leaves_out_t_zero_and_ends_at_about_T_over_the_steps():
+    assert sampling_timesteps(T, "dpmpp_2m", 10) == np.round(np.linspace(0, T - 1, 11))[:0:-1].astype(int).tolist()
+    assert sampling_timesteps(T, "dpmpp_2m", T) == list(range(T - 1, -1, -1))
+    assert sampling_timesteps(T, "ddim", 10)[-1] == sampling_timesteps(T, "ddpm", 10)[-1] == 0
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("bad", [0, -3, T + 1])
+def test_step_counts_outside_one_to_T_are_rejected_naming_the_range(bad):
+    diffusion = GaussianDiffusion(make_betas("linear", T))
+    for sampler in SAMPLERS:
+        with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {T}\].*{sampler}, got {bad}"):
+            sample(diffusion, lambda x, t: x, (1, 2), sampler=sampler, num_steps=bad)
+
+
+def test_unknown_sampler_and_spacing_list_the_allowed_ones():
+    diffusion = GaussianDiffusion(make_betas("cosine", 10))
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; allowed: ddpm, ddim, dpmpp_2m"):
+        sample(diffusion, lambda x, t: x, (1, 2), sampler="euler")
+    with pytest.raises(ValueError, match="unknown spacing 'log'; allowed: uniform, quadratic"):
+        sample(diffusion, lambda x, t: x, (1, 2), sampler="ddim", num_steps=5, spacing="log")
+    with pytest.raises(ValueError, match="eta must be >= 0, got -1"):
+        sample(diffusion, lambda x, t: x, (1, 2), sampler="ddim", eta=-1)
+
+
+def test_lambda_is_the_log_snr():
+    diffusion = GaussianDiffusion(make_betas("cosine", T))
+    alpha, sigma, lam = diffusion._alpha_sigma_lambda(400)
+    abar = float(diffusion.alphas_cumprod[400])
+    assert (alpha**2, sigma**2) == pytest.approx((abar, 1 - abar), rel=1e-12)
+    assert 2 * lam == pytest.approx(math.log(abar / (1 - abar)), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ module defaults
+def _module(**kwargs) -> DiffusionModule:
+    return DiffusionModule(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                           num_timesteps=100, ema_decay=0.0, **kwargs)  # fmt: skip
+
+
+def test_module_sample_steps_default_the_fast_samplers_and_ddpm_by_name_runs_the_full_chain():
+    module = _module(sampler="ddim", sample_steps=50, sample_spacing="quadratic")
+    assert module.sampling_settings() == {"sampler": "ddim", "num_steps": 50, "eta": 0.0, "spacing": "quadratic"}
+    assert module.sampling_settings("dpmpp_2m")["num_steps"] == 50
+    assert module.sampling_settings("ddpm")["num_steps"] == 100  # as before the strided chain existed
+    assert module.sampling_settings("ddpm", 10)["num_steps"] == 10
+    assert _module(sampler="ddpm", sample_steps=25).sampling_settings()["num_steps"] == 25
+    assert _module(sampler="ddpm").sampling_settings()["num_steps"] == 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sampler": "dpmpp_2m", "sample_steps": 101}, r"num_steps must be in \[1, 100\].*got 101"),
+        ({"sampler": "ddpm", "sample_steps": 0}, r"num_steps must be in \[1, 100\].*got 0"),
+        ({"sampler": "euler"}, "allowed: ddpm, ddim, dpmpp_2m"),
+        ({"sample_spacing": "log"}, "allowed: uniform, quadratic"),
+    ],
+)
+def test_module_rejects_bad_sampler_settings_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _module(**kwargs)
