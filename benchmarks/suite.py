@@ -248,6 +248,14 @@ def _ms(seconds: float | str | None) -> float | str | None:
     return seconds * 1e3 if isinstance(seconds, float) else seconds
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(columns: list[str]) -> list[str]:
+    return [_row(columns), "|---" * len(columns) + "|"]
+
+
 def markdown(report: dict) -> str:
     models = report["models"]
     peers = [m for m in models if m != "ours"]
@@ -259,44 +267,26 @@ def markdown(report: dict) -> str:
         f"Attainable rate (a large 3x3 convolution) on this device: fp32 {report['conv_flops']['fp32'] / 1e12:.2f} "
         f"TFLOP/s (TF32 on a GPU), bf16 {report['conv_flops']['bf16'] / 1e12:.2f} TFLOP/s.",
         "",
-        "| batch | workload | variant | "
-        + " | ".join(f"{m} ms" for m in models)
-        + " | "
-        + " | ".join(f"ours / {p}" for p in peers)
-        + " | ours images/s | ours % of conv peak |",
-        "|---" * (4 + len(models) + len(peers) + 1) + "|",
+        *_header(
+            ["batch", "workload", "variant", *(f"{m} ms" for m in models), *(f"ours / {p}" for p in peers)]
+            + ["ours images/s", "ours % of conv peak"]
+        ),
     ]
     for row in report["times"]:
         ms = [_fmt(_ms(row["seconds"].get(m)), ".0f") for m in models]
         ratios = [_fmt(row["ratio"].get(p), ".2f") for p in peers]
         share = _fmt(row.get("ours_share_of_peak") and 100 * row["ours_share_of_peak"], ".0f")
         ips = _fmt(row["images_per_second"].get("ours"), ".1f")
-        lines.append(
-            f"| {row['batch']} | {row['workload']} | {row['variant']} | "
-            + " | ".join(ms)
-            + " | "
-            + " | ".join(ratios)
-            + f" | {ips} | {share} |"
-        )
-    lines += ["", "| network | parameters | GFLOP/image forward | GFLOP/image train step |", "|---|---|---|---|"]
+        lines.append(_row([str(row["batch"]), row["workload"], row["variant"], *ms, *ratios, ips, share]))
+    lines += ["", *_header(["network", "parameters", "GFLOP/image forward", "GFLOP/image train step"])]
     for m, f in report["flops"].items():
         lines.append(f"| {m} | {f['params']:,} | {f['forward'] / 1e9:.2f} | {f['train'] / 1e9:.2f} |")
     if report["memory"]:
-        lines += [
-            "",
-            "| batch | variant | "
-            + " | ".join(f"{m} MiB" for m in models)
-            + " | "
-            + " | ".join(f"ours / {p}" for p in peers)
-            + " |",
-            "|---" * (2 + len(models) + len(peers)) + "|",
-        ]
+        lines += ["", *_header(["batch", "variant", *(f"{m} MiB" for m in models), *(f"ours / {p}" for p in peers)])]
         for row in report["memory"]:
             values = [_fmt(row["mib"].get(m), ".0f") for m in models]
             ratios = [_fmt(row["ratio"].get(p), ".2f") for p in peers]
-            lines.append(
-                f"| {row['batch']} | {row['variant']} | " + " | ".join(values) + " | " + " | ".join(ratios) + " |"
-            )
+            lines.append(_row([str(row["batch"]), row["variant"], *values, *ratios]))
     if report["summary"]:
         lines += ["", *[f"- {line}" for line in report["summary"]]]
     return "\n".join(lines) + "\n"
@@ -318,7 +308,10 @@ def _best(times: list[dict], batch: int, workload: str, model: str, allowed) -> 
 def summarise(report: dict, device: torch.device) -> list[str]:
     """The issue's goals, read off this run."""
     out = []
-    fp32_only = lambda flags: not ({"bf16", "compile"} & set(flags))  # noqa: E731
+
+    def fp32_only(flags: list[str]) -> bool:
+        return not ({"bf16", "compile"} & set(flags))
+
     for batch in sorted({row["batch"] for row in report["times"]}):
         for workload in WORKLOADS:
             ours = _best(report["times"], batch, workload, "ours", fp32_only)

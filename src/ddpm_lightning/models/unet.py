@@ -108,11 +108,12 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = _conv3x3(channels, channels)
+        # not persistent: a constant, checkpoints keep only ``conv``
+        self.register_buffer("fold", torch.tensor(_UPSAMPLE_FOLD), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fold = torch.tensor(_UPSAMPLE_FOLD, dtype=self.conv.weight.dtype, device=self.conv.weight.device)
         # conv weight (out, in, 3, 3) -> transposed-conv weight (in, out, 4, 4)
-        kernel = torch.einsum("pk,ql,oikl->iopq", fold, fold, self.conv.weight)
+        kernel = torch.einsum("pk,ql,oikl->iopq", self.fold, self.fold, self.conv.weight)
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
 
