@@ -51,8 +51,9 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench]' && touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)  ## our U-Net vs diffusers and denoising-diffusion-pytorch: benchmarks/results/suite_<device>.{md,json}
+bench: $(BENCH_STAMP)  ## our U-Net vs diffusers and denoising-diffusion-pytorch, then the hot path: benchmarks/results/
 	$(BIN)/python benchmarks/suite.py $(ARGS)
+	$(BIN)/python benchmarks/hot_path.py
 
 clean:
 	rm -rf runs results/ablation .pytest_cache .ruff_cache build src/*.egg-info

@@ -41,3 +41,21 @@ def test_bad_variant_is_rejected_with_the_allowed_flags(tmp_path):
     done = run_suite("--variants", "fp16", "--out", str(tmp_path / "x"))
     assert done.returncode == 2
     assert "'fp16'" in done.stderr and "channels_last, bf16, compile" in done.stderr
+
+
+def test_hot_path_benchmark_counts_transfers_of_the_paper_setup(tmp_path):
+    out = tmp_path / "hot"
+    script = SUITE.with_name("hot_path.py")
+    args = ["--repeats", "1", "--steps", "5", "--log-every", "2", "--batch-size", "1", "--threads", "1"]
+    done = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    ema_old, ema_ours = (
+        rows["EMA update: AveragedModel (Lightning EMAWeightAveraging)"],
+        rows["EMA update: one foreach lerp (ours)"],
+    )
+    assert ema_old["transfers"] == 2 and ema_ours["transfers"] == 0 and ema_ours["ops"] < ema_old["ops"]
+    between, logging = rows["Trainer step, between logging steps"], rows["Trainer step, logging steps"]
+    assert (between["steps"], between["transfers"]) == (1, 0)
+    assert logging["steps"] == 2 and logging["transfers"] > 0
+    assert "| EMA update: one foreach lerp (ours) |" in out.with_suffix(".md").read_text()

@@ -89,10 +89,11 @@ def inject_nan_at_step_2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(GaussianDiffusion, "training_loss", nan_once)
 
 
-def test_nan_loss_stops_with_step_and_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_nan_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     inject_nan_at_step_2(monkeypatch)
     err = cli_error(fit_args(tmp_path, 4), capsys)
-    assert "the training loss is nan at step 2 (epoch 0, batch 2)" in err
+    assert "the training loss is nan at step 2 and its gradients are not finite" in err
+    assert "1 in all up to step 4" in err
 
 
 def test_nan_loss_skip_counts_and_leaves_weights_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Experiment tracking: run metadata for every logger, an images-per-second callback and W&B run-id keeping.
+"""Experiment tracking: run metadata for every logger, images per second, a sync-free progress bar, W&B run ids.
 
 The run folder is ``trainer.default_root_dir``: :func:`follow_run_dir` points the loggers there, so that logs and
 checkpoints (ModelCheckpoint writes under the first logger's folder) land in one place. A resumed ``ddpm fit
@@ -21,9 +21,11 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+
+from ddpm_lightning.training import is_check_step
 
 WANDB_RUN_ID_KEY = "wandb_run_id"
 # a logger's save_dir with one of these values follows trainer.default_root_dir (WandbLogger's own default is ".")
@@ -106,11 +108,33 @@ class ImagesPerSecond(Callback):
         seen = self._marks[-1][1] + len(images) * trainer.world_size
         self._marks.append((time.perf_counter(), seen))
         (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
-        if t1 > t0:
+        # only on the logging steps: logging a number copies it to the device, a sync on a GPU
+        if t1 > t0 and is_check_step(trainer):
             pl_module.log("train/img_per_sec", (n1 - n0) / (t1 - t0), on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._marks.clear()
+
+
+# ------------------------------------------------------------------------------------------------ progress bar
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar showing the module's ``last_loss``, a number it reads on the logging steps only.
+
+    A metric logged with ``prog_bar=True`` is read back on every step, a host-device sync that stalls a GPU's launch
+    queue; ``DiffusionModule`` puts this bar in place of a plain ``TQDMProgressBar`` (same settings).
+    """
+
+    @classmethod
+    def replacing(cls, bar: TQDMProgressBar) -> ProgressBar:
+        """A bar with the settings of ``bar``."""
+        return cls(refresh_rate=bar.refresh_rate, process_position=bar.process_position, leave=bar._leave)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is not None:
+            metrics["loss"] = f"{loss:.4g}"
+        return metrics
 
 
 # ------------------------------------------------------------------------------------------------ W&B run id

@@ -6,6 +6,7 @@
   more steps give the weights of 2N steps straight (Lightning saves no RNG states).
 - :class:`GracefulStop` turns SIGTERM / SIGUSR1 into "finish this step, write ``last.ckpt``, stop with status 0"
   (and ``scontrol requeue`` under SLURM with ``SLURMEnvironment(auto_requeue=True)``).
+- :class:`NonFiniteSteps` skips the optimizer step on the device when the gradients are not finite, and counts it.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ __all__ = [
     "FinalCheckpoint",
     "GracefulStop",
     "NonFiniteLossError",
+    "NonFiniteSteps",
     "RNGStates",
-    "all_ranks_finite",
     "check_state_dict_shapes",
     "checkpoints_in_run_dir",
+    "is_check_step",
     "last_checkpoint_path",
     "read_checkpoint",
     "resolve_ckpt_path",
@@ -51,7 +53,7 @@ class CheckpointError(ValueError):
 
 
 class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite."""
+    """The training loss (and so its gradients) became NaN or infinite."""
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -246,7 +248,8 @@ class FinalCheckpoint(Callback):
 class GracefulStop(Callback):
     """On one of ``signals`` finish the current step, write ``last.ckpt`` and stop: exit status 0.
 
-    Any process receiving the signal stops all of them at the same step. Under SLURM with
+    Any process receiving the signal stops all of them at the same step: under DDP the next logging step
+    (``trainer.log_every_n_steps``), where the processes agree without a sync on every step. Under SLURM with
     ``SLURMEnvironment(auto_requeue=True)`` its requeue signal (SIGUSR1, ``#SBATCH --signal=SIGUSR1@90``) also
     requeues the job; the next run continues with ``--ckpt_path last``. This replaces Lightning's own handlers
     during training, which save in the middle of a step (SLURM) or exit with status 1 (SIGTERM).
@@ -267,12 +270,21 @@ class GracefulStop(Callback):
         self.received = None
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
+        loop = trainer.fit_loop.epoch_loop
+        if signal.SIGTERM in self.signals and trainer.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
+            # Lightning broadcasts its SIGTERM flag before every step under DDP, a host-device sync each step
+            # (Lightning-AI/pytorch-lightning#21487). Its handler is replaced here, so the flag stays 0: skip that.
+            loop._broadcast_sigterm_tensor = _no_broadcast
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         stop = self.received is not None
         if trainer.world_size > 1:
+            # agreeing is a collective and a host-device sync: only on the logging steps, so that all processes
+            # stop at the same step without a sync on every step
+            if not is_check_step(trainer):
+                return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
@@ -295,6 +307,11 @@ class GracefulStop(Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
+
+
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while :class:`GracefulStop` handles SIGTERM."""
 
 
 def _slurm_requeue() -> None:
@@ -305,9 +322,41 @@ def _slurm_requeue() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ loss guard
-def all_ranks_finite(module: L.LightningModule, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (one small all-reduce under DDP, so all ranks agree)."""
-    finite = bool(torch.isfinite(loss).all())
-    if module._trainer is not None and module.trainer.world_size > 1:
-        finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
-    return finite
+def is_check_step(trainer: L.Trainer, step: int | None = None) -> bool:
+    """Whether host-side checks may read device values (a host-device sync) once ``step`` optimizer steps are done.
+
+    These are the logging steps (every ``trainer.log_every_n_steps``, or 50 when logging is off), where the logger
+    reads its metrics anyway, so that the steps in between run without a synchronisation. ``step`` defaults to
+    ``trainer.global_step``, the steps done so far.
+    """
+    every = trainer.log_every_n_steps or 50
+    return (trainer.global_step if step is None else step) % every == 0
+
+
+class NonFiniteSteps:
+    """Optimizer steps whose gradients hold a NaN or an infinity, counted on the device.
+
+    :meth:`update` gives the flag that fused Adam reads as ``found_inf``: when it is 1 the update is skipped on the
+    device (weights and moments untouched), so no step has to wait for the host to look at the loss. Under DDP the
+    check runs on the all-reduced gradients, which are the same on every process, so all of them agree without a
+    collective of their own. :meth:`read` is the only host-device synchronisation.
+    """
+
+    def __init__(self, count: int = 0, device: torch.device | str = "cpu") -> None:
+        self.count = torch.tensor(count, dtype=torch.long, device=device)
+        self.first_step = torch.tensor(-1, dtype=torch.long, device=device)
+        self.first_loss = torch.tensor(float("nan"), device=device)
+
+    def update(self, grads: list[torch.Tensor], loss: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record the step; return the gradients' total 2-norm and the float ``found_inf`` flag (1.0: skip)."""
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        found = ~torch.isfinite(grad_norm)
+        first = found & (self.first_step < 0)
+        self.first_step.masked_fill_(first, step)
+        self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
+        self.count += found
+        return grad_norm, found.float()
+
+    def read(self) -> tuple[int, int, float]:
+        """(count, step of the first, that step's loss on this process): synchronises with the device."""
+        return int(self.count), int(self.first_step), float(self.first_loss)
