@@ -255,10 +255,10 @@ def test_two_fits_in_one_process_give_the_same_fid(tmp_path: Path) -> None:
     [
         ({"num_samples": 1}, "num_samples"),
         ({"every_n_steps": 0}, "every_n_steps"),
-        ({"sampler": "euler"}, "sampler='euler'"),
+        ({"sampler": "euler"}, "unknown sampler 'euler'; allowed: ddpm, ddim, dpmpp_2m"),
         ({"sampler": "ddim", "num_steps": None}, "num_steps"),
         ({"sampler": "dpmpp_2m", "num_steps": 0}, "num_steps"),
-        ({"spacing": "log"}, "spacing='log'"),
+        ({"spacing": "log"}, "unknown spacing 'log'; allowed: uniform, quadratic"),
         ({"real_split": "holdout"}, "real_split='holdout'"),
     ],
 )

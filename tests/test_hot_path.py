@@ -45,3 +45,14 @@ def test_float32_coefficients_are_the_float64_schedule_rounded_once():
     # float64 inputs keep the float64 tables (the maths tests rely on it)
     x0, t, eps = torch.ones(2, 1, 1, 1, dtype=torch.float64), torch.tensor([0, 999]), torch.zeros(2, 1, 1, 1)
     torch.testing.assert_close(diffusion.q_sample(x0, t, eps.double()).flatten(), abar.sqrt()[[0, 999]])
+
+
+@pytest.mark.parametrize("objective", ["eps", "v"])
+def test_the_training_loss_traces_into_one_graph_for_torch_compile(objective):
+    """A graph break would split what ``torch.compile`` fuses (and, with CUDA graphs, add launches per step)."""
+    torch._dynamo.reset()
+    diffusion = GaussianDiffusion(make_betas("cosine", 100), objective=objective)
+    net = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+    net.to(memory_format=torch.channels_last)
+    explanation = torch._dynamo.explain(diffusion.training_loss)(net, torch.randn(2, 1, 16, 16))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

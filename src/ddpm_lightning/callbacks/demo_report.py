@@ -41,7 +41,7 @@ def atomic_write(path: Path, write: Any, suffix: str) -> None:
             os.remove(tmp)
 
 
-def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str) -> None:
+def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str, target: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +53,7 @@ def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str) ->
     if window > 1:
         smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
         ax.plot(steps[window - 1 :], smooth, color="tab:blue", label=f"mean of {window} steps")
-    ax.set(xlabel="optimizer step", ylabel="L_simple (MSE of eps)", yscale="log", title=title)
+    ax.set(xlabel="optimizer step", ylabel=f"L_simple (MSE of {target})", yscale="log", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -183,6 +183,7 @@ class DemoReport(Callback):
             [v for _, v in self.losses],
             root / "loss.png",
             f"{steps} steps in {self._train_time / 60:.1f} min",
+            pl_module.hparams.objective,
         )
         T = pl_module.diffusion.num_timesteps
         visited = sampling_timesteps(T, self.sampler, self.num_steps, self.spacing)

@@ -26,7 +26,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ddpm_lightning.data.transforms import to_uint8
-from ddpm_lightning.diffusion import SAMPLERS, SPACINGS, Sampler, Spacing, sampling_timesteps
+from ddpm_lightning.diffusion import Sampler, Spacing, check_sampler, sampling_timesteps
 from ddpm_lightning.metrics.inception_weights import build_fid_extractor, resolve_fid_weights
 
 Split = Literal["train", "val", "test"]
@@ -117,10 +117,7 @@ class FIDCallback(Callback):
             raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r}; expected one of {SAMPLERS}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"spacing={spacing!r}; expected one of {SPACINGS}")
+        check_sampler(sampler, spacing)
         if sampler != "ddpm" and (num_steps is None or num_steps < 1):
             raise ValueError(f"sampler={sampler!r} needs num_steps >= 1, got {num_steps}")
         if num_steps is not None and num_steps < 1:
