@@ -96,7 +96,8 @@ def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
 
 
-def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16: with the config's gradient clipping
+def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tmp_path, precision):
     main(
         [
             "fit",
@@ -104,6 +105,7 @@ def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tm
             "configs/cifar10.yaml",
             "-c",
             "configs/schedule/cosine.yaml",
+            f"--trainer.precision={precision}",
             "--trainer.fast_dev_run=true",
             "--trainer.enable_progress_bar=false",
             "--data.init_args.batch_size=8",

@@ -34,3 +34,21 @@ def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path,
     # the EMA copy is an independent module that averages, not an alias of the trained weights
     assert ema_conv.data_ptr() != raw_conv.data_ptr()
     assert not torch.equal(raw_conv, ema_conv)
+
+
+@pytest.mark.slow
+def test_the_gpu_speed_options_together_train_and_give_a_loadable_checkpoint(tmp_path):
+    """README's GPU options (compile, bf16-mixed, TF32, gradient clipping with fused Adam) in one run, on the CPU."""
+    from test_resume import fit_args
+
+    from ddpm_lightning.cli import main
+    from ddpm_lightning.sampling import load_module
+    from ddpm_lightning.training import read_checkpoint
+
+    options = ("--model.compile=true", "--trainer.precision=bf16-mixed", "--model.matmul_precision=high")
+    main(fit_args(tmp_path, 4, *options, "--trainer.gradient_clip_val=1.0"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 4
+    module = load_module(last)  # an eager module: the compiled run's names carry no prefix
+    images = module.sample(2, num_steps=3, sampler="ddim")
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()

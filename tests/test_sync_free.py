@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -122,13 +123,14 @@ def test_steps_between_logging_steps_make_no_host_device_transfer(tmp_path: Path
 
 
 @pytest.mark.integration
-def test_nonfinite_gradients_leave_weights_and_adam_untouched(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16: clipping with fused Adam too
+def test_nonfinite_gradients_leave_weights_and_adam_untouched(tmp_path: Path, precision: str) -> None:
     snapshots = WeightsAndAdam()
     module = tiny(NaNImages, nonfinite_loss="skip")
     with pytest.warns(
         UserWarning, match="1 optimizer step skipped for non-finite gradients so far, the first at step 1"
     ):
-        trainer(tmp_path, 4, [snapshots], logger=False).fit(module, images())
+        trainer(tmp_path, 4, [snapshots], logger=False, precision=precision).fit(module, images())
 
     before, skipped, after = (snapshots.after[step] for step in (1, 2, 3))
     for name in before:
@@ -137,6 +139,25 @@ def test_nonfinite_gradients_leave_weights_and_adam_untouched(tmp_path: Path) ->
     assert not torch.equal(after["conv_out.weight"], skipped["conv_out.weight"])
     assert all(torch.isfinite(p).all() for p in after.values())
     assert module.nonfinite_skips == 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("algorithm", "clip"), [("norm", 1.0), ("norm", 100.0), ("value", 0.01)])
+def test_gradient_clipping_matches_the_float64_formula(algorithm: str, clip: float) -> None:
+    """norm: g * min(1, c / (||g|| + 1e-6)) over all gradients together (clip_grad_norm_); value: clamp to [-c, c]."""
+    module = tiny()
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    params = list(module.unet.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.1
+    grads = [p.grad.double().clone() for p in params]
+    total = torch.sqrt(sum((g**2).sum() for g in grads))
+    module._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    module.configure_gradient_clipping(None, clip, algorithm)
+    for p, g in zip(params, grads, strict=True):
+        expected = g.clamp(-clip, clip) if algorithm == "value" else g * min(1.0, clip / (float(total) + 1e-6))
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-5, atol=1e-8)
+    assert algorithm == "value" or (clip < total) == (torch.nn.utils.get_total_norm([p.grad for p in params]) < total)
 
 
 @pytest.mark.integration

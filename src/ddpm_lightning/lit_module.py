@@ -114,6 +114,7 @@ class DiffusionModule(L.LightningModule):
         sampling_timesteps(num_timesteps, sampler, sample_steps, sample_spacing)
         self._nonfinite = NonFiniteSteps()
         self._loss: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
         self._skips_reported = 0
         self.last_loss: float | None = None  # the training loss as last read on the host (logging steps)
 
@@ -181,6 +182,7 @@ class DiffusionModule(L.LightningModule):
             return  # float16 loss scaling skips non-finite steps itself (and expects some)
         grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
         grad_norm, found_inf = self._nonfinite.update(grads, self._loss, self.global_step)
+        self._grad_norm = grad_norm
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             # fused optimizers read found_inf after the closure: 1.0 leaves weights and moments as they were
             optimizer.found_inf = found_inf
@@ -189,6 +191,29 @@ class DiffusionModule(L.LightningModule):
                 p.grad = None
         self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         self.log("train/nonfinite_skips", self._nonfinite.count.float(), on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the gradients (``trainer.gradient_clip_val``), by their total norm unless the algorithm is "value".
+
+        Done here rather than by Lightning's precision plugin, which refuses to clip for fused Adam under mixed
+        precision. The norm is the one the non-finite guard has just computed: no second pass over the gradients.
+        """
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # fused Adam would unscale inside its step, after the clipping
+        parameters = [p for p in self.unet.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+            return
+        grad_norm = self._grad_norm if scaler is None else torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        torch.nn.utils.clip_grads_with_norm_(parameters, gradient_clip_val, grad_norm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         for optimizer in self.trainer.optimizers:
