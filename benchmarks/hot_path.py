@@ -7,8 +7,9 @@ Each piece is timed in its old form (what Lightning or a plain loop does) and in
 the paper's 35.7M-parameter U-Net. Besides the median time the table counts, per call, the dispatched operators (on
 a GPU each is at least one kernel launch) and the host-device transfers: ``aten._local_scalar_dense`` (``.item()``,
 ``bool(t)``) and ``aten.lift_fresh`` (``torch.tensor(x)``). On a GPU each transfer waits for the queued work, so the
-host cannot run ahead of the device. The last rows run ``Trainer.fit`` with ``DiffusionModule``'s defaults (EMA,
-gradient clipping, logging every ``--log-every`` steps) and count the transfers of the steps between logging steps.
+host cannot run ahead of the device. The last rows time a plain training step against ``Trainer.fit`` with
+``DiffusionModule``'s defaults (EMA, guard, gradient clipping, logging every ``--log-every`` steps), and count the
+transfers of the steps between logging steps and of the logging steps in a separate fit (counting slows the host).
 
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -106,45 +107,87 @@ def guard_rows(module: DiffusionModule, device: torch.device, repeats: int) -> d
     }
 
 
-class StepTransfers(L.Callback):
-    """Host transfers from one batch start to the next (the counter slows the host, so no times here)."""
+class StepMarks(L.Callback):
+    """Per step: the global step, the host transfers so far (with ``count``) and the time at the batch start."""
 
-    def __init__(self) -> None:
-        self.counter = OpCounter()
-        self.marks: list[tuple[int, int]] = []
+    def __init__(self, count: bool) -> None:
+        self.counter = OpCounter() if count else None
+        self.marks: list[tuple[int, int, float]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.counter.__enter__()
+        if self.counter is not None:
+            self.counter.__enter__()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        self.marks.append((trainer.global_step, self.counter.transfers))
+        _sync(pl_module.device)
+        transfers = self.counter.transfers if self.counter is not None else 0
+        self.marks.append((trainer.global_step, transfers, time.perf_counter()))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.counter.__exit__(None, None, None)
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+
+    def steps(self) -> list[tuple[int, int, float]]:
+        """(step, transfers, seconds) of every step but the first (set-up) and the last (no next mark)."""
+        pairs = zip(self.marks[1:], self.marks[2:], strict=False)
+        return [(step, n1 - n0, t1 - t0) for (step, n0, t0), (_, n1, t1) in pairs]
 
 
-def trainer_rows(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
-    """A fit of ``--steps`` steps: the most transfers in a step between logging steps, and in a logging step."""
+def _fit(args: argparse.Namespace, device: torch.device, marks: StepMarks) -> None:
     torch.manual_seed(0)
     module = DiffusionModule(warmup_steps=10)
     data = torch.randn(args.batch_size * args.steps, 3, 32, 32).clamp(-1, 1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=args.batch_size)
-    transfers = StepTransfers()
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         L.Trainer(
             default_root_dir=folder, accelerator=device.type, devices=1, max_steps=args.steps,
             log_every_n_steps=args.log_every, gradient_clip_val=1.0, enable_checkpointing=False,
-            enable_model_summary=False, enable_progress_bar=True, callbacks=[transfers],
+            enable_model_summary=False, enable_progress_bar=True, callbacks=[marks],
             logger=L.pytorch.loggers.CSVLogger(folder),
         ).fit(module, loader)  # fmt: skip
-    rows: dict[str, list[int]] = {"between logging steps": [], "logging steps": []}
-    for (step, n0), (_, n1) in zip(transfers.marks[1:], transfers.marks[2:], strict=False):  # step 0 sets up
-        rows["logging steps" if (step + 1) % args.log_every == 0 else "between logging steps"].append(n1 - n0)
+
+
+def plain_step_ms(args: argparse.Namespace, device: torch.device) -> float:
+    """Median time of the same step without Lightning: L_simple, backward, clipping, fused Adam (no EMA)."""
+    torch.manual_seed(0)
+    module = DiffusionModule().to(device)
+    optimizer = torch.optim.Adam(module.unet.parameters(), lr=2e-4, fused=True)
+    x0 = torch.randn(args.batch_size, 3, 32, 32, device=device).clamp(-1, 1)
+    times = []
+    for _ in range(args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        module.diffusion.training_loss(module.unet, x0).backward()
+        torch.nn.utils.clip_grad_norm_(module.unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def trainer_rows(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """The plain step against a Trainer step; host transfers of the steps between and on logging steps."""
+    counted, timed = StepMarks(count=True), StepMarks(count=False)
+    _fit(args, device, counted)
+    _fit(args, device, timed)
+    transfers: dict[str, list[int]] = {"between logging steps": [], "logging steps": []}
+    for step, n, _ in counted.steps():
+        transfers["logging steps" if (step + 1) % args.log_every == 0 else "between logging steps"].append(n)
+    batch = f"batch {args.batch_size}"
     return {
-        f"Trainer step, {kind}": {"ms": None, "ops": None, "transfers": max(counts), "steps": len(counts)}
-        for kind, counts in rows.items()
-    }
+        f"training step, plain loop ({batch}: loss, backward, clipping, fused Adam)": {
+            "ms": plain_step_ms(args, device), "ops": None, "transfers": None,
+        },
+        f"training step, Trainer.fit with DiffusionModule ({batch}: + EMA, guard, logging)": {
+            "ms": statistics.median(t for _, _, t in timed.steps()) * 1e3, "ops": None, "transfers": None,
+        },
+        **{
+            f"Trainer step, {kind}": {"ms": None, "ops": None, "transfers": max(counts), "steps": len(counts)}
+            for kind, counts in transfers.items()
+        },
+    }  # fmt: skip
 
 
 def markdown(report: dict) -> str:
@@ -159,7 +202,8 @@ def markdown(report: dict) -> str:
     for name, row in report["rows"].items():
         ms, ops = ("-" if row[k] is None else format(row[k], spec) for k, spec in (("ms", ".2f"), ("ops", "d")))
         steps = f" (most in {row['steps']} steps)" if "steps" in row else ""
-        lines.append(_row([name, ms, ops, f"{row['transfers']}{steps}"]))
+        transfers = "-" if row["transfers"] is None else f"{row['transfers']}{steps}"
+        lines.append(_row([name, ms, ops, transfers]))
     return "\n".join(lines) + "\n"
 
 
