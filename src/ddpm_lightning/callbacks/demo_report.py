@@ -108,7 +108,7 @@ class DemoReport(Callback):
         self.seed = seed
         self.classifier_epochs = classifier_epochs
         self.classifier_cache_dir = classifier_cache_dir
-        self.losses: list[tuple[int, float]] = []
+        self.losses: list[tuple[int, torch.Tensor]] = []  # kept on the device: read once, at the end
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._train_start = self._train_time = 0.0
 
@@ -133,7 +133,7 @@ class DemoReport(Callback):
     ) -> None:
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
-            self.losses.append((trainer.global_step, float(loss)))
+            self.losses.append((trainer.global_step, loss.detach()))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_time = time.perf_counter() - self._train_start
@@ -180,7 +180,7 @@ class DemoReport(Callback):
         steps = trainer.global_step
         _plot_loss(
             [s for s, _ in self.losses],
-            [v for _, v in self.losses],
+            torch.stack([v for _, v in self.losses]).tolist() if self.losses else [],
             root / "loss.png",
             f"{steps} steps in {self._train_time / 60:.1f} min",
             pl_module.hparams.objective,
