@@ -37,8 +37,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import _header, _row, hardware, versions  # noqa: E402
 
-from ddpm_lightning.lit_module import DiffusionModule  # noqa: E402
-from ddpm_lightning.training import NonFiniteSteps  # noqa: E402
+from ddpm_lightning.callbacks import default_callbacks  # noqa: E402
+from ddpm_lightning.lit_module import (
+    DiffusionModule,  # noqa: E402
+    NonFiniteSteps,  # noqa: E402
+)
 
 HOST_TRANSFERS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
 
@@ -143,7 +146,8 @@ def _fit(args: argparse.Namespace, device: torch.device, marks: StepMarks) -> No
         L.Trainer(
             default_root_dir=folder, accelerator=device.type, devices=1, max_steps=args.steps,
             log_every_n_steps=args.log_every, gradient_clip_val=1.0, enable_checkpointing=False,
-            enable_model_summary=False, enable_progress_bar=True, callbacks=[marks],
+            enable_model_summary=False, enable_progress_bar=True,
+            callbacks=[marks, *default_callbacks(module.hparams.ema_decay)],
             logger=L.pytorch.loggers.CSVLogger(folder),
         ).fit(module, loader)  # fmt: skip
 
@@ -152,14 +156,14 @@ def plain_step_ms(args: argparse.Namespace, device: torch.device) -> float:
     """Median time of the same step without Lightning: L_simple, backward, clipping, fused Adam (no EMA)."""
     torch.manual_seed(0)
     module = DiffusionModule().to(device)
-    optimizer = torch.optim.Adam(module.unet.parameters(), lr=2e-4, fused=True)
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=2e-4, fused=True)
     x0 = torch.randn(args.batch_size, 3, 32, 32, device=device).clamp(-1, 1)
     times = []
     for _ in range(args.steps):
         _sync(device)
         start = time.perf_counter()
-        module.diffusion.training_loss(module.unet, x0).backward()
-        torch.nn.utils.clip_grad_norm_(module.unet.parameters(), 1.0)
+        module.diffusion.training_loss(module.net, x0).backward()
+        torch.nn.utils.clip_grad_norm_(module.net.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 from ddpm_lightning.data import EmbeddedDigitsDataModule
-from ddpm_lightning.metrics.digit_classifier import load_or_train_digit_classifier
+from ddpm_lightning.evaluation.digit_classifier import load_or_train_digit_classifier
 
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(2)

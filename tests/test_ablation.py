@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_lightning import ablation
 from ddpm_lightning.cli import main
+from ddpm_lightning.cli.ablate import main as ablate_main
+from ddpm_lightning.evaluation import ablation
 from ddpm_lightning.plots import curves_figure
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -88,4 +89,4 @@ def test_curves_have_one_colour_per_schedule_and_fid_panel_when_logged() -> None
 @pytest.mark.parametrize("only", ["schedule=sigmoid,seed=0", "schedule=linear", "schedule=linear,seed=0,lr=1"])
 def test_ablate_only_rejects_bad_runs(only: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="schedule|seed|only"):
-        ablation.ablate_main(["--out", str(tmp_path), "--only", only, "-c", "x.yaml"])
+        ablate_main(["--out", str(tmp_path), "--only", only, "-c", "x.yaml"])

@@ -44,10 +44,10 @@ def test_fit_writes_a_checkpoint_with_ema_and_raw_weights(trained_run):
     checkpoint = torch.load(_last(trained_run), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 6
     ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
-    assert set(ema) == set(raw) and all(k.startswith("unet.") for k in ema)
+    assert set(ema) == set(raw) and all(k.startswith("net.") for k in ema)
     # the EMA lags the raw weights after a few steps of training
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
-    assert checkpoint["hyper_parameters"]["ch"] == 32
+    assert checkpoint["hyper_parameters"]["net"]["init_args"]["ch"] == 32
 
 
 def test_sample_reads_the_checkpoint_back(trained_run, tmp_path):
@@ -76,7 +76,7 @@ def test_sample_takes_any_sampler_and_names_a_bad_step_count(trained_run, tmp_pa
         main(["sample", "--ckpt", ckpt, "--num", "2", "--out", str(tmp_path / "bad"), "--sampler", "ddim",
               "--steps", "101"])  # fmt: skip
     assert exit_info.value.code == 2
-    assert "num_steps must be in [1, 100]" in capsys.readouterr().err
+    assert "steps must be in [1, 100]" in capsys.readouterr().err
 
 
 def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_resume import STEPS_PER_EPOCH, fit_args, weights
 
+from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
-from ddpm_lightning.training import read_checkpoint
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 

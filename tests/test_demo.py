@@ -16,10 +16,9 @@ from PIL import Image
 from ddpm_lightning.callbacks import DemoReport
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import EmbeddedDigitsDataModule
-from ddpm_lightning.metrics import digit_classifier
-from ddpm_lightning.metrics.digit_classifier import (
+from ddpm_lightning.evaluation import digit_classifier
+from ddpm_lightning.evaluation.digit_classifier import (
     class_entropy,
-    feature_statistics,
     frechet_distance,
     load_or_train_digit_classifier,
     score_digits,
@@ -42,12 +41,19 @@ def test_class_entropy_is_log10_for_all_digits_and_0_for_one() -> None:
     assert class_entropy(torch.full((50,), 3)) == 0.0
 
 
-def test_frechet_distance_of_diagonal_gaussians_matches_closed_form() -> None:
-    # diagonal covariances commute: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
-    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
-    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
+def test_frechet_distance_matches_the_closed_form() -> None:
+    # FD = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of the Gaussians fitted to each set, in float64; with
+    # s = S1^(1/2), Tr (S1 S2)^(1/2) = Tr (s S2 s)^(1/2), the square root of a symmetric PSD matrix
+    generator = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 0.0], [0.0, 0.3, 0.3]], dtype=torch.float64)
+    features = torch.randn(60, 3, generator=generator, dtype=torch.float64) @ mix  # (N, D)
+    reference = torch.randn(40, 3, generator=generator, dtype=torch.float64) + torch.tensor([1.0, 0.0, -2.0])
+    (mu1, s1), (mu2, s2) = [(x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False)) for x in (features, reference)]
+    w, v = np.linalg.eigh(s1)
+    s = (v * np.sqrt(w)) @ v.T
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh(s @ s2 @ s)).sum()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert frechet_distance(features, reference) == pytest.approx(expected, rel=1e-9)
 
 
 def test_classifier_is_cached_and_reloaded_without_training(digits, classifier_cache: Path) -> None:
@@ -65,7 +71,7 @@ def test_scorer_separates_real_heldout_digits_from_noise(digits, classifier_cach
     assert accuracy > 0.9
     val = digits.split_arrays("val")[0]
     half = len(val) // 2
-    reference = feature_statistics(model.features(val[:half]).detach())
+    reference = model.features(val[:half]).detach()
     real = score_digits(model, val[half:], reference)
     noise = score_digits(model, torch.randn(half, 1, 32, 32, generator=torch.Generator().manual_seed(0)), reference)
     assert real["confident_share"] > 0.7
@@ -78,11 +84,11 @@ def test_scorer_separates_real_heldout_digits_from_noise(digits, classifier_cach
 def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: Path, capsys) -> None:
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     sizes = {
-        "SamplingCallback": {"every_n_steps": 2, "num_samples": 4, "num_steps": 3},
+        "SamplingCallback": {"every_n_steps": 2, "num_samples": 4, "sampler": {"name": "ddim", "steps": 3}},
         "DemoReport": {
             "num_samples": 4,
             "num_eval_samples": 16,
-            "num_steps": 3,
+            "sampler": {"name": "ddim", "steps": 3},
             "classifier_epochs": TEST_EPOCHS,
             "classifier_cache_dir": str(classifier_cache),
         },

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import GaussianDiffusion, make_betas, sample, sampling_timesteps
+from ddpm_lightning.diffusion import GaussianDiffusion, SamplerConfig, make_betas, sample, sampling_timesteps
 
 pytestmark = pytest.mark.unit
 T = 1000
@@ -191,7 +191,7 @@ def test_invalid_settings_are_rejected():
         GaussianDiffusion(make_betas("linear", 100), objective="score")
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         sampling_timesteps(T, "euler")
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(ValueError, match="steps must be in"):
         sampling_timesteps(T, "ddim", 0)
 
 
@@ -210,7 +210,7 @@ def _toy_model(x_t, t):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sample_is_reproducible_and_per_sample_seeds_ignore_the_batch(sampler):
     diffusion = GaussianDiffusion(make_betas("linear", 50))
-    kwargs = {"sampler": sampler, "num_steps": 10 if sampler == "ddim" else None, "eta": 0.5}
+    kwargs = {"sampler": SamplerConfig(sampler, 10 if sampler == "ddim" else None, eta=0.5)}
     a = sample(diffusion, _toy_model, (4, 1, 4, 4), seed=7, **kwargs)
     b = sample(diffusion, _toy_model, (4, 1, 4, 4), seed=7, **kwargs)
     torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -3,15 +3,18 @@
 import json
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CIFAR10DataModule, to_uint8
+from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.evaluation import build_fid_extractor, evaluate, prepare_fid_weights
+from ddpm_lightning.io import save_png
 from ddpm_lightning.lit_module import DiffusionModule
-from ddpm_lightning.metrics import build_fid_extractor, prepare_fid_weights
-from ddpm_lightning.sampling import save_png
+from ddpm_lightning.models import UNet
 
 pytestmark = [
     pytest.mark.integration,
@@ -76,9 +79,10 @@ def test_evaluate_checkpoint_reports_no_inception_score_from_converted_weights(
     cifar10_dir: Path, converted_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     torch.manual_seed(0)
-    module = DiffusionModule(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_timesteps=20,
-                             beta_end=0.01, ema_decay=0.0, sampler="ddim", sample_steps=2)  # fmt: skip
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "m.ckpt")
+    net = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    module = DiffusionModule(net, num_timesteps=20, beta_end=0.01, ema_decay=0.0, sampler=SamplerConfig("ddim", 2))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    torch.save(checkpoint | {"pytorch-lightning_version": L.__version__}, tmp_path / "m.ckpt")
     out = tmp_path / "report.json"
 
     run_cli("evaluate", "--ckpt", tmp_path / "m.ckpt", "--num", 4, "--data-dir", cifar10_dir, "--num-real", NUM_REAL,
@@ -96,3 +100,12 @@ def test_evaluate_needs_a_checkpoint_or_a_samples_folder(capsys: pytest.CaptureF
         main(["evaluate", "--num", "4"])
     assert exit_info.value.code == 2
     assert "--ckpt" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate()
+    with pytest.raises(ValueError, match="num must be positive"):
+        evaluate(samples=tmp_path, num=0)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate(samples=tmp_path, metrics=["fid", "lpips"])

@@ -1,6 +1,7 @@
 """FIDCallback: the closed-form FID, real-statistics cache, checkpoint contents and state resets."""
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm_lightning.callbacks import FIDCallback
+from ddpm_lightning.callbacks import FIDCallback, default_callbacks
 from ddpm_lightning.data import to_uint8
+from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
 
 NUM_REAL = 40
@@ -60,13 +62,17 @@ class TinyImages(L.LightningDataModule):
 
 
 class Replay(L.LightningModule):
-    """A "generator" whose sample i is real image i moved by `shift`: FID then has a closed form."""
+    """A "generator" whose sample i is real image i moved by `shift`: FID then has a closed form.
+
+    It has what FIDCallback needs from a module: ``diffusion.num_timesteps``, ``sampler_config_for`` and ``sample``.
+    """
 
     def __init__(self, shift: float):
         super().__init__()
         self.shift = shift
         self.weight = nn.Parameter(torch.zeros(()))
         self.images = real_images()
+        self.diffusion = SimpleNamespace(num_timesteps=20)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return (self.weight - batch[0].mean()) ** 2
@@ -74,7 +80,10 @@ class Replay(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    def sample(self, num: int, *, seeds: list[int], **_: Any) -> torch.Tensor:
+    def sampler_config_for(self, sampler: SamplerConfig) -> SamplerConfig:
+        return sampler
+
+    def sample(self, num: int, sampler: SamplerConfig, *, seeds: list[int], **_: Any) -> torch.Tensor:
         assert num == len(seeds)
         return (self.images[seeds] + self.shift).clamp(-1, 1)
 
@@ -99,23 +108,26 @@ def tiny_diffusion() -> DiffusionModule:
         beta_end=0.01,  # rescaled by 1000 / T to 0.5
         warmup_steps=0,
         ema_decay=0.0,
-        sampler="ddim",
-        sample_steps=5,
+        sampler=SamplerConfig("ddim", 5),
     )
 
 
 def fid_callback(cache_dir: Path, **kwargs: Any) -> FIDCallback:
-    options = {"every_n_steps": None, "num_samples": NUM_REAL, "batch_size": 16, "sampler": "ddim", "num_steps": 5}
+    options = {"every_n_steps": None, "num_samples": NUM_REAL, "batch_size": 16, "sampler": SamplerConfig("ddim", 5)}
     return FIDCallback(feature_extractor=TinyExtractor(), cache_dir=str(cache_dir), **{**options, **kwargs})
 
 
 def fit(module: L.LightningModule, callback: FIDCallback, root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
+    # a DiffusionModule is trained with the default callbacks, as `ddpm fit` does
+    defaults = (
+        default_callbacks(module.hparams.ema_decay, progress_bar=False) if isinstance(module, DiffusionModule) else []
+    )
     trainer = L.Trainer(
         default_root_dir=root,
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
-        callbacks=[callback],
+        callbacks=[callback, *defaults],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -256,9 +268,9 @@ def test_two_fits_in_one_process_give_the_same_fid(tmp_path: Path) -> None:
         ({"num_samples": 1}, "num_samples"),
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"sampler": "euler"}, "unknown sampler 'euler'; allowed: ddpm, ddim, dpmpp_2m"),
-        ({"sampler": "ddim", "num_steps": None}, "num_steps"),
-        ({"sampler": "dpmpp_2m", "num_steps": 0}, "num_steps"),
-        ({"spacing": "log"}, "unknown spacing 'log'; allowed: uniform, quadratic"),
+        ({"sampler": {"name": "dpmpp_2m", "steps": 0}}, "steps must be a positive number"),
+        ({"sampler": "dpmpp_2m", "num_steps": 0}, "steps must be a positive number"),  # the deprecated spelling
+        ({"sampler": {"name": "ddim", "spacing": "log"}}, "unknown spacing 'log'; allowed: uniform, quadratic"),
         ({"real_split": "holdout"}, "real_split='holdout'"),
     ],
 )
@@ -269,26 +281,28 @@ def test_bad_settings_raise_at_construction(tmp_path: Path, kwargs: dict[str, An
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    ("kwargs", "tag"),
+    ("sampler", "label"),
     [
-        ({"sampler": "ddpm", "num_steps": None}, "ddpm"),
-        ({"sampler": "ddpm", "num_steps": 20}, "ddpm"),  # T = 20: the full chain
-        ({"sampler": "ddpm", "num_steps": 10}, "ddpm10"),
-        ({"sampler": "ddim", "num_steps": 5}, "ddim5"),
-        ({"sampler": "ddim", "num_steps": 5, "spacing": "quadratic"}, "ddim5_quad"),
-        ({"sampler": "dpmpp_2m", "num_steps": 8}, "dpmpp_2m8"),
+        (SamplerConfig("ddpm"), "ddpm20"),  # T = 20: the full chain
+        (SamplerConfig("ddpm", 20), "ddpm20"),
+        (SamplerConfig("ddpm", 10), "ddpm10"),
+        (SamplerConfig("ddim", 5), "ddim5"),
+        (SamplerConfig("ddim", 5, spacing="quadratic"), "ddim5_quad"),
+        (SamplerConfig("dpmpp_2m", 8), "dpmpp_2m8"),
     ],
 )
-def test_sampler_tag_names_the_sampler_and_its_network_evaluations(tmp_path: Path, kwargs: dict, tag: str) -> None:
-    callback = fid_callback(tmp_path, **kwargs)
+def test_label_names_the_sampler_and_its_network_evaluations(
+    tmp_path: Path, sampler: SamplerConfig, label: str
+) -> None:
+    callback = fid_callback(tmp_path, sampler=sampler)
     callback.setup(mock.Mock(), tiny_diffusion(), "validate")
-    assert callback.sampler_tag == tag
+    assert callback.label == label
 
 
 @pytest.mark.unit
 def test_more_steps_than_the_model_has_fail_at_setup(tmp_path: Path) -> None:
-    callback = fid_callback(tmp_path, sampler="dpmpp_2m", num_steps=21)
-    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 20\]"):
+    callback = fid_callback(tmp_path, sampler=SamplerConfig("dpmpp_2m", 21))
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 20\]"):
         callback.setup(mock.Mock(), tiny_diffusion(), "fit")
 
 

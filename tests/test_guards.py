@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_resume import fit_args
 
+from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
-from ddpm_lightning.training import read_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def test_sample_from_a_bad_checkpoint_is_named(tmp_path: Path, damage: str, caps
             path.write_bytes(path.read_bytes()[:1000])
         else:
             checkpoint = torch.load(path, weights_only=True)
-            checkpoint["hyper_parameters"]["ch"] = 64
+            checkpoint["hyper_parameters"]["net"]["init_args"]["ch"] = 64
             torch.save(checkpoint, path)
     err = cli_error(["sample", "--ckpt", str(path), "--num", "1", "--out", str(tmp_path / "out")], capsys)
     assert str(path) in err

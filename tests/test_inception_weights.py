@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from ddpm_lightning.metrics import (
+from ddpm_lightning.evaluation import (
     FID_WEIGHTS_FILENAME,
     build_fid_extractor,
     prepare_fid_weights,

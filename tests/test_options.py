@@ -4,7 +4,9 @@ import lightning as L
 import pytest
 import torch
 
+from ddpm_lightning.callbacks import default_callbacks
 from ddpm_lightning.data import EmbeddedDigitsDataModule
+from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
 
 pytestmark = pytest.mark.integration
@@ -23,10 +25,11 @@ def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path,
         enable_progress_bar=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
+        callbacks=default_callbacks(module.hparams.ema_decay, progress_bar=False),
     )
     trainer.fit(module, EmbeddedDigitsDataModule(batch_size=4, image_size=16))
-    raw_conv = module.unet.down[0][0].conv1.weight
-    ema_conv = module.sampling_module().unet.down[0][0].conv1.weight
+    raw_conv = module.net.down[0][0].conv1.weight
+    ema_conv = module.sampling_module().net.down[0][0].conv1.weight
     assert module.sampling_module() is not module
     for weight in (raw_conv, ema_conv):
         assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -41,14 +44,14 @@ def test_the_gpu_speed_options_together_train_and_give_a_loadable_checkpoint(tmp
     """README's GPU options (compile, bf16-mixed, TF32, gradient clipping with fused Adam) in one run, on the CPU."""
     from test_resume import fit_args
 
+    from ddpm_lightning.checkpoint import read_checkpoint
     from ddpm_lightning.cli import main
     from ddpm_lightning.sampling import load_module
-    from ddpm_lightning.training import read_checkpoint
 
     options = ("--model.compile=true", "--trainer.precision=bf16-mixed", "--model.matmul_precision=high")
     main(fit_args(tmp_path, 4, *options, "--trainer.gradient_clip_val=1.0"))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 4
     module = load_module(last)  # an eager module: the compiled run's names carry no prefix
-    images = module.sample(2, num_steps=3, sampler="ddim")
+    images = module.sample(2, SamplerConfig("ddim", 3))
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpm_lightning.checkpoint import AtomicCheckpointIO, read_checkpoint
 from ddpm_lightning.cli import main
-from ddpm_lightning.training import AtomicCheckpointIO, read_checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -2,17 +2,21 @@
 on a tiny digits model."""
 
 import csv
+import importlib
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import CLASSIFIER_TEST_EPOCHS
 from PIL import Image
 
-from ddpm_lightning import evaluate
 from ddpm_lightning.cli import main
+from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.evaluation import SETTINGS
 from ddpm_lightning.lit_module import DiffusionModule
+from ddpm_lightning.models import UNet
 
 pytestmark = pytest.mark.integration
 T = 20
@@ -22,8 +26,8 @@ T = 20
 def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 1x32x32 model with T = 20, saved as `ddpm fit` would after training on the digits."""
     torch.manual_seed(0)
-    module = DiffusionModule(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-                             schedule="cosine", objective="v", num_timesteps=T, ema_decay=0.0)  # fmt: skip
+    net = UNet(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    module = DiffusionModule(net, schedule="cosine", objective="v", num_timesteps=T, ema_decay=0.0)
     path = tmp_path_factory.mktemp("ckpt") / "digits.ckpt"
     datamodule = {"_class_path": "ddpm_lightning.data.EmbeddedDigitsDataModule", "val_fraction": 0.1, "seed": 0}
     torch.save(
@@ -31,6 +35,7 @@ def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "state_dict": module.state_dict(),
             "hyper_parameters": dict(module.hparams),
             "datamodule_hyper_parameters": datamodule,
+            "pytorch-lightning_version": L.__version__,
         },
         path,
     )
@@ -50,13 +55,14 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_sweep_writes_the_table_csv_and_plot(digits_ckpt: Path, classifier_cache: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "samplers"
-    run_cli("sampler-sweep", "--ckpt", digits_ckpt, "--out", out, "--nfe", T, 4, "--num", 6, "--batch-size", 4,
+    run_cli("sampler-sweep", "--ckpt", digits_ckpt, "--out", out, "--steps", T, 4, "--num", 6, "--batch-size", 4,
             "--classifier-epochs", CLASSIFIER_TEST_EPOCHS, "--classifier-cache-dir", classifier_cache)  # fmt: skip
 
     rows = read_csv(out / "table.csv")
     assert list(rows[0]) == ["setting", "sampler", "spacing", "eta", "nfe", "frechet_distance", "class_entropy",
                              "confident_share", "seconds", "images_per_s", "same_as"]  # fmt: skip
     settings = ["ddpm", "ddim", "ddim_quadratic", "dpmpp_2m"]
+    assert list(SETTINGS) == settings and SETTINGS["ddim_quadratic"] == SamplerConfig("ddim", spacing="quadratic")
     assert [(r["setting"], int(r["nfe"])) for r in rows] == [(s, n) for s in settings for n in (T, 4)]
     assert all(float(r["images_per_s"]) > 0 and float(r["frechet_distance"]) >= 0 for r in rows)
     # on all T timesteps quadratic spacing is uniform spacing: sampled once, reported twice
@@ -80,9 +86,10 @@ def test_sweep_scores_fid_for_other_data(digits_ckpt: Path, tmp_path: Path, monk
         calls.append(len(images))
         return 12.5
 
-    monkeypatch.setattr(evaluate, "fid_of_images", fake_fid)
+    # the module, not the function `ddpm_lightning.evaluation.sweep` that the package exports under the same name
+    monkeypatch.setattr(importlib.import_module("ddpm_lightning.evaluation.sweep"), "fid_of_images", fake_fid)
     out = tmp_path / "samplers"
-    run_cli("sampler-sweep", "--ckpt", digits_ckpt, "--out", out, "--data", "cifar10", "--nfe", 3,
+    run_cli("sampler-sweep", "--ckpt", digits_ckpt, "--out", out, "--data", "cifar10", "--steps", 3,
             "--samplers", "ddim", "dpmpp_2m", "--num", 4)  # fmt: skip
     rows = read_csv(out / "table.csv")
     assert calls == [4, 4] and [r["fid"] for r in rows] == ["12.5", "12.5"] and "frechet_distance" not in rows[0]
@@ -92,9 +99,10 @@ def test_sweep_scores_fid_for_other_data(digits_ckpt: Path, tmp_path: Path, monk
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--nfe", "0"], r"--nfe 0: .* \[1, 20\]"),
-        (["--nfe", "10", "21"], r"--nfe 21: .* \[1, 20\]"),
-        (["--num", "1"], "--num must be >= 2"),
+        (["--steps", "0"], r"steps 0: .* \[1, 20\]"),
+        (["--steps", "10", "21"], r"steps 21: .* \[1, 20\]"),
+        (["--nfe", "10", "21"], r"steps 21: .* \[1, 20\]"),  # the deprecated spelling of --steps
+        (["--num", "1"], "num must be >= 2"),
     ],
 )
 def test_bad_settings_are_clear_errors(digits_ckpt: Path, tmp_path: Path, capsys, argv, message) -> None:

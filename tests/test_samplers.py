@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import SAMPLERS, GaussianDiffusion, make_betas, sample, sampling_timesteps
+from ddpm_lightning.diffusion import SAMPLERS, GaussianDiffusion, SamplerConfig, make_betas, sample, sampling_timesteps
 from ddpm_lightning.lit_module import DiffusionModule
 
 pytestmark = pytest.mark.unit
@@ -74,7 +74,9 @@ def test_ddim_eta_one_on_the_full_chain_is_the_fixed_small_ancestral_sampler():
     diffusion = GaussianDiffusion(make_betas("cosine", 100), variance="fixed_small")
     model = gaussian_eps_model(diffusion, 0.2, 0.5)
     ddpm = sample(diffusion, model, (64, 2), sampler="ddpm", seed=3)
-    ddim = sample(diffusion, model, (64, 2), sampler="ddim", eta=1.0, seed=3)  # the same noise, draw for draw
+    ddim = sample(
+        diffusion, model, (64, 2), sampler=SamplerConfig("ddim", eta=1.0), seed=3
+    )  # the same noise, draw for draw
     torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-4)
 
 
@@ -125,15 +127,17 @@ def test_ddpm_on_all_timesteps_is_the_full_chain():
     diffusion = GaussianDiffusion(make_betas("linear", 50))
     model = gaussian_eps_model(diffusion, 0.0, 0.5)
     full = sample(diffusion, model, (8, 2), seed=0)
-    torch.testing.assert_close(sample(diffusion, model, (8, 2), num_steps=50, seed=0), full, rtol=0, atol=0)
-    assert not torch.equal(sample(diffusion, model, (8, 2), num_steps=49, seed=0), full)
+    torch.testing.assert_close(
+        sample(diffusion, model, (8, 2), sampler=SamplerConfig(steps=50), seed=0), full, rtol=0, atol=0
+    )
+    assert not torch.equal(sample(diffusion, model, (8, 2), sampler=SamplerConfig(steps=49), seed=0), full)
 
 
 # ------------------------------------------------------------------------------------------------ oracles
 def test_ddim_eta_zero_draws_only_x_T():
     diffusion = GaussianDiffusion(make_betas("linear", 100))
     g = torch.Generator().manual_seed(4)
-    sample(diffusion, oracle(diffusion, _x0()), (3, 1, 8, 8), sampler="ddim", num_steps=20, generator=g)
+    sample(diffusion, oracle(diffusion, _x0()), (3, 1, 8, 8), sampler=SamplerConfig("ddim", 20), generator=g)
     after_x_T = torch.Generator().manual_seed(4)
     torch.randn((3, 1, 8, 8), generator=after_x_T)
     assert torch.equal(g.get_state(), after_x_T.get_state())
@@ -146,8 +150,8 @@ def test_deterministic_samplers_recover_x0_from_an_oracle(sampler, num_steps, ob
     diffusion = GaussianDiffusion(make_betas("linear", T), objective=objective)
     x0 = _x0()
     for spacing in ("uniform", "quadratic"):
-        out = sample(diffusion, oracle(diffusion, x0), x0.shape, sampler=sampler, num_steps=num_steps,
-                     spacing=spacing, seed=5, clip_denoised=False)  # fmt: skip
+        config = SamplerConfig(sampler, num_steps, spacing=spacing)
+        out = sample(diffusion, oracle(diffusion, x0), x0.shape, sampler=config, seed=5, clip_denoised=False)
         torch.testing.assert_close(out, x0, rtol=0, atol=2e-4)
 
 
@@ -160,7 +164,7 @@ def test_the_model_is_called_once_per_step(sampler):
         calls.append(int(t[0]))
         return torch.zeros_like(x_t)
 
-    sample(diffusion, model, (2, 3), sampler=sampler, num_steps=13, seed=0)
+    sample(diffusion, model, (2, 3), sampler=SamplerConfig(sampler, 13), seed=0)
     assert calls == sampling_timesteps(100, sampler, 13)
 
 
@@ -169,7 +173,7 @@ def test_every_sampler_returns_its_chain_and_is_reproducible_per_sample(sampler)
     diffusion = GaussianDiffusion(make_betas("linear", 100))
     model = gaussian_eps_model(diffusion, 0.1, 0.3)
     visited = sampling_timesteps(100, sampler, 10)
-    kwargs = {"sampler": sampler, "num_steps": 10, "eta": 0.5}
+    kwargs = {"sampler": SamplerConfig(sampler, 10, eta=0.5)}
     x0, chain = sample(diffusion, model, (4, 1, 2, 2), seeds=[0, 1, 2, 3], return_steps=[*visited, 1234], **kwargs)
     assert sorted(chain, reverse=True) == visited and chain[visited[-1]].shape == x0.shape
     torch.testing.assert_close(chain[99][1:2], torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(1)))
@@ -192,7 +196,7 @@ def test_samples_of_an_exact_model_approach_the_data_as_the_steps_grow(sampler, 
     diffusion = GaussianDiffusion(make_betas("linear", T), variance="fixed_small")
     model = gaussian_eps_model(diffusion, MU, S)
     errors = {
-        n: _moment_error(sample(diffusion, model, (NUM, 1), sampler=sampler, num_steps=n, spacing=spacing, seed=0))
+        n: _moment_error(sample(diffusion, model, (NUM, 1), sampler=SamplerConfig(sampler, n, spacing=spacing), seed=0))
         for n in (5, 20, T)
     }
     assert errors[T] < errors[20] < errors[5]
@@ -208,7 +212,7 @@ def test_ddim_is_first_order_and_dpmpp_2m_second_order_on_the_probability_flow_o
     errors = {}
     for sampler in ("ddim", "dpmpp_2m"):
         for n in (20, 40, 80):
-            x0, chain = sample(diffusion, model, (2000, 1), sampler=sampler, num_steps=n, seed=0,
+            x0, chain = sample(diffusion, model, (2000, 1), sampler=SamplerConfig(sampler, n), seed=0,
                                clip_denoised=False, return_steps=[T - 1])  # fmt: skip
             exact = MU + S * (chain[T - 1] - alpha_T * MU) / math.sqrt(alpha_T**2 * S**2 + 1 - alpha_T**2)
             errors[sampler, n] = (x0 - exact).abs().max().item()
@@ -228,8 +232,10 @@ def test_dpmpp_2m_leaves_out_t_zero_and_ends_at_about_T_over_the_steps():
 def test_step_counts_outside_one_to_T_are_rejected_naming_the_range(bad):
     diffusion = GaussianDiffusion(make_betas("linear", T))
     for sampler in SAMPLERS:
-        with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {T}\].*{sampler}, got {bad}"):
-            sample(diffusion, lambda x, t: x, (1, 2), sampler=sampler, num_steps=bad)
+        with pytest.raises(
+            ValueError, match=rf"steps must be (in \[1, {T}\].*{sampler}, got {bad}|a positive .*, got {bad})"
+        ):
+            sample(diffusion, lambda x, t: x, (1, 2), sampler={"name": sampler, "steps": bad})
 
 
 def test_unknown_sampler_and_spacing_list_the_allowed_ones():
@@ -237,9 +243,9 @@ def test_unknown_sampler_and_spacing_list_the_allowed_ones():
     with pytest.raises(ValueError, match="unknown sampler 'euler'; allowed: ddpm, ddim, dpmpp_2m"):
         sample(diffusion, lambda x, t: x, (1, 2), sampler="euler")
     with pytest.raises(ValueError, match="unknown spacing 'log'; allowed: uniform, quadratic"):
-        sample(diffusion, lambda x, t: x, (1, 2), sampler="ddim", num_steps=5, spacing="log")
+        sample(diffusion, lambda x, t: x, (1, 2), sampler={"name": "ddim", "steps": 5, "spacing": "log"})
     with pytest.raises(ValueError, match="eta must be >= 0, got -1"):
-        sample(diffusion, lambda x, t: x, (1, 2), sampler="ddim", eta=-1)
+        sample(diffusion, lambda x, t: x, (1, 2), sampler={"name": "ddim", "eta": -1})
 
 
 def test_lambda_is_the_log_snr():
@@ -250,27 +256,46 @@ def test_lambda_is_the_log_snr():
     assert 2 * lam == pytest.approx(math.log(abar / (1 - abar)), rel=1e-12)
 
 
+# ------------------------------------------------------------------------------------------------ the setting
+def test_sampler_config_labels_name_the_sampler_and_its_network_evaluations():
+    assert SamplerConfig("ddim", 50).label(T) == "ddim50"
+    assert SamplerConfig("ddim", 50, eta=1.0).label(T) == "ddim50_eta1"
+    assert SamplerConfig("ddim", 50, spacing="quadratic").label(T) == "ddim50_quad"
+    assert SamplerConfig("dpmpp_2m", 20).label(T) == "dpmpp_2m20"
+    assert SamplerConfig().label(T) == "ddpm1000"  # the full chain
+
+
+def test_sampler_config_parse_keeps_unset_fields_of_the_base():
+    base = SamplerConfig("ddim", 50, spacing="quadratic")
+    assert SamplerConfig.parse(None, base) == base
+    assert SamplerConfig.parse("dpmpp_2m", base) == SamplerConfig("dpmpp_2m", 50, spacing="quadratic")
+    assert SamplerConfig.parse("ddpm", base, steps=10, eta=None) == SamplerConfig("ddpm", 10, spacing="quadratic")
+    assert SamplerConfig.parse({"name": "ddim", "steps": 5}) == SamplerConfig("ddim", 5)
+
+
 # ------------------------------------------------------------------------------------------------ module defaults
 def _module(**kwargs) -> DiffusionModule:
     return DiffusionModule(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                            num_timesteps=100, ema_decay=0.0, **kwargs)  # fmt: skip
 
 
-def test_module_sample_steps_default_the_fast_samplers_and_ddpm_by_name_runs_the_full_chain():
+def test_module_sampler_setting_and_its_deprecated_flat_aliases():
     module = _module(sampler="ddim", sample_steps=50, sample_spacing="quadratic")
-    assert module.sampling_settings() == {"sampler": "ddim", "num_steps": 50, "eta": 0.0, "spacing": "quadratic"}
-    assert module.sampling_settings("dpmpp_2m")["num_steps"] == 50
-    assert module.sampling_settings("ddpm")["num_steps"] == 100  # as before the strided chain existed
-    assert module.sampling_settings("ddpm", 10)["num_steps"] == 10
-    assert _module(sampler="ddpm", sample_steps=25).sampling_settings()["num_steps"] == 25
-    assert _module(sampler="ddpm").sampling_settings()["num_steps"] == 100
+    assert module.sampler_config == SamplerConfig("ddim", 50, spacing="quadratic")
+    assert module.hparams.sampler == {"name": "ddim", "steps": 50, "eta": 0.0, "spacing": "quadratic"}
+    assert "sample_steps" not in module.hparams  # checkpoints store the setting, not the aliases
+    assert module.sampler_config_for("dpmpp_2m") == SamplerConfig("dpmpp_2m", 50, spacing="quadratic")
+    assert module.sampler_config_for("ddpm", steps=10).nfe(100) == 10
+    assert _module(sampler={"name": "ddpm", "steps": 25}).sampler_config.nfe(100) == 25
+    assert _module(sampler="ddpm").sampler_config.nfe(100) == 100
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sampler": "dpmpp_2m", "sample_steps": 101}, r"num_steps must be in \[1, 100\].*got 101"),
-        ({"sampler": "ddpm", "sample_steps": 0}, r"num_steps must be in \[1, 100\].*got 0"),
+        ({"sampler": "dpmpp_2m", "sample_steps": 101}, r"steps must be in \[1, 100\].*got 101"),
+        ({"sampler": {"name": "ddpm", "steps": 101}}, r"steps must be in \[1, 100\].*got 101"),
+        ({"sampler": "ddpm", "sample_steps": 0}, r"steps must be a positive number .* got 0"),
         ({"sampler": "euler"}, "allowed: ddpm, ddim, dpmpp_2m"),
         ({"sample_spacing": "log"}, "allowed: uniform, quadratic"),
     ],

@@ -1,6 +1,7 @@
 """The reverse-chain sampling callback: PNG files of the right size, images in TensorBoard, files for CSV runs,
 determinism, and uint8 HWC images for W&B."""
 
+import contextlib
 from pathlib import Path
 from unittest import mock
 
@@ -12,8 +13,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm_lightning.callbacks import SamplingCallback
+from ddpm_lightning.callbacks import SamplingCallback, default_callbacks
 from ddpm_lightning.callbacks.sampling import chain_timesteps, log_image, render_samples
+from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
 
 pytestmark = pytest.mark.integration
@@ -47,8 +49,7 @@ def _callback() -> SamplingCallback:
         num_samples=NUM_SAMPLES,
         chain_samples=CHAIN_SAMPLES,
         chain_steps=CHAIN_STEPS,
-        sampler="ddim",
-        num_steps=DDIM_STEPS,
+        sampler=SamplerConfig("ddim", DDIM_STEPS),
     )
 
 
@@ -61,7 +62,7 @@ def _fit(root: Path, logger: object, max_steps: int) -> tuple[L.Trainer, Diffusi
         accelerator="cpu",
         max_steps=max_steps,
         logger=logger,
-        callbacks=[callback],
+        callbacks=[callback, *default_callbacks(module.hparams.ema_decay, progress_bar=False)],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -128,7 +129,7 @@ def test_chain_last_column_is_the_grid_sample_and_first_is_noise(tensorboard_run
 
 def test_same_seed_gives_the_same_grid(tensorboard_run) -> None:
     _, module, callback = tensorboard_run
-    kwargs = dict(sampler="ddim", num_steps=DDIM_STEPS, eta=0.0)
+    kwargs = dict(sampler=SamplerConfig("ddim", DDIM_STEPS, eta=0.0))
     first = render_samples(module, 4, 2, 3, seed=callback.seed, **kwargs)[1]
     again = render_samples(module, 4, 2, 3, seed=callback.seed, **kwargs)[1]
     other = render_samples(module, 4, 2, 3, seed=callback.seed + 100, **kwargs)[1]
@@ -140,9 +141,10 @@ def test_same_seed_gives_the_same_grid(tensorboard_run) -> None:
                                                         ("ddpm", "quadratic", "ddpm5_quad")])  # fmt: skip
 def test_every_sampler_renders_its_chain_and_names_its_files(tmp_path: Path, sampler, spacing, label) -> None:
     module = _tiny_module()
-    x0, grid, strip = render_samples(module, 4, 2, 3, sampler=sampler, num_steps=5, eta=0.0, seed=0, spacing=spacing)
+    config = SamplerConfig(sampler, 5, spacing=spacing)
+    x0, grid, strip = render_samples(module, 4, 2, 3, sampler=config, seed=0)
     assert x0.shape == (4, 1, SIZE, SIZE) and tuple(strip.shape[1:]) == _grid_size(2, 3 + 1)[::-1]
-    callback = SamplingCallback(sampler=sampler, num_steps=5, spacing=spacing)
+    callback = SamplingCallback(sampler=config)
     callback.setup(mock.Mock(log_dir=str(tmp_path)), module, "fit")
     assert callback.label == label
 
@@ -187,7 +189,21 @@ def test_bad_settings_raise_value_error_naming_them(kwargs: dict, message: str) 
 
 
 def test_ddim_steps_beyond_T_fail_at_setup(tmp_path: Path) -> None:
-    callback = SamplingCallback(num_steps=1000)  # the tiny model has T = 100
+    callback = SamplingCallback(sampler=SamplerConfig("ddim", 1000))  # the tiny model has T = 100
     trainer = mock.Mock(log_dir=str(tmp_path), default_root_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 100\]"):
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 100\]"):
         callback.setup(trainer, _tiny_module(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"sampler": "dpmpp_2m"}, SamplerConfig("dpmpp_2m", 50)),  # a bare name: the former default of 50 steps
+        ({"sampler": "ddim", "num_steps": 6, "eta": 1.0}, SamplerConfig("ddim", 6, eta=1.0)),
+        ({"num_steps": 8, "spacing": "quadratic"}, SamplerConfig("ddim", 8, spacing="quadratic")),
+    ],
+)
+def test_the_former_sampler_arguments_still_work(kwargs: dict, expected: SamplerConfig) -> None:
+    deprecated = {"num_steps", "eta", "spacing"} & kwargs.keys()
+    with pytest.warns(DeprecationWarning, match="deprecated") if deprecated else contextlib.nullcontext():
+        assert SamplingCallback(**kwargs).sampler == expected

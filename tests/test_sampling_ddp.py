@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm_lightning.callbacks import SamplingCallback
+from ddpm_lightning.callbacks import SamplingCallback, default_callbacks
+from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
 
 pytestmark = pytest.mark.ddp
@@ -28,7 +29,12 @@ def _run(root: Path, devices: int, strategy: str) -> Path:
         strategy=strategy,
         max_steps=2,
         logger=False,
-        callbacks=[SamplingCallback(every_n_steps=1, num_samples=4, chain_samples=2, chain_steps=3, num_steps=5)],
+        callbacks=[
+            SamplingCallback(
+                every_n_steps=1, num_samples=4, chain_samples=2, chain_steps=3, sampler=SamplerConfig("ddim", 5)
+            ),
+            *default_callbacks(module.hparams.ema_decay, progress_bar=False),
+        ],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_resume import fit_args
 
-from ddpm_lightning.training import read_checkpoint
+from ddpm_lightning.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.integration
 

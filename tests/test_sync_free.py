@@ -19,12 +19,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpm_lightning.callbacks.ema import EMA
+from ddpm_lightning.callbacks import EMA, ProgressBar, default_callbacks
 from ddpm_lightning.lit_module import DiffusionModule
-from ddpm_lightning.tracking import ProgressBar, tracking_callbacks
 
 HOST_TRANSFERS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
 LOG_EVERY = 5
+EMA_DECAY = 0.9
 
 
 class _Transfers(TorchDispatchMode):
@@ -72,7 +72,7 @@ def tiny(cls: type[DiffusionModule] = DiffusionModule, **kwargs: Any) -> Diffusi
     torch.manual_seed(0)
     return cls(
         image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-        num_timesteps=50, warmup_steps=2, ema_decay=0.9, **kwargs,
+        num_timesteps=50, warmup_steps=2, ema_decay=EMA_DECAY, **kwargs,
     )  # fmt: skip
 
 
@@ -82,6 +82,9 @@ def images(n: int = 48, batch_size: int = 4) -> torch.utils.data.DataLoader:
 
 
 def trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """A Trainer with ``callbacks`` and the defaults every fit gets (EMA, graceful stop, progress bar, img/s, ...)."""
+    defaults = default_callbacks(EMA_DECAY, progress_bar=kwargs.get("enable_progress_bar", True))
+    callbacks = [*callbacks, *defaults]
     return L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, log_every_n_steps=LOG_EVERY,
         gradient_clip_val=1.0, enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, **kwargs,
@@ -89,15 +92,15 @@ def trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback], **kwarg
 
 
 class WeightsAndAdam(L.Callback):
-    """Copies of the U-Net's weights and of Adam's state for its output layer after every step."""
+    """Copies of the network's weights and of Adam's state for its output layer after every step."""
 
     def __init__(self) -> None:
         self.after: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        unet = pl_module.unet
-        state = trainer.optimizers[0].state[unet.conv_out.weight]
-        snapshot = {name: p.detach().clone() for name, p in unet.named_parameters()}
+        net = pl_module.net
+        state = trainer.optimizers[0].state[net.conv_out.weight]
+        snapshot = {name: p.detach().clone() for name, p in net.named_parameters()}
         snapshot |= {f"adam.{key}": value.clone() for key, value in state.items()}
         self.after[trainer.global_step] = snapshot
 
@@ -105,7 +108,7 @@ class WeightsAndAdam(L.Callback):
 @pytest.mark.integration
 def test_steps_between_logging_steps_make_no_host_device_transfer(tmp_path: Path) -> None:
     counter = TransfersPerStep()
-    fit = trainer(tmp_path, 12, [counter, *tracking_callbacks()], logger=CSVLogger(tmp_path))
+    fit = trainer(tmp_path, 12, [counter], logger=CSVLogger(tmp_path))
     fit.fit(tiny(), images())
 
     per_step = counter.per_step()
@@ -147,7 +150,7 @@ def test_gradient_clipping_matches_the_float64_formula(algorithm: str, clip: flo
     """norm: g * min(1, c / (||g|| + 1e-6)) over all gradients together (clip_grad_norm_); value: clamp to [-c, c]."""
     module = tiny()
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
-    params = list(module.unet.parameters())
+    params = list(module.net.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 0.1
     grads = [p.grad.double().clone() for p in params]
@@ -165,16 +168,16 @@ def test_ema_follows_ho_et_al_from_the_initial_weights(tmp_path: Path) -> None:
     """average_k = decay * average_{k-1} + (1 - decay) * weights_k, average_0 = the initial weights (float64)."""
     snapshots = WeightsAndAdam()
     module = tiny()
-    initial = {name: p.detach().double().clone() for name, p in module.unet.named_parameters()}
+    initial = {name: p.detach().double().clone() for name, p in module.net.named_parameters()}
     fit = trainer(tmp_path, 4, [snapshots], logger=False)
     fit.fit(module, images())
 
-    decay = 0.9
+    decay = EMA_DECAY
     expected = initial
     for step in (1, 2, 3, 4):
         expected = {n: decay * e + (1 - decay) * snapshots.after[step][n].double() for n, e in expected.items()}
     (ema,) = [c for c in fit.callbacks if isinstance(c, EMA)]
-    average = dict(ema.average_module().unet.named_parameters())
+    average = dict(ema.average_module().net.named_parameters())
     for name, value in expected.items():
         torch.testing.assert_close(average[name].double(), value, rtol=0, atol=1e-6, msg=name)
 
@@ -188,7 +191,7 @@ class DumpRank(TransfersPerStep):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        weights = torch.cat([p.detach().flatten() for p in pl_module.unet.parameters()])
+        weights = torch.cat([p.detach().flatten() for p in pl_module.net.parameters()])
         out = {"weights": weights.tolist(), "skips": pl_module.nonfinite_skips, "per_step": self.per_step()}
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 

@@ -14,14 +14,15 @@ import yaml
 from jsonargparse import Namespace
 from PIL import Image
 
-from ddpm_lightning import tracking
+from ddpm_lightning.callbacks import tracking
+from ddpm_lightning.cli import fit as cli_fit
 from ddpm_lightning.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_FIT = """
 seed_everything: 0
 model: {image_size: 16, in_channels: 1, ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: [],
-        num_timesteps: 100, warmup_steps: 2, ema_decay: 0.9, sampler: ddim, sample_steps: 5}
+        num_timesteps: 100, warmup_steps: 2, ema_decay: 0.9, sampler: {name: ddim, steps: 5}}
 data:
   class_path: ddpm_lightning.data.EmbeddedDigitsDataModule
   init_args: {batch_size: 8, image_size: 16}
@@ -79,7 +80,13 @@ def wandb_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (tmp / "fit.yaml").write_text(TINY_FIT)
     sampling = {
         "class_path": "ddpm_lightning.callbacks.SamplingCallback",
-        "init_args": {"every_n_steps": 2, "num_samples": 4, "chain_samples": 1, "num_steps": 2, "on_train_end": False},
+        "init_args": {
+            "every_n_steps": 2,
+            "num_samples": 4,
+            "chain_samples": 1,
+            "sampler": {"name": "ddim", "steps": 2},
+            "on_train_end": False,
+        },
     }
     (tmp / "loggers.yaml").write_text(yaml.safe_dump({"trainer": {"logger": loggers, "callbacks": [sampling]}}))
     run_dir = tmp / "run"
@@ -144,7 +151,7 @@ def test_wandb_run_config_holds_resolved_config_git_commit_and_versions(wandb_ru
     assert config["config"]["model"]["num_timesteps"] == 100  # the resolved config of this run
     assert config["config"]["trainer"]["default_root_dir"] == str(wandb_runs["run_dir"])
     assert config["versions"]["torch"] == metadata.version("torch")
-    assert config["git_commit"] == tracking.git_commit()
+    assert config["git_commit"] == cli_fit.git_commit()
 
 
 @pytest.mark.integration
@@ -194,5 +201,5 @@ def test_logger_save_dir_follows_the_run_folder_unless_set() -> None:
 
     loggers = [entry("WandbLogger", "."), entry("CSVLogger", "${trainer.default_root_dir}"), entry("CSVLogger", "/x")]
     trainer = Namespace(default_root_dir="runs/exp1", logger=loggers)
-    tracking.follow_run_dir(trainer)
+    cli_fit.follow_run_dir(trainer)
     assert [e.init_args.save_dir for e in loggers] == ["runs/exp1", "runs/exp1", "/x"]

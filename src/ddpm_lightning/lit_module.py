@@ -1,28 +1,37 @@
-"""``DiffusionModule``: thin glue between the U-Net, the diffusion maths and Lightning."""
+"""``DiffusionModule``: an injected noise-prediction network, the diffusion maths and the optimizer; nothing else.
+
+The network is any ``nn.Module`` called as ``net(x_t, t)`` that returns a tensor shaped like ``x_t`` (the paper's
+U-Net when none is given). Callbacks (EMA, resilience, tracking, sampling, FID) live in :mod:`ddpm_lightning.callbacks`
+and are added by the CLI, visibly in its config, or by :func:`ddpm_lightning.callbacks.default_callbacks`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
 
-from ddpm_lightning.callbacks.ema import EMA
-from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, Spacing, make_betas, sampling_timesteps
+from ddpm_lightning import compat
+from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_state_dict
+from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, Spacing, make_betas
 from ddpm_lightning.models import UNet
-from ddpm_lightning.tracking import ProgressBar
-from ddpm_lightning.training import (
-    FinalCheckpoint,
-    GracefulStop,
-    NonFiniteLossError,
-    NonFiniteSteps,
-    RNGStates,
-    check_state_dict_shapes,
-    is_check_step,
-)
+
+__all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
+
+# flat U-Net settings of checkpoints and configs written before the network was injected: deprecated aliases
+_UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
+PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
+_SAMPLER_ALIASES = {"sample_steps": "steps", "eta": "eta", "sample_spacing": "spacing"}
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss (and so its gradients) became NaN or infinite."""
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -30,40 +39,71 @@ def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
+def net_spec(net: nn.Module) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of a network, as YAML and checkpoints store it.
+
+    The arguments are the network's ``init_args`` attribute (the template's networks keep theirs); for another class
+    ``init_args`` is None and a checkpoint of it loads only when the network is passed again.
+    """
+    cls = type(net)
+    init_args = getattr(net, "init_args", None)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args) if init_args else None}
+
+
+def build_net(spec: Mapping[str, Any]) -> nn.Module:
+    """The network of a ``{"class_path", "init_args"}`` mapping (:func:`net_spec`)."""
+    class_path, init_args = spec.get("class_path"), spec.get("init_args")
+    if not class_path or init_args is None:
+        raise ValueError(
+            f"the network {class_path or spec!r} was stored without its arguments (it was built in Python): pass "
+            "the network again, e.g. load_module(ckpt, net=MyNet(...))"
+        )
+    module_name, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import the network class {class_path!r}: {err}") from err
+    return cls(**init_args)
+
+
 class DiffusionModule(L.LightningModule):
-    """A DDPM: the noise-prediction U-Net trained with L_simple, sampled with the EMA weights.
+    """A DDPM: an injected noise-prediction network trained with L_simple, sampled with the EMA weights.
 
     The defaults are Ho et al. 2020's CIFAR-10 setup: the 35.7M U-Net, T=1000 linear betas 1e-4..0.02, eps
     prediction, fixed-large variance, Adam 2e-4 with 5000 warm-up steps and an EMA of 0.9999 (gradient clipping at
     1.0 is a Trainer setting, ``gradient_clip_val``).
 
     Args:
-        image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout: the :class:`UNet`.
+        net: the network, ``net(x_t, t) -> tensor shaped like x_t``; in YAML a ``class_path``/``init_args`` under
+            ``model.net`` (presets in ``configs/model/``). None: the paper's :class:`UNet` for ``image_size`` and
+            ``in_channels`` (defaults 32 and 3).
+        image_size, in_channels: the image shape (C, H, W) = (in_channels, image_size, image_size), the one home of
+            the shape: x_T is drawn in it and the data are checked against it. None: the network's own
+            ``image_size``/``in_channels`` attributes. A dummy forward at construction checks the network's output.
         schedule, num_timesteps, beta_start, beta_end: the noise schedule (:func:`make_betas`).
         variance, objective: see :class:`GaussianDiffusion`.
-        lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up.
-        ema_decay: decay of the weights' EMA; 0 turns the EMA off (sampling then uses the raw weights).
-        sampler, sample_steps, eta, sample_spacing: defaults of :meth:`sample`: ``"ddpm"`` (ancestral), ``"ddim"`` or
-            ``"dpmpp_2m"`` (DPM-Solver++), with ``sample_steps`` network evaluations (None: all T), DDIM's ``eta``
-            and the spacing of the visited timesteps (``"uniform"`` or ``"quadratic"``).
+        lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up, over every trainable
+            parameter of the module.
+        ema_decay: decay of the weights' EMA (the EMA callback reads it); 0 turns the EMA off.
+        sampler: the default :class:`SamplerConfig` of :meth:`sample` and of the commands, e.g.
+            ``{name: ddim, steps: 50}``; a bare name means that sampler on all T steps.
         nonfinite_loss: a NaN/inf loss makes NaN/inf gradients, whose optimizer step is always skipped on the device
             (counted in ``train/nonfinite_skips``). ``"stop"`` then ends the run at the next logging step with an
             error naming the step; ``"skip"`` carries on. Checking on the device keeps the step free of host syncs.
-        compile: ``torch.compile`` the U-Net for training (the EMA copy used for sampling stays eager).
-        channels_last: keep the U-Net (and its EMA copy) in the channels-last memory format: 1.1x faster training
+        compile: ``torch.compile`` the network for training (the EMA copy used for sampling stays eager).
+        channels_last: keep the network (and its EMA copy) in the channels-last memory format: 1.1x faster training
             on a CPU (``make bench``) and the layout tensor-core convolutions want on GPUs.
         matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``"high"``: TF32); None keeps it.
+        ch, ch_mult, num_res_blocks, attn_resolutions, dropout: deprecated aliases of the default U-Net's settings
+            (``model.net.init_args.*``), kept so that older configs and checkpoints load.
+        sample_steps, eta, sample_spacing: deprecated aliases of ``sampler.steps``, ``.eta`` and ``.spacing``.
     """
 
     def __init__(
         self,
-        image_size: int = 32,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 2, 2),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (16,),
-        dropout: float = 0.1,
+        net: nn.Module | None = None,
+        image_size: int | None = None,
+        in_channels: int | None = None,
         schedule: Literal["linear", "cosine"] = "linear",
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
@@ -75,14 +115,19 @@ class DiffusionModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema_decay: float = 0.9999,
-        sampler: Sampler = "ddpm",
-        sample_steps: int | None = None,
-        eta: float = 0.0,
-        sample_spacing: Spacing = "uniform",
+        sampler: SamplerConfig | Sampler = PAPER_SAMPLER,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         compile: bool = False,
         channels_last: bool = True,
         matmul_precision: Literal["highest", "high", "medium"] | None = None,
+        ch: int | None = None,
+        ch_mult: Sequence[int] | None = None,
+        num_res_blocks: int | None = None,
+        attn_resolutions: Sequence[int] | None = None,
+        dropout: float | None = None,
+        sample_steps: int | None = None,
+        eta: float | None = None,
+        sample_spacing: Spacing | None = None,
     ):
         super().__init__()
         if not lr > 0:
@@ -91,44 +136,118 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
-        self.save_hyperparameters()
-        self.unet = UNet(
-            in_channels=in_channels,
-            ch=ch,
-            ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions,
-            dropout=dropout,
-            image_size=image_size,
-        )
-        if channels_last:
-            # before any callback copies the module (EMA), so that the copies run in the same format
-            self.unet.to(memory_format=torch.channels_last)
+        given = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions)
+        unet_aliases = {k: v for k, v in {**given, "dropout": dropout}.items() if v is not None}
+        self.net = self._make_net(net, image_size, in_channels, unet_aliases)
+        self.image_shape = self._image_shape(self.net, image_size, in_channels)
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
         self.diffusion = GaussianDiffusion(betas, variance=variance, objective=objective)
         # fail at construction, not at the first sampling callback
-        sampling_timesteps(num_timesteps, sampler, sample_steps, sample_spacing)
+        self.sampler_config = SamplerConfig.parse(sampler, steps=sample_steps, eta=eta, spacing=sample_spacing)
+        self.sampler_config.timesteps(num_timesteps)
+        self._check_output_shape()
+        if channels_last:
+            # before any callback copies the module (EMA), so that the copies run in the same format
+            self.net.to(memory_format=torch.channels_last)
+
+        with warnings.catch_warnings():
+            # `net` is replaced by its class_path/init_args just below
+            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
+            self.save_hyperparameters(ignore=[*_UNET_ALIASES, *_SAMPLER_ALIASES])
+        # the canonical form: plain types that load with weights_only=True, and no deprecated aliases; a network
+        # given in YAML keeps its class_path/init_args as written (other classes do not say their arguments)
+        spec, given = net_spec(self.net), self.hparams.get("net")
+        if spec["init_args"] is None and isinstance(given, Mapping) and given.get("init_args") is not None:
+            spec = {"class_path": given["class_path"], "init_args": dict(given["init_args"])}
+        canonical = {"net": spec, "image_size": self.image_shape[-1], "in_channels": self.image_shape[0]}
+        # load_from_checkpoint then calls DiffusionModule(**hparams), which rebuilds the network from its spec,
+        # rather than LightningCLI's instantiator, which would hand over a network built without its arguments
+        self.hparams.pop("_instantiator", None)
+        # a second call, so that the hyper-parameters loggers record (hparams_initial) are the canonical ones too
+        self.save_hyperparameters({**canonical, "sampler": self.sampler_config.to_dict()})
         self._nonfinite = NonFiniteSteps()
         self._loss: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
         self._skips_reported = 0
         self.last_loss: float | None = None  # the training loss as last read on the host (logging steps)
+        # checkpoints written before the network was injected name it `unet`: renamed on every load_state_dict
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
+
+    # -------------------------------------------------------------------------------------------- the network
+    @staticmethod
+    def _make_net(
+        net: nn.Module | Mapping[str, Any] | None,
+        image_size: int | None,
+        in_channels: int | None,
+        unet_aliases: dict[str, Any],
+    ) -> nn.Module:
+        if isinstance(net, Mapping):  # a checkpoint's {"class_path", "init_args"} outside the CLI
+            net = build_net(net)
+        if net is None:
+            shape = {"image_size": 32 if image_size is None else image_size}
+            shape["in_channels"] = 3 if in_channels is None else in_channels
+            return UNet(**shape, **unet_aliases)
+        if type(net) is UNet:
+            # flat keys (model.ch, model.image_size, ...) composed over a U-Net preset win over it
+            shape = {"image_size": image_size, "in_channels": in_channels}
+            changes = {**{k: v for k, v in shape.items() if v is not None}, **unet_aliases}
+            if any(net.init_args[k] != v for k, v in changes.items()):
+                net = UNet(**{**net.init_args, **changes})
+        elif unet_aliases:
+            raise ValueError(
+                f"model.{next(iter(unet_aliases))} is a setting of the default U-Net, but model.net is "
+                f"{type(net).__name__}: set it under model.net.init_args"
+            )
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"model.net must be a torch.nn.Module, got {type(net).__name__}")
+        return net
+
+    @staticmethod
+    def _image_shape(net: nn.Module, image_size: int | None, in_channels: int | None) -> tuple[int, int, int]:
+        """(C, H, W) from the arguments, else from the network's attributes; a clear error when they disagree."""
+        shape = {}
+        for name, given in (("in_channels", in_channels), ("image_size", image_size)):
+            own = getattr(net, name, None)
+            if given is not None and own is not None and given != own:
+                raise ValueError(
+                    f"model.{name}={given} but the network {type(net).__name__} has {name}={own}: set one of them"
+                )
+            value = given if given is not None else own
+            if value is None:
+                raise ValueError(f"set model.{name}: the network {type(net).__name__} does not say its {name}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+            shape[name] = value
+        return shape["in_channels"], shape["image_size"], shape["image_size"]
+
+    @torch.no_grad()
+    def _check_output_shape(self) -> None:
+        """One forward of a dummy x_t (in eval mode: no dropout, no random numbers drawn) through the network."""
+        x_t = torch.zeros(1, *self.image_shape)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            out = self.net(x_t, torch.zeros(1, dtype=torch.long))
+        except Exception as err:
+            raise ValueError(
+                f"the network {type(self.net).__name__} fails on x_t of shape {tuple(x_t.shape)} and t of shape (1,): "
+                f"{err}"
+            ) from err
+        finally:
+            self.net.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the network {type(self.net).__name__} returns {got} for x_t of shape {tuple(x_t.shape)}: it must "
+                "return a tensor shaped like x_t (check its channels against model.in_channels)"
+            )
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t)
+        return self.net(x_t, t)
 
-    # -------------------------------------------------------------------------------------------- training
-    def configure_callbacks(self) -> list[Callback]:
-        ema = [EMA(self.hparams.ema_decay)] if self.hparams.ema_decay > 0 else []
-        bar = self.trainer.progress_bar_callback
-        # a plain TQDM bar would read a prog_bar metric on every step; this one shows last_loss
-        progress = [ProgressBar.replacing(bar)] if type(bar) is TQDMProgressBar else []
-        return [*ema, RNGStates(), GracefulStop(), FinalCheckpoint(), *progress]
-
+    # -------------------------------------------------------------------------------------------- checkpoints
     @property
     def nonfinite_skips(self) -> int:
         """Optimizer steps skipped for non-finite gradients so far (reads a device counter: a sync)."""
@@ -138,15 +257,17 @@ class DiffusionModule(L.LightningModule):
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_state_dict(checkpoint["state_dict"])
         source = str(self.trainer.ckpt_path) if self._trainer is not None else "being loaded"
         check_state_dict_shapes(self, checkpoint["state_dict"], source)
         self._nonfinite = NonFiniteSteps(checkpoint.get("nonfinite_skips", 0))
 
+    # -------------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
         # Lightning runs the callbacks' setup first, so the EMA copy made there stays eager: a deep copy of a compiled
         # module would call the original module's compiled forward, i.e. sample with the raw weights
-        if self.hparams.compile and self.unet._compiled_call_impl is None:
-            self.unet.compile()
+        if self.hparams.compile and not compat.is_compiled(self.net):
+            self.net.compile()
         if self.hparams.matmul_precision is not None:
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         if stage == "fit" and self.trainer.world_size > 1:
@@ -157,12 +278,12 @@ class DiffusionModule(L.LightningModule):
         if datamodule is None:
             return
         size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
-        hp = self.hparams
-        if (size is not None and size != hp.image_size) or (channels is not None and channels != hp.in_channels):
+        C, H, W = self.image_shape
+        if (size is not None and size != H) or (channels is not None and channels != C):
             raise ValueError(
                 f"the data ({type(datamodule).__name__}) has {channels}x{size}x{size} images but the model expects "
-                f"{hp.in_channels}x{hp.image_size}x{hp.image_size}: set model.image_size={size} and "
-                f"model.in_channels={channels}, or change the data"
+                f"{C}x{H}x{W}: set model.image_size={size} and model.in_channels={channels} (or the network's), or "
+                "change the data"
             )
 
     def on_fit_start(self) -> None:
@@ -171,23 +292,25 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = _images(batch)
-        loss = self.diffusion.training_loss(self.unet, x0)
+        loss = self.diffusion.training_loss(self.net, x0)
         self._loss = loss.detach()
-        # not prog_bar=True: Lightning would read it on every step (a host-device sync); see ProgressBar
+        # not prog_bar=True: Lightning would read it on every step (a host-device sync); see callbacks.ProgressBar
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # float16 loss scaling skips non-finite steps itself (and expects some)
-        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._trainable() if p.grad is not None]
         grad_norm, found_inf = self._nonfinite.update(grads, self._loss, self.global_step)
         self._grad_norm = grad_norm
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
-            # fused optimizers read found_inf after the closure: 1.0 leaves weights and moments as they were
-            optimizer.found_inf = found_inf
-        elif found_inf.item():  # any other optimizer (a host sync): without gradients it updates nothing
-            for p in self.unet.parameters():
+        # fused optimizers read found_inf after the closure: 1.0 leaves weights and moments as they were
+        if not compat.set_found_inf(optimizer, found_inf) and found_inf.item():
+            # any other optimizer (a host sync): without gradients it updates nothing
+            for p in self._trainable():
                 p.grad = None
         self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         self.log("train/nonfinite_skips", self._nonfinite.count.float(), on_step=True, on_epoch=False)
@@ -208,7 +331,7 @@ class DiffusionModule(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             scaler.unscale_(optimizer)  # fused Adam would unscale inside its step, after the clipping
-        parameters = [p for p in self.unet.parameters() if p.grad is not None]
+        parameters = [p for p in self._trainable() if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
             return
@@ -217,7 +340,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         for optimizer in self.trainer.optimizers:
-            vars(optimizer).pop("found_inf", None)
+            compat.clear_found_inf(optimizer)
         if is_check_step(self.trainer) or self.global_step == 1:
             self.last_loss = float(self._loss)
             self._check_nonfinite()
@@ -248,7 +371,7 @@ class DiffusionModule(L.LightningModule):
         generator = torch.Generator().manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
-        return self.diffusion.training_loss(self.unet, x0, t=t, noise=noise), x0.shape[0]
+        return self.diffusion.training_loss(self.net, x0, t=t, noise=noise), x0.shape[0]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, n = self._fixed_seed_loss(batch, batch_idx)
@@ -266,7 +389,7 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.Adam(
-            self.unet.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, fused=True
+            self._trainable(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, fused=True
         )
         warmup = hp.warmup_steps
         # linear warm-up of the learning rate, as in Ho et al.'s code: lr * min(step / warmup, 1)
@@ -283,60 +406,44 @@ class DiffusionModule(L.LightningModule):
         """
         if self._trainer is not None:
             for callback in self.trainer.callbacks:
-                if isinstance(callback, EMA) and callback.average_module() is not None:
-                    return callback.average_module()
+                average = getattr(callback, "average_module", None)
+                if callable(average) and average() is not None:
+                    return average()
         return self
 
-    def sampling_settings(
-        self,
-        sampler: Sampler | None = None,
-        num_steps: int | None = None,
-        eta: float | None = None,
-        spacing: Spacing | None = None,
-    ) -> dict[str, Any]:
-        """The sampler, number of steps (network evaluations), eta and spacing that :meth:`sample` uses.
-
-        Unset values come from the hyper-parameters. ``sample_steps`` is the default step count of ``ddim`` and
-        ``dpmpp_2m``, and of ``ddpm`` only when ``ddpm`` is the model's own sampler: the ancestral sampler asked for
-        by name runs the full chain unless given ``num_steps``.
-        """
-        hp = self.hparams
-        sampler = sampler or hp.sampler
-        if num_steps is None and (sampler != "ddpm" or hp.sampler == "ddpm"):
-            num_steps = hp.sample_steps
-        spacing = spacing or hp.sample_spacing
-        steps = len(sampling_timesteps(hp.num_timesteps, sampler, num_steps, spacing))
-        return {"sampler": sampler, "num_steps": steps, "eta": hp.eta if eta is None else eta, "spacing": spacing}
+    def sampler_config_for(self, sampler: SamplerConfig | Mapping | str | None = None, **changes: Any) -> SamplerConfig:
+        """The module's sampler setting with ``sampler`` (a setting or a name) and non-None ``changes`` applied,
+        checked against T."""
+        config = SamplerConfig.parse(sampler, self.sampler_config, **changes)
+        config.timesteps(self.diffusion.num_timesteps)
+        return config
 
     @torch.no_grad()
     def sample(
         self,
         num: int,
+        sampler: SamplerConfig | Mapping | str | None = None,
         *,
         seed: int | None = 0,
         seeds: Sequence[int] | None = None,
-        sampler: Sampler | None = None,
-        num_steps: int | None = None,
-        eta: float | None = None,
-        spacing: Spacing | None = None,
         return_steps: Sequence[int] | None = None,
         progress: bool = False,
         use_ema: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Generate ``num`` images in [-1, 1] with the EMA weights (fixed seed by default; ``seeds`` per sample).
 
-        Unset sampler options are resolved by :meth:`sampling_settings`.
+        ``sampler``: a :class:`SamplerConfig`, a sampler name (the module's setting with that name) or None (the
+        module's setting).
         """
-        hp = self.hparams
-        settings = self.sampling_settings(sampler, num_steps, eta, spacing)
+        config = self.sampler_config_for(sampler)
         module = self.sampling_module() if use_ema else self
         was_training = module.training
         module.eval()
         try:
             return self.diffusion.sample(
-                module.unet,
-                (num, hp.in_channels, hp.image_size, hp.image_size),
-                **settings,
+                module.net,
+                (num, *self.image_shape),
+                sampler=config,
                 seed=None if seeds is not None else seed,
                 seeds=seeds,
                 return_steps=return_steps,
@@ -345,3 +452,48 @@ class DiffusionModule(L.LightningModule):
             )
         finally:
             module.train(was_training)
+
+
+def _upgrade_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    upgrade_state_dict(state_dict, prefix)
+
+
+# ------------------------------------------------------------------------------------------------ loss guard
+def is_check_step(trainer: L.Trainer, step: int | None = None) -> bool:
+    """Whether host-side checks may read device values (a host-device sync) once ``step`` optimizer steps are done.
+
+    These are the logging steps (every ``trainer.log_every_n_steps``, or 50 when logging is off), where the logger
+    reads its metrics anyway, so that the steps in between run without a synchronisation. ``step`` defaults to
+    ``trainer.global_step``, the steps done so far.
+    """
+    every = trainer.log_every_n_steps or 50
+    return (trainer.global_step if step is None else step) % every == 0
+
+
+class NonFiniteSteps:
+    """Optimizer steps whose gradients hold a NaN or an infinity, counted on the device.
+
+    :meth:`update` gives the flag that fused Adam reads as ``found_inf``: when it is 1 the update is skipped on the
+    device (weights and moments untouched), so no step has to wait for the host to look at the loss. Under DDP the
+    check runs on the all-reduced gradients, which are the same on every process, so all of them agree without a
+    collective of their own. :meth:`read` is the only host-device synchronisation.
+    """
+
+    def __init__(self, count: int = 0, device: torch.device | str = "cpu") -> None:
+        self.count = torch.tensor(count, dtype=torch.long, device=device)
+        self.first_step = torch.tensor(-1, dtype=torch.long, device=device)
+        self.first_loss = torch.tensor(float("nan"), device=device)
+
+    def update(self, grads: list[torch.Tensor], loss: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record the step; return the gradients' total 2-norm and the float ``found_inf`` flag (1.0: skip)."""
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        found = ~torch.isfinite(grad_norm)
+        first = found & (self.first_step < 0)
+        self.first_step.masked_fill_(first, step)
+        self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
+        self.count += found
+        return grad_norm, found.float()
+
+    def read(self) -> tuple[int, int, float]:
+        """(count, step of the first, that step's loss on this process): synchronises with the device."""
+        return int(self.count), int(self.first_step), float(self.first_loss)

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import SCHEDULES, GaussianDiffusion, make_betas
+from ddpm_lightning.io import atomic_write
 
 COLORS = {"linear": "tab:blue", "cosine": "tab:orange"}
 
@@ -138,12 +139,11 @@ def curves_figure(runs: Sequence[Mapping], smoothing: float = 0.9) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as PNG (creating the folder) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    """Write ``fig`` as PNG, atomically (creating the folder), and close it."""
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 SWEEP_METRICS = {

@@ -1,67 +1,74 @@
-"""Loading a trained model from a checkpoint and writing its samples to disk."""
+"""Loading a trained model from a checkpoint, the seeded batch-sampling loop, and samples written to disk."""
 
 from __future__ import annotations
 
-import inspect
-import os
-import tempfile
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from PIL import Image
-from torchvision.utils import make_grid
+from torch import nn
 from tqdm.auto import tqdm
 
+from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
 from ddpm_lightning.data.transforms import to_uint8
+from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.io import save_grid, save_png
 from ddpm_lightning.lit_module import DiffusionModule
-from ddpm_lightning.training import CheckpointError, read_checkpoint
 
-__all__ = ["CheckpointError", "load_module", "sample_to_folder", "save_grid", "save_png", "to_uint8"]
+__all__ = ["CheckpointError", "default_device", "iter_samples", "load_module", "sample_to_folder"]
 
 
-def default_device(device: str | None = None) -> torch.device:
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, else cuda when available, else cpu."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_module(ckpt: str | Path, device: str | torch.device | None = None) -> DiffusionModule:
-    """Load a :class:`DiffusionModule` (EMA weights when the run had an EMA) in eval mode, with clear errors."""
+def load_module(
+    ckpt: str | Path, device: str | torch.device | None = None, *, net: nn.Module | None = None
+) -> DiffusionModule:
+    """A :class:`DiffusionModule` from a checkpoint of ``ddpm fit`` (EMA weights when the run had an EMA), in eval
+    mode on ``device``, with clear errors. ``net``: the network, for a checkpoint whose network was built in Python.
+
+    Checkpoints of earlier versions (flat U-Net settings, ``unet.*`` weights) load through the module's aliases.
+    """
     path = Path(ckpt)
-    checkpoint = read_checkpoint(path)
-    if "hyper_parameters" not in checkpoint:
+    hparams = read_checkpoint(path, mmap=True).get("hyper_parameters")
+    if not hparams:
         raise CheckpointError(f"{path} is not a checkpoint written by `ddpm fit` (no hyper_parameters)")
-    device = default_device(str(device) if device is not None else None)
-    accepted = inspect.signature(DiffusionModule.__init__).parameters
-    module = DiffusionModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
+    overrides: dict[str, Any] = {}
+    if net is not None:
+        overrides["net"] = net
     try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
+        module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    except (CheckpointError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model built from its hyper-parameters: {err}"
         ) from err
-    return module.to(device).eval()
+    return module.to(default_device(device)).eval()
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """Write a uint8 (C, H, W) tensor as PNG, atomically."""
-    array = image.permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
-    """Save images in [-1, 1] of shape (B, C, H, W) as one grid PNG."""
-    nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
-    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2, pad_value=255)
-    save_png(grid, path)
-    return path
+def iter_samples(
+    module: DiffusionModule,
+    indices: Sequence[int],
+    *,
+    sampler: SamplerConfig | Mapping | str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The one seeded batch-sampling loop: yields (batch of ``indices``, their images in [-1, 1]) with sample i seeded
+    by ``seed + i``, so a set of samples does not depend on the batch size or the number of processes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    config = module.sampler_config_for(sampler)
+    indices = [int(i) for i in indices]
+    for first in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = indices[first : first + batch_size]
+        yield batch, module.sample(len(batch), config, seeds=[seed + i for i in batch])
 
 
 def sample_to_folder(
@@ -70,30 +77,30 @@ def sample_to_folder(
     *,
     num: int = 64,
     seed: int = 0,
-    sampler: str | None = None,
-    num_steps: int | None = None,
+    sampler: SamplerConfig | Mapping | str | None = None,
+    steps: int | None = None,
     eta: float | None = None,
+    spacing: str | None = None,
     batch_size: int = 256,
     device: str | None = None,
-    spacing: str | None = None,
 ) -> Path:
     """Write ``num`` samples as ``out/000000.png ...`` plus ``out/grid.png`` (up to 64 images); returns the grid.
 
-    Unset sampler options come from the checkpoint (:meth:`DiffusionModule.sampling_settings`).
+    Unset sampler options come from the checkpoint's setting (:meth:`DiffusionModule.sampler_config_for`).
     """
     if num <= 0:
         raise ValueError(f"num must be positive, got {num}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
     module = load_module(ckpt, device)
+    config = module.sampler_config_for(sampler, steps=steps, eta=eta, spacing=spacing)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first: list[torch.Tensor] = []
-    for start in tqdm(range(0, num, batch_size), desc="sampling", unit="batch"):
-        seeds = list(range(seed + start, seed + min(start + batch_size, num)))
-        images = module.sample(len(seeds), seeds=seeds, sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing)
-        for i, image in zip(seeds, to_uint8(images.cpu()), strict=True):
-            save_png(image, out / f"{i - seed:06d}.png")
+    for batch, images in iter_samples(
+        module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True
+    ):
+        images = images.cpu()
+        for i, image in zip(batch, images, strict=True):
+            save_png(to_uint8(image), out / f"{i:06d}.png")
         if sum(len(x) for x in first) < 64:
-            first.append(images.cpu())
+            first.append(images)
     return save_grid(torch.cat(first)[:64], out / "grid.png")

@@ -1,8 +1,55 @@
-"""Lightning callbacks: EMA of the weights, periodic sampling and FID."""
+"""Lightning callbacks: EMA of the weights, resilience, tracking, periodic sampling, FID and the demo report.
+
+:func:`default_callbacks` are the ones every ``ddpm fit`` gets (the CLI adds them, visibly: its ``default_callbacks``
+option lists them); Python code that builds its own Trainer passes them itself.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
 
 from ddpm_lightning.callbacks.demo_report import DemoReport
 from ddpm_lightning.callbacks.ema import EMA
 from ddpm_lightning.callbacks.fid import FIDCallback
+from ddpm_lightning.callbacks.resilience import FinalCheckpoint, GracefulStop, RNGStates, last_checkpoint_path
 from ddpm_lightning.callbacks.sampling import SamplingCallback
+from ddpm_lightning.callbacks.tracking import ImagesPerSecond, ProgressBar, WandbRunId
+from ddpm_lightning.callbacks.writer import SampleWriter
 
-__all__ = ["EMA", "DemoReport", "FIDCallback", "SamplingCallback"]
+__all__ = [
+    "DEFAULT_CALLBACKS",
+    "EMA",
+    "DemoReport",
+    "FIDCallback",
+    "FinalCheckpoint",
+    "GracefulStop",
+    "ImagesPerSecond",
+    "ProgressBar",
+    "RNGStates",
+    "SampleWriter",
+    "SamplingCallback",
+    "WandbRunId",
+    "default_callbacks",
+    "last_checkpoint_path",
+]
+
+#: The classes of :func:`default_callbacks`, in order.
+DEFAULT_CALLBACKS: tuple[type[Callback], ...] = (
+    EMA,
+    RNGStates,
+    GracefulStop,
+    FinalCheckpoint,
+    ProgressBar,
+    ImagesPerSecond,
+    WandbRunId,
+)
+
+
+def default_callbacks(ema_decay: float = 0.9999, *, progress_bar: bool = True) -> list[Callback]:
+    """The callbacks every fit gets: the EMA of the weights (none when ``ema_decay`` is 0), saved RNG states, a
+    graceful stop on SIGTERM/SIGUSR1, a final ``last.ckpt``, a progress bar without per-step host syncs (leave it out,
+    ``progress_bar=False``, for a Trainer with ``enable_progress_bar=False``), images per second and the W&B run id.
+    """
+    ema = [EMA(ema_decay)] if ema_decay > 0 else []
+    bar = [ProgressBar()] if progress_bar else []
+    return [*ema, RNGStates(), GracefulStop(), FinalCheckpoint(), *bar, ImagesPerSecond(), WandbRunId()]

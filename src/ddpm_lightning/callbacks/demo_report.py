@@ -1,6 +1,6 @@
 """The end of ``make demo``: checkpoint, samples, reverse chain, loss curve and classifier-based scores in one folder.
 
-Scores come from :mod:`ddpm_lightning.metrics.digit_classifier`, for three sets side by side: samples of the trained
+Scores come from :mod:`ddpm_lightning.evaluation.digit_classifier`, for three sets side by side: samples of the trained
 model (EMA weights), samples of the untrained model (its initial weights, sampled the same way) and real held-out
 digits. The held-out (val) digits are split in two halves: the first is the Frechet reference, the second is the
 "real" row, so its distance shows the floor set by the finite sample size.
@@ -8,11 +8,8 @@ digits. The held-out (val) digits are split in two halves: the first is the Frec
 
 from __future__ import annotations
 
-import inspect
-import json
+import copy
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,24 +18,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ddpm_lightning.callbacks.sampling import image_grid, render_samples, sampler_label
-from ddpm_lightning.diffusion import Sampler, Spacing, check_sampler, sampling_timesteps
-from ddpm_lightning.metrics.digit_classifier import DigitScorer
+from ddpm_lightning import io
+from ddpm_lightning.callbacks.sampling import callback_sampler, render_samples
+from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
+from ddpm_lightning.evaluation.digit_classifier import DigitScorer
+from ddpm_lightning.sampling import iter_samples
 
-__all__ = ["DemoReport", "atomic_write"]
+__all__ = ["DEMO_SAMPLER", "DemoReport"]
 
-
-def atomic_write(path: Path, write: Any, suffix: str) -> None:
-    """Call ``write(tmp_path)`` then move the file into place, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+#: The report's default: 25 deterministic DDIM steps.
+DEMO_SAMPLER = SamplerConfig("ddim", 25)
 
 
 def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str, target: str) -> None:
@@ -57,7 +46,7 @@ def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str, ta
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), ".png.tmp")
+    io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
@@ -70,11 +59,12 @@ class DemoReport(Callback):
         num_samples: images in ``samples.png``: the first of the evaluation samples.
         num_eval_samples: samples scored for each model (sample i seeded by ``seed + i``).
         chain_samples, chain_steps: rows and x_t columns of ``chain.png``.
-        sampler, num_steps, eta, spacing: the sampler used for every image of the report (``num_steps`` network
-            evaluations of ``"ddpm"``, ``"ddim"`` or ``"dpmpp_2m"``; None: all T).
+        sampler: the sampler setting of every image of the report (default ``{name: ddim, steps: 25}``; a bare name
+            runs 25 network evaluations of that sampler).
         seed: seed of the first sample.
         classifier_epochs: training epochs of the digit classifier (trained once, then cached).
-        classifier_cache_dir: where the classifier is cached; default ``~/.cache/ddpm-lightning``.
+        classifier_cache_dir: where the classifier is cached; default ``$XDG_CACHE_HOME/ddpm-lightning``.
+        num_steps, eta, spacing: deprecated: ``sampler.steps``, ``sampler.eta``, ``sampler.spacing``.
     """
 
     def __init__(
@@ -83,28 +73,24 @@ class DemoReport(Callback):
         num_eval_samples: int = 250,
         chain_samples: int = 8,
         chain_steps: int = 10,
-        sampler: Sampler = "ddim",
-        num_steps: int | None = 25,
-        eta: float = 0.0,
+        sampler: SamplerConfig | Sampler = DEMO_SAMPLER,
+        num_steps: int | None = None,
+        eta: float | None = None,
         seed: int = 0,
         classifier_epochs: int = 6,
         classifier_cache_dir: str | None = None,
-        spacing: Spacing = "uniform",
+        spacing: Spacing | None = None,
     ):
         if not 1 <= num_samples <= num_eval_samples:
             raise ValueError(
                 f"need 1 <= num_samples <= num_eval_samples, got num_samples={num_samples}, "
                 f"num_eval_samples={num_eval_samples}"
             )
-        check_sampler(sampler, spacing)
+        self.sampler = callback_sampler(sampler, num_steps, eta, spacing, 25, type(self).__name__)
         self.num_samples = num_samples
         self.num_eval_samples = num_eval_samples
         self.chain_samples = chain_samples
         self.chain_steps = chain_steps
-        self.sampler = sampler
-        self.num_steps = num_steps
-        self.eta = eta
-        self.spacing = spacing
         self.seed = seed
         self.classifier_epochs = classifier_epochs
         self.classifier_cache_dir = classifier_cache_dir
@@ -120,7 +106,7 @@ class DemoReport(Callback):
                 f"DemoReport scores digits and needs data.class_path: ddpm_lightning.data.EmbeddedDigitsDataModule, "
                 f"got {type(datamodule).__name__}"
             )
-        sampling_timesteps(pl_module.diffusion.num_timesteps, self.sampler, self.num_steps, self.spacing)
+        self.sampler.timesteps(pl_module.diffusion.num_timesteps)
         if stage == "fit":
             # the untrained baseline: the weights before the first step (and before a checkpoint is restored)
             self._initial_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
@@ -150,9 +136,6 @@ class DemoReport(Callback):
 
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule, root: Path, ckpt: Path) -> dict:
         """Write the images and ``metrics.json``, print a summary; returns the metrics."""
-        # imported here: ddpm_lightning.sampling imports the LightningModule, which imports this package
-        from ddpm_lightning.sampling import save_png
-
         datamodule = trainer.datamodule
         scorer = DigitScorer.from_splits(
             datamodule.split_arrays("train"),
@@ -160,22 +143,18 @@ class DemoReport(Callback):
             epochs=self.classifier_epochs,
             cache_dir=self.classifier_cache_dir,
         )
-        sample_kwargs = dict(
-            sampler=self.sampler, num_steps=self.num_steps, eta=self.eta, seed=self.seed, spacing=self.spacing
+        images = self._eval_samples(pl_module)
+        _, _, strip = render_samples(
+            pl_module, self.chain_samples, self.chain_samples, self.chain_steps, sampler=self.sampler, seed=self.seed
         )
+        io.save_grid(images[: self.num_samples], root / "samples.png")
+        io.save_png(strip, root / "chain.png")
 
-        images, _, strip = render_samples(
-            pl_module, self.num_eval_samples, self.chain_samples, self.chain_steps, **sample_kwargs
-        )
-        save_png(image_grid(images[: self.num_samples]), root / "samples.png")
-        save_png(strip, root / "chain.png")
-
-        accepted = inspect.signature(type(pl_module).__init__).parameters
-        untrained = type(pl_module)(**{k: v for k, v in pl_module.hparams.items() if k in accepted})
+        # the same module with the weights it had before the first step, sampled the same way
+        untrained = copy.deepcopy(pl_module)
         untrained.load_state_dict(self._initial_state)
-        untrained_images, _, _ = render_samples(
-            untrained.to(pl_module.device), self.num_eval_samples, 1, 1, **sample_kwargs
-        )
+        untrained_images = self._eval_samples(untrained)
+        del untrained
 
         steps = trainer.global_step
         _plot_loss(
@@ -183,10 +162,8 @@ class DemoReport(Callback):
             torch.stack([v for _, v in self.losses]).tolist() if self.losses else [],
             root / "loss.png",
             f"{steps} steps in {self._train_time / 60:.1f} min",
-            pl_module.hparams.objective,
+            pl_module.diffusion.objective,
         )
-        T = pl_module.diffusion.num_timesteps
-        visited = sampling_timesteps(T, self.sampler, self.num_steps, self.spacing)
         metrics = {
             "trained": scorer(images),
             "untrained": scorer(untrained_images),
@@ -194,20 +171,23 @@ class DemoReport(Callback):
             "max_class_entropy": math.log(10),
             "num_eval_samples": self.num_eval_samples,
             "num_real_reference": scorer.num_reference,
-            "sampler": sampler_label(self.sampler, len(visited), self.eta, self.spacing),
+            "sampler": self.sampler.label(pl_module.diffusion.num_timesteps),
             "steps": steps,
             "train_time_s": round(self._train_time, 1),
             "steps_per_s": round(steps / self._train_time, 3) if self._train_time > 0 else None,
             "device": str(pl_module.device),
             "torch_threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in pl_module.unet.parameters()),
+            "parameters": sum(p.numel() for p in pl_module.net.parameters()),
             "classifier": {"val_accuracy": scorer.accuracy, "epochs": self.classifier_epochs, "file": str(scorer.path)},
         }
-        atomic_write(
-            root / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"), ".json.tmp"
-        )
+        io.write_json(metrics, root / "metrics.json")
         self._print_summary(root, ckpt, metrics)
         return metrics
+
+    def _eval_samples(self, module: L.LightningModule) -> torch.Tensor:
+        """The ``num_eval_samples`` scored samples of ``module`` in [-1, 1], on the CPU."""
+        batches = iter_samples(module, range(self.num_eval_samples), sampler=self.sampler, seed=self.seed)
+        return torch.cat([images.cpu() for _, images in batches])
 
     @staticmethod
     def _print_summary(root: Path, ckpt: Path, metrics: dict) -> None:

@@ -8,9 +8,7 @@ summed (FID) or gathered (IS, KID) across ranks before the value is computed; ev
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -25,9 +23,14 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from ddpm_lightning import compat, io
+from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER, callback_sampler
 from ddpm_lightning.data.transforms import to_uint8
-from ddpm_lightning.diffusion import Sampler, Spacing, check_sampler, sampling_timesteps
-from ddpm_lightning.metrics.inception_weights import build_fid_extractor, resolve_fid_weights
+from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
+from ddpm_lightning.evaluation.inception_weights import build_fid_extractor, resolve_fid_weights
+from ddpm_lightning.sampling import iter_samples
+
+__all__ = ["FIDCallback", "module_digest"]
 
 Split = Literal["train", "val", "test"]
 INCEPTION_FEATURE = 2048
@@ -42,11 +45,6 @@ class _Precomputed(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
-
-
-def default_cache_dir() -> Path:
-    """Where real-image statistics are cached: ``$XDG_CACHE_HOME/ddpm-lightning/fid-stats``."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm-lightning" / "fid-stats"
 
 
 def module_digest(module: nn.Module) -> str:
@@ -69,24 +67,28 @@ def _gather_rows(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 class FIDCallback(Callback):
-    """Log ``val/fid`` (and ``val/fid_<sampler><steps>``) every ``every_n_steps`` steps and at the end of fit.
+    """Log ``val/fid`` (and ``val/fid_<label>``, e.g. ``val/fid_ddim50``) every ``every_n_steps`` steps and at the end
+    of fit.
 
     Args:
         every_n_steps: evaluate when ``global_step`` is a multiple of this; None: only at the end of fit.
         num_samples: generated images per evaluation (paper: 50,000), dealt out to the ranks by index.
         batch_size: images sampled (and real images embedded) at once on each rank.
-        sampler, num_steps, eta, spacing: ``"ddpm"`` with ``num_steps=None``: the model's full ancestral chain
-            (paper); otherwise ``num_steps`` network evaluations of ``"ddpm"`` (strided chain), ``"ddim"`` or
-            ``"dpmpp_2m"``, a cheaper monitoring signal whose values are not comparable with the paper's.
+        sampler: the sampler setting; ``{name: ddpm, steps: null}`` is the model's full ancestral chain (paper,
+            logged as ``val/fid_ddpm1000``); fewer network evaluations of ``ddpm`` (strided chain), ``ddim`` or
+            ``dpmpp_2m`` (default: ``{name: ddim, steps: 50}``) are a cheaper monitoring signal whose values are not
+            comparable with the paper's. A bare name runs 50 network evaluations of that sampler.
         seed: sample ``i`` is drawn with seed ``seed + i``.
         feature_extractor: a module mapping uint8 (N, C, H, W) images to (N, num_features) features, with an int
             ``num_features`` attribute; None: the FID Inception-v3 (2048-d pool3) from
             ``feature_extractor_weights_path`` (None: torch hub's cache, see ``ddpm fid-weights``).
         real_split, num_real: the real images (``datamodule.real_images_dataset(real_split)``, first ``num_real``;
-            None: all). Their statistics are computed once and cached in ``cache_dir``.
+            None: all). Their statistics are computed once and cached in ``cache_dir`` (default:
+            ``$XDG_CACHE_HOME/ddpm-lightning/fid-stats``).
         inception_score, kid: also log ``val/is`` and ``val/kid`` (both keep every feature in memory).
         kid_subset_size, kid_subsets: KID's subsets; the size is capped by the numbers of images.
         on_fit_end: evaluate when fit ends, unless the last step was just evaluated.
+        num_steps, eta, spacing: deprecated: ``sampler.steps``, ``sampler.eta``, ``sampler.spacing``.
     """
 
     def __init__(
@@ -94,9 +96,9 @@ class FIDCallback(Callback):
         every_n_steps: int | None = 10_000,
         num_samples: int = 10_000,
         batch_size: int = 256,
-        sampler: Sampler = "ddim",
-        num_steps: int | None = 50,
-        eta: float = 0.0,
+        sampler: SamplerConfig | Sampler = MONITORING_SAMPLER,
+        num_steps: int | None = None,
+        eta: float | None = None,
         seed: int = 0,
         feature_extractor: nn.Module | None = None,
         feature_extractor_weights_path: str | None = None,
@@ -108,7 +110,7 @@ class FIDCallback(Callback):
         kid_subset_size: int = 1000,
         kid_subsets: int = 100,
         on_fit_end: bool = True,
-        spacing: Spacing = "uniform",
+        spacing: Spacing | None = None,
     ):
         super().__init__()
         if every_n_steps is not None and every_n_steps < 1:
@@ -117,11 +119,7 @@ class FIDCallback(Callback):
             raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        check_sampler(sampler, spacing)
-        if sampler != "ddpm" and (num_steps is None or num_steps < 1):
-            raise ValueError(f"sampler={sampler!r} needs num_steps >= 1, got {num_steps}")
-        if num_steps is not None and num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1 or None (the full chain, ddpm only), got {num_steps}")
+        self.sampler = callback_sampler(sampler, num_steps, eta, spacing, 50, type(self).__name__)
         if real_split not in get_args(Split):
             raise ValueError(f"real_split={real_split!r}; expected one of {get_args(Split)}")
         if num_real is not None and num_real < 2:
@@ -133,17 +131,13 @@ class FIDCallback(Callback):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.sampler = sampler
-        self.num_steps = num_steps
-        self.eta = eta
-        self.spacing = spacing
         self.seed = seed
         self.custom_extractor = feature_extractor
         # fail now on a missing file, not when fit starts
         self.weights_path = resolve_fid_weights(feature_extractor_weights_path) if feature_extractor is None else None
         self.real_split = real_split
         self.num_real = num_real
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else io.cache_dir("fid-stats")
         self.inception_score = inception_score
         self.kid = kid
         self.kid_subset_size = kid_subset_size
@@ -168,7 +162,7 @@ class FIDCallback(Callback):
         if diffusion is not None:
             # check the step count against the model now rather than at the first evaluation
             self._num_timesteps = diffusion.num_timesteps
-            sampling_timesteps(self._num_timesteps, self.sampler, self.num_steps, self.spacing)
+            self.sampler.timesteps(self._num_timesteps)
         if stage != "fit" or self.extractor is not None:
             return
         # built here, in each process, so that ddp_spawn does not pickle the Inception into every worker
@@ -189,8 +183,9 @@ class FIDCallback(Callback):
             self.logits_extractor.to(device=device, dtype=torch.float32)
         self._last_step = -1
         self.sample_digests = {}
-        self._build_metrics(trainer, device)
-        self._load_real_stats(trainer, pl_module)
+        dataset, num_real = self._real_dataset(trainer)
+        self._build_metrics(device, num_real)
+        self._load_real_stats(trainer, pl_module, dataset, num_real)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -213,12 +208,13 @@ class FIDCallback(Callback):
 
     # ------------------------------------------------------------------------------------------------ evaluation
     @property
-    def sampler_tag(self) -> str:
-        """``ddim50``, ``dpmpp_2m20``, ``ddpm250`` (a strided chain) or ``ddpm`` (the full chain), with ``_quad``
-        for quadratic spacing; the logged ``val/fid_<tag>`` says how samples were drawn."""
-        if self.sampler == "ddpm" and self.num_steps in (None, self._num_timesteps):
-            return "ddpm"
-        return f"{self.sampler}{self.num_steps}" + ("_quad" if self.spacing == "quadratic" else "")
+    def label(self) -> str:
+        """``ddim50``, ``dpmpp_2m20``, ``ddpm250`` (a strided chain) or ``ddpm1000`` (the full chain of T = 1000),
+        with ``_quad`` for quadratic spacing (:meth:`SamplerConfig.label`); the logged ``val/fid_<label>`` says how
+        samples were drawn. Known once the callback is set up."""
+        if self._num_timesteps is None:
+            raise RuntimeError("the label needs the model's number of timesteps: set the callback up first")
+        return self.sampler.label(self._num_timesteps)
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -226,23 +222,16 @@ class FIDCallback(Callback):
         start = time.perf_counter()
         self._last_step = trainer.global_step
         device = pl_module.device
-        num_features = self.fid.real_features_sum.shape[0]
+        num_features = self._num_features
         self.fid.reset()
         # an empty update on every rank, even one without samples of its own, so that all take part in compute()
         self.fid.update(torch.empty(0, num_features, device=device), real=False)
         indices = list(range(trainer.global_rank, self.num_samples, trainer.world_size))
         features, logits = [], []
         self.sample_digests = {}
-        for first in range(0, len(indices), self.batch_size):
-            batch = indices[first : first + self.batch_size]
-            images = pl_module.sample(
-                len(batch),
-                seeds=[self.seed + i for i in batch],
-                sampler=self.sampler,
-                num_steps=self.num_steps or self._num_timesteps,  # None: the full chain
-                eta=self.eta,
-                spacing=self.spacing,
-            )
+        for batch, images in iter_samples(
+            pl_module, indices, sampler=self.sampler, seed=self.seed, batch_size=self.batch_size
+        ):
             images_u8 = to_uint8(images.float())  # (B, C, H, W): the uint8 quantisation of FID's protocol
             for i, image in zip(batch, images_u8.cpu(), strict=True):
                 self.sample_digests[i] = hashlib.sha256(image.numpy().tobytes()).hexdigest()
@@ -267,9 +256,9 @@ class FIDCallback(Callback):
                 self.is_metric.reset()
                 self.is_metric.update(self._cat(logits, self.is_metric.inception.num_features, device))
                 values["val/is"] = float(self.is_metric.compute()[0])
-        values[f"val/fid_{self.sampler_tag}"] = values["val/fid"]
+        values[f"val/fid_{self.label}"] = values["val/fid"]
         rank_zero_info(
-            f"FID {values['val/fid']:.4f} ({self.sampler_tag}, {self.num_samples} samples, "
+            f"FID {values['val/fid']:.4f} ({self.label}, {self.num_samples} samples, "
             f"{trainer.world_size} processes) in {time.perf_counter() - start:.1f}s"
         )
         return values
@@ -303,15 +292,17 @@ class FIDCallback(Callback):
     def _cat(chunks: list[torch.Tensor], num_features: int, device: torch.device) -> torch.Tensor:
         return torch.cat(chunks) if chunks else torch.empty(0, num_features, device=device)
 
-    def _build_metrics(self, trainer: L.Trainer, device: torch.device) -> None:
+    def _build_metrics(self, device: torch.device, num_real: int) -> None:
         num_features = self.extractor.num_features if self.custom_extractor is not None else INCEPTION_FEATURE
+        self._num_features = num_features
         self.fid = FrechetInceptionDistance(feature=_Precomputed(num_features), reset_real_features=False).to(device)
         self.kid_metric = self.is_metric = None
         if self.kid:
             self.kid_metric = KernelInceptionDistance(
                 feature=_Precomputed(num_features),
                 subsets=self.kid_subsets,
-                subset_size=self.kid_subset_size,
+                # capped by the numbers of images
+                subset_size=min(self.kid_subset_size, self.num_samples, num_real),
                 reset_real_features=False,
             ).to(device)
         if self.logits_extractor is not None:
@@ -344,9 +335,8 @@ class FIDCallback(Callback):
             "num_images": num,
         }
 
-    def _load_real_stats(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _load_real_stats(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Any, num: int) -> None:
         """Put the real images' feature statistics into the metrics: from the cache, or computed and cached."""
-        dataset, num = self._real_dataset(trainer)
         key = self._cache_key(trainer, dataset, num)
         name = "-".join(str(key[k]) for k in ("dataset", "split", "resolution", "num_images", "extractor"))
         path = self.cache_dir / f"{name}-{key['extractor_sha256'][:16]}.pt"
@@ -360,7 +350,7 @@ class FIDCallback(Callback):
             stats = self._compute_real_stats(trainer, pl_module, dataset, num)
             stats["key"] = key
             if trainer.is_global_zero:
-                _save_atomically(stats, path)
+                io.atomic_write(path, lambda tmp: torch.save(stats, tmp))
             trainer.strategy.barrier("fid_real_stats")
         self.real_stats_from_cache = cached
         self._set_real_states(trainer, stats, pl_module.device)
@@ -382,7 +372,7 @@ class FIDCallback(Callback):
             self._extract(self.extractor, to_uint8((b[0] if isinstance(b, (tuple, list)) else b).float()).to(device))
             for b in loader
         ]
-        local = self._cat(features, self.fid.real_features_sum.shape[0], device).double()
+        local = self._cat(features, self._num_features, device).double()
         # sum of f and of f f^T over all images: the sufficient statistics of FID's Gaussian
         stats = {
             "features_sum": trainer.strategy.reduce(local.sum(0), reduce_op="sum").cpu(),
@@ -400,21 +390,12 @@ class FIDCallback(Callback):
     def _set_real_states(self, trainer: L.Trainer, stats: dict[str, Any], device: torch.device) -> None:
         # compute() sums the states over ranks, so the totals live on rank 0 and the other ranks hold zeros
         scale = 1.0 if trainer.is_global_zero else 0.0
-        self.fid.real_features_sum = stats["features_sum"].to(device, torch.float64) * scale
-        self.fid.real_features_cov_sum = stats["features_cov_sum"].to(device, torch.float64) * scale
-        self.fid.real_features_num_samples = torch.tensor(int(stats["num_samples"] * scale), device=device)
+        real = {
+            "real_features_sum": stats["features_sum"].to(device, torch.float64) * scale,
+            "real_features_cov_sum": stats["features_cov_sum"].to(device, torch.float64) * scale,
+            "real_features_num_samples": torch.tensor(int(stats["num_samples"] * scale), device=device),
+        }
+        compat.load_metric_states(self.fid, real)
         if self.kid_metric is not None:
-            real = stats["features"][trainer.global_rank :: trainer.world_size]
-            self.kid_metric.real_features = [real.to(device)]
-            num_fake = self.num_samples
-            self.kid_metric.subset_size = min(self.kid_subset_size, num_fake, int(stats["num_samples"]))
-
-
-def _save_atomically(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            features = stats["features"][trainer.global_rank :: trainer.world_size]
+            compat.load_metric_states(self.kid_metric, {"real_features": [features.to(device)]})

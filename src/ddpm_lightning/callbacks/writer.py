@@ -11,7 +11,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ddpm_lightning.data.transforms import to_uint8
-from ddpm_lightning.sampling import save_png
+from ddpm_lightning.io import save_png
+
+__all__ = ["SampleWriter"]
 
 
 class SampleWriter(BasePredictionWriter):

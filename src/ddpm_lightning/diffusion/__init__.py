@@ -1,13 +1,13 @@
 """Diffusion maths in pure torch: schedules, the Gaussian process and samplers (no Lightning here)."""
 
-from ddpm_lightning.diffusion.gaussian import OBJECTIVES, VARIANCES, GaussianDiffusion, extract
+from ddpm_lightning.diffusion.gaussian import OBJECTIVES, VARIANCES, Denoiser, GaussianDiffusion, extract
 from ddpm_lightning.diffusion.samplers import (
     SAMPLERS,
     SPACINGS,
     NoiseSource,
     Sampler,
+    SamplerConfig,
     Spacing,
-    check_sampler,
     sample,
     sampling_timesteps,
 )
@@ -19,11 +19,12 @@ __all__ = [
     "SCHEDULES",
     "SPACINGS",
     "VARIANCES",
+    "Denoiser",
     "GaussianDiffusion",
     "NoiseSource",
     "Sampler",
+    "SamplerConfig",
     "Spacing",
-    "check_sampler",
     "extract",
     "make_betas",
     "sample",

@@ -1,9 +1,12 @@
-"""Reverse-chain samplers over one loop, reproducible from seeds.
+"""Reverse-chain samplers behind one setting, :class:`SamplerConfig`, reproducible from seeds.
 
 ``ddpm``: the ancestral sampler of Ho et al. 2020 (Algorithm 2), on the full chain or on a strided sub-chain with
 respaced betas (Nichol & Dhariwal 2021, Sec. 4). ``ddim``: Song et al. 2021 (Eq. 12), eta >= 0.
 ``dpmpp_2m``: DPM-Solver++(2M) of Lu et al. 2022 (Algorithm 2), deterministic. Each makes one network evaluation per
-visited timestep, so ``num_steps`` is the number of network evaluations (NFE).
+visited timestep, so ``steps`` is the number of network evaluations (NFE).
+
+A sampler is one entry of :data:`_SAMPLERS` (how it steps, and whether its last step lands on the clean data): adding
+one means adding its step function there and its name to :data:`Sampler`, in this file alone.
 
 All noise is drawn on the CPU from explicit generators and then moved to the model's device, so a seed gives the
 same samples on any device, and sample i of an evaluation can be seeded by i whatever the number of processes.
@@ -11,8 +14,10 @@ same samples on any device, and sample i of an evaluation can be seeded by i wha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -22,16 +27,86 @@ if TYPE_CHECKING:
 
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Spacing = Literal["uniform", "quadratic"]
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-SPACINGS = ("uniform", "quadratic")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 
 
-def check_sampler(sampler: str, spacing: str = "uniform") -> None:
-    """Raise ValueError for an unknown sampler or spacing name, listing the allowed ones."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How samples are drawn: one value used by the module, the callbacks, the commands and the configs.
+
+    Args:
+        name: ``"ddpm"`` (ancestral), ``"ddim"`` or ``"dpmpp_2m"`` (DPM-Solver++(2M)).
+        steps: network evaluations (NFE) = visited timesteps; None: all T (the full chain).
+        eta: DDIM's noise scale (0: deterministic; 1 on the full chain: the DDPM posterior variance).
+        spacing: how fewer than T timesteps are spread: ``"uniform"`` over [0, T-1] or ``"quadratic"`` over
+            [0, 0.8 T] (Song et al. 2021's CIFAR-10 choice).
+
+    Names, eta and the spacing are checked at construction; ``steps`` against a model's T by :meth:`timesteps`.
+    In YAML: ``sampler: {name: ddim, steps: 50}``.
+    """
+
+    name: Sampler = "ddpm"
+    steps: int | None = None
+    eta: float = 0.0
+    spacing: Spacing = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.name!r}; allowed: {', '.join(SAMPLERS)}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; allowed: {', '.join(SPACINGS)}")
+        if isinstance(self.steps, bool) or not (
+            self.steps is None or (isinstance(self.steps, int) and self.steps >= 1)
+        ):
+            raise ValueError(
+                f"sampler steps must be a positive number of network evaluations or None, got {self.steps!r}"
+            )
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @classmethod
+    def parse(
+        cls,
+        value: SamplerConfig | Mapping[str, Any] | str | None = None,
+        base: SamplerConfig | None = None,
+        **changes: Any,
+    ) -> SamplerConfig:
+        """A config from a config, a mapping (YAML), a sampler name or None (``base``), then ``changes`` that are
+        not None applied on top: ``parse("ddim", base, steps=20)``. Fields not given keep ``base``'s values."""
+        base = base if base is not None else cls()
+        if isinstance(value, SamplerConfig):
+            config = value
+        elif isinstance(value, Mapping):
+            config = cls(**value)
+        elif isinstance(value, str):
+            config = dataclasses.replace(base, name=value)
+        elif value is None:
+            config = base
+        else:
+            raise ValueError(f"a sampler setting must be a SamplerConfig, a mapping or a name, got {value!r}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(config, **changes) if changes else config
+
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        """The timesteps visited for a process of ``num_timesteps`` steps, high to low (:func:`sampling_timesteps`);
+        a step count above T is refused here."""
+        return sampling_timesteps(num_timesteps, self.name, self.steps, self.spacing)
+
+    def nfe(self, num_timesteps: int) -> int:
+        """Network evaluations per sample for a process of ``num_timesteps`` steps."""
+        return len(self.timesteps(num_timesteps))
+
+    def label(self, num_timesteps: int) -> str:
+        """A short name for tags and file names: ``ddim50``, ``ddim50_eta1``, ``dpmpp_2m20``, ``ddpm1000`` (the full
+        chain of T = 1000), ``ddim50_quad`` (quadratic spacing)."""
+        nfe = self.nfe(num_timesteps)
+        label = f"{self.name}{nfe}" + (f"_eta{self.eta:g}" if self.name == "ddim" and self.eta > 0 else "")
+        return label + ("_quad" if self.spacing == "quadratic" and nfe < num_timesteps else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for hyper-parameters and reports."""
+        return dataclasses.asdict(self)
 
 
 def sampling_timesteps(
@@ -41,16 +116,20 @@ def sampling_timesteps(
 
     ``num_steps`` None or T: all T timesteps. Fewer are spaced uniformly over [0, T-1] (the ends included, as
     improved-diffusion's respacing) or quadratically over [0, 0.8 T] (Song et al. 2021, Appendix D.2, their
-    CIFAR-10 choice). ``dpmpp_2m`` spaces ``num_steps + 1`` points the same way and leaves out t = 0: its last step
-    goes from about T / num_steps straight to the clean data (first order), as diffusers' DPMSolverMultistepScheduler
-    does, rather than spending an evaluation on t = 0 and a second-order step with a large extrapolation there.
+    CIFAR-10 choice). A sampler whose last step lands on the clean data (``dpmpp_2m``) spaces ``num_steps + 1``
+    points the same way and leaves out t = 0: its last step goes from about T / num_steps straight to the clean data
+    (first order), as diffusers' DPMSolverMultistepScheduler does, rather than spending an evaluation on t = 0 and a
+    second-order step with a large extrapolation there.
     """
-    check_sampler(sampler, spacing)
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
     T = num_timesteps
     n = T if num_steps is None else num_steps
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
-        raise ValueError(f"num_steps must be in [1, {T}] (network evaluations) for {sampler}, got {n!r}")
-    skip_zero = sampler == "dpmpp_2m" and n < T
+        raise ValueError(f"steps must be in [1, {T}] (network evaluations) for {sampler}, got {n!r}")
+    skip_zero = _SAMPLERS[sampler].to_clean_data and n < T
     points = n + 1 if skip_zero else n
     if spacing == "uniform":
         steps = torch.linspace(0, T - 1, points, dtype=torch.float64).round().long().tolist()
@@ -93,16 +172,85 @@ class NoiseSource:
         return noise.to(device)
 
 
+# ------------------------------------------------------------------------------------------------ the samplers
+class Chain(NamedTuple):
+    """What a sampler's steps see: the process, the visited timesteps (high to low), the setting and the noise."""
+
+    diffusion: GaussianDiffusion
+    timesteps: list[int]
+    config: SamplerConfig
+    noise: NoiseSource
+    clip_denoised: bool
+    device: torch.device
+
+
+#: ``step(i, x_t, eps) -> x at the next visited timestep`` for the i-th visited timestep.
+Step = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _ancestral(chain: Chain) -> Step:
+    """Algorithm 2; on a sub-chain it steps through the respaced process, indexed 0..n-1 from low to high t."""
+    diffusion, timesteps = chain.diffusion, chain.timesteps
+    respaced = len(timesteps) < diffusion.num_timesteps
+    process = diffusion.respaced(timesteps) if respaced else diffusion
+
+    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        t = len(timesteps) - 1 - i if respaced else timesteps[i]
+        noise = chain.noise.draw(chain.device)
+        return process.ddpm_step(eps, x_t, t, noise, clip_denoised=chain.clip_denoised)
+
+    return step
+
+
+def _ddim(chain: Chain) -> Step:
+    timesteps, eta = chain.timesteps, chain.config.eta
+
+    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        noise = chain.noise.draw(chain.device) if eta > 0 else None
+        return chain.diffusion.ddim_step(
+            eps, x_t, timesteps[i], t_next, eta=eta, noise=noise, clip_denoised=chain.clip_denoised
+        )
+
+    return step
+
+
+def _dpmpp_2m(chain: Chain) -> Step:
+    diffusion, timesteps = chain.diffusion, chain.timesteps
+    previous: list[torch.Tensor] = []  # the data prediction at the previous timestep
+
+    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        x0 = diffusion.predict_x0_from_eps(x_t, torch.full((x_t.shape[0],), timesteps[i], device=x_t.device), eps)
+        if chain.clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        x0_prev, t_prev = (previous[-1], timesteps[i - 1]) if previous else (None, None)
+        previous[:] = [x0]
+        return diffusion.dpmpp_2m_step(x0, x_t, timesteps[i], t_next, x0_prev=x0_prev, t_prev=t_prev)
+
+    return step
+
+
+class _Entry(NamedTuple):
+    make_step: Callable[[Chain], Step]
+    to_clean_data: bool  # the last step goes to the clean data, so t = 0 needs no evaluation
+
+
+_SAMPLERS: dict[str, _Entry] = {
+    "ddpm": _Entry(_ancestral, to_clean_data=False),
+    "ddim": _Entry(_ddim, to_clean_data=False),
+    "dpmpp_2m": _Entry(_dpmpp_2m, to_clean_data=True),
+}
+assert tuple(_SAMPLERS) == SAMPLERS, "every name of Sampler needs an entry in _SAMPLERS"
+
+
 @torch.no_grad()
 def sample(
     diffusion: GaussianDiffusion,
     model: Denoiser,
     shape: tuple[int, ...],
     *,
-    sampler: Sampler = "ddpm",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-    spacing: Spacing = "uniform",
+    sampler: SamplerConfig | str | None = None,
     seed: int | None = None,
     seeds: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
@@ -111,13 +259,11 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Run the reverse chain from x_T ~ N(0, I) to x_0 with ``sampler`` (see the module docstring).
+    """Run the reverse chain from x_T ~ N(0, I) to x_0 with the ``sampler`` setting (default: the full ancestral
+    chain; a name means that sampler on all T steps).
 
     Args:
         shape: (B, C, H, W) of the batch.
-        num_steps: network evaluations = visited timesteps (:func:`sampling_timesteps`); None: all T.
-        eta: DDIM's noise scale (0: deterministic; 1 on the full chain: the DDPM posterior variance).
-        spacing: how fewer than T timesteps are spread (:func:`sampling_timesteps`).
         seed / seeds / generator: reproducibility: one seed for the batch, one seed per sample, or a CPU generator.
         return_steps: timesteps t at which to record the current x_t (only the visited ones are recorded).
         clip_denoised: clip every x_0 prediction to [-1, 1].
@@ -126,39 +272,20 @@ def sample(
     Returns:
         x_0 in the model's range, float32; with ``return_steps`` also a dict {t: x_t} on the CPU.
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    config = SamplerConfig.parse(sampler)
     device = torch.device(device) if device is not None else diffusion.betas.device
-    timesteps = sampling_timesteps(diffusion.num_timesteps, sampler, num_steps, spacing)
+    timesteps = config.timesteps(diffusion.num_timesteps)
     noise = NoiseSource(tuple(shape), seed=seed, seeds=seeds, generator=generator)
     record = set(return_steps or ())
     chain: dict[int, torch.Tensor] = {}
-    # the ancestral sampler on a sub-chain steps through the respaced process, indexed 0..n-1 from low to high t
-    respaced = sampler == "ddpm" and len(timesteps) < diffusion.num_timesteps
-    chain_diffusion = diffusion.respaced(timesteps) if respaced else diffusion
 
     x_t = noise.draw(device)
-    batch = shape[0]
-    x0_prev: torch.Tensor | None = None  # DPM-Solver++'s data prediction at the previous timestep
-    steps = tqdm(timesteps, desc=f"sampling ({sampler}, {len(timesteps)} steps)", leave=False, disable=not progress)
-    for i, t_int in enumerate(steps):
+    step = _SAMPLERS[config.name].make_step(Chain(diffusion, timesteps, config, noise, clip_denoised, device))
+    label = config.label(diffusion.num_timesteps)
+    for i, t_int in enumerate(tqdm(timesteps, desc=f"sampling ({label})", leave=False, disable=not progress)):
         if t_int in record:
             chain[t_int] = x_t.detach().cpu()
-        t = torch.full((batch,), t_int, dtype=torch.long, device=device)
-        eps = diffusion.predict_eps(model, x_t, t)
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        if sampler == "ddpm":
-            step_t = torch.full_like(t, len(timesteps) - 1 - i) if respaced else t
-            x_t = chain_diffusion.ddpm_step(eps, x_t, step_t, noise.draw(device), clip_denoised=clip_denoised)
-        elif sampler == "ddim":
-            step_noise = noise.draw(device) if eta > 0 else None
-            x_t = diffusion.ddim_step(eps, x_t, t, t_next, eta=eta, noise=step_noise, clip_denoised=clip_denoised)
-        else:
-            x0 = diffusion.predict_x0_from_eps(x_t, t, eps)
-            if clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
-            t_prev = timesteps[i - 1] if i > 0 else None
-            x_t = diffusion.dpmpp_2m_step(x0, x_t, t_int, t_next, x0_prev=x0_prev, t_prev=t_prev)
-            x0_prev = x0
+        t = torch.full((shape[0],), t_int, dtype=torch.long, device=device)
+        x_t = step(i, x_t, diffusion.predict_eps(model, x_t, t))
     x0 = x_t.float()
     return (x0, chain) if return_steps is not None else x0

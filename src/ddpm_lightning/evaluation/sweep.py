@@ -1,54 +1,50 @@
-"""``ddpm sampler-sweep``: sample quality against the number of network evaluations (NFE), sampler by sampler.
+"""Sample quality against the number of network evaluations (NFE), sampler setting by sampler setting.
 
-For every sampler setting and NFE, ``--num`` samples of a checkpoint's EMA weights are drawn (sample i seeded by
+For every sampler setting and step count, ``num`` samples of a checkpoint's EMA weights are drawn (sample i seeded by
 ``seed + i``, so every setting starts from the same x_T), timed, and scored: with the demo's digit classifier
 (Frechet distance, class entropy, confident share; :class:`DigitScorer`) for a digits model, and with FID against
-the real images (``--fid``; always for other data). ``OUT/table.md``, ``table.csv`` and ``quality_vs_nfe.png`` are
-rewritten after every setting, each through a temporary file and a rename, so an interrupted sweep leaves complete
-files with the rows done so far.
+the real images (``fid=True``; always for other data). ``OUT/table.md``, ``table.csv`` and ``quality_vs_nfe.png``
+are rewritten after every setting, each atomically, so an interrupted sweep leaves complete files with the rows done
+so far.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import io
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ddpm_lightning.callbacks.demo_report import atomic_write
-from ddpm_lightning.diffusion import Sampler, Spacing, sampling_timesteps
+from ddpm_lightning.checkpoint import read_checkpoint
+from ddpm_lightning.data import EmbeddedDigitsDataModule
+from ddpm_lightning.data.transforms import to_uint8
+from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.evaluation.digit_classifier import DigitScorer
+from ddpm_lightning.evaluation.evaluate import fid_of_images
+from ddpm_lightning.io import atomic_write
+from ddpm_lightning.sampling import iter_samples, load_module
 
 if TYPE_CHECKING:
     from ddpm_lightning.lit_module import DiffusionModule
 
-__all__ = ["NFES", "SETTINGS", "Setting", "sampler_sweep_main", "sweep", "table_csv", "table_md"]
+__all__ = ["SETTINGS", "STEPS", "sweep", "table_csv", "table_md"]
 
-
-@dataclass(frozen=True)
-class Setting:
-    """One row group of the table: a sampler with its options."""
-
-    sampler: Sampler
-    spacing: Spacing = "uniform"
-    eta: float = 0.0
-
-
-SETTINGS = {
-    "ddpm": Setting("ddpm"),
-    "ddim": Setting("ddim"),
-    "ddim_quadratic": Setting("ddim", "quadratic"),
-    "dpmpp_2m": Setting("dpmpp_2m"),
+#: The sampler settings of the table, by row name; ``steps`` is set per column.
+SETTINGS: dict[str, SamplerConfig] = {
+    "ddpm": SamplerConfig("ddpm"),
+    "ddim": SamplerConfig("ddim"),
+    "ddim_quadratic": SamplerConfig("ddim", spacing="quadratic"),
+    "dpmpp_2m": SamplerConfig("dpmpp_2m"),
 }
-NFES = (1000, 250, 100, 50, 20, 10)
+#: The step counts (network evaluations) of the table's columns.
+STEPS = (1000, 250, 100, 50, 20, 10)
 DATASETS = ("auto", "digits", "cifar10")
 METRIC_NAMES = {
     "frechet_distance": "Frechet distance",
@@ -60,8 +56,6 @@ METRIC_NAMES = {
 
 def checkpoint_data(ckpt: str | Path) -> tuple[str | None, dict[str, Any]]:
     """The data set a checkpoint was trained on ("digits", "cifar10" or None) and its data module's arguments."""
-    from ddpm_lightning.training import read_checkpoint
-
     hparams = dict(read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {})
     class_path = str(hparams.pop("_class_path", ""))
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
@@ -72,76 +66,84 @@ def checkpoint_data(ckpt: str | Path) -> tuple[str | None, dict[str, Any]]:
 
 
 def generate(
-    module: DiffusionModule, num: int, *, setting: Setting, nfe: int, seed: int, batch_size: int, desc: str
+    module: DiffusionModule, num: int, *, sampler: SamplerConfig, seed: int, batch_size: int, desc: str = "sampling"
 ) -> tuple[torch.Tensor, float]:
     """``num`` samples in [-1, 1] on the CPU (sample i seeded by ``seed + i``) and the seconds they took."""
-    batches = []
     start = time.perf_counter()
-    for first in tqdm(range(0, num, batch_size), desc=desc, unit="batch", leave=False):
-        seeds = list(range(seed + first, seed + min(first + batch_size, num)))
-        images = module.sample(
-            len(seeds),
-            seeds=seeds,
-            sampler=setting.sampler,
-            num_steps=nfe,
-            eta=setting.eta,
-            spacing=setting.spacing,
-            progress=True,
-        )
-        batches.append(images.cpu())
-    return torch.cat(batches), time.perf_counter() - start
+    samples = iter_samples(module, range(num), sampler=sampler, seed=seed, batch_size=batch_size, progress=True,
+                           desc=desc)  # fmt: skip
+    images = torch.cat([batch.cpu() for _, batch in samples])
+    return images, time.perf_counter() - start
+
+
+def _settings(settings: Sequence[str] | Mapping[str, SamplerConfig]) -> dict[str, SamplerConfig]:
+    if isinstance(settings, Mapping):
+        chosen = {name: SamplerConfig.parse(value) for name, value in settings.items()}
+    else:
+        unknown = [name for name in settings if name not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown sampler settings {unknown}; allowed: {', '.join(SETTINGS)}")
+        chosen = {name: SETTINGS[name] for name in settings}
+    if not chosen:
+        raise ValueError(f"no sampler settings to sweep; allowed: {', '.join(SETTINGS)}")
+    return chosen
 
 
 def sweep(
     ckpt: str | Path,
-    out: str | Path,
+    out: str | Path = "results/samplers",
     *,
-    settings: Sequence[str] = tuple(SETTINGS),
-    nfes: Sequence[int] = NFES,
+    settings: Sequence[str] | Mapping[str, SamplerConfig] = tuple(SETTINGS),
+    steps: Sequence[int] = STEPS,
     num: int = 250,
     seed: int = 0,
     batch_size: int = 250,
     data: str = "auto",
     fid: bool = False,
-    data_dir: str = "data",
+    data_dir: str | Path = "data",
     num_real: int | None = None,
-    weights: str | None = None,
+    weights: str | Path | None = None,
     classifier_epochs: int = 6,
-    classifier_cache_dir: str | None = None,
-    device: str | None = None,
+    classifier_cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
-    """Score every (setting, NFE) and write ``out/{table.md, table.csv, quality_vs_nfe.png}``; returns the paths."""
-    from ddpm_lightning.data import EmbeddedDigitsDataModule
-    from ddpm_lightning.data.transforms import to_uint8
-    from ddpm_lightning.evaluate import fid_of_images
-    from ddpm_lightning.metrics.digit_classifier import DigitScorer
-    from ddpm_lightning.sampling import load_module
+    """Score every (sampler setting, step count) and write ``out/{table.md, table.csv, quality_vs_nfe.png}``;
+    returns the paths.
 
-    unknown = [name for name in settings if name not in SETTINGS]
-    if unknown or not settings:
-        raise ValueError(f"unknown sampler settings {unknown}; allowed: {', '.join(SETTINGS)}")
+    Args:
+        settings: names of :data:`SETTINGS`, or rows of your own: a mapping name -> :class:`SamplerConfig` (its
+            ``steps`` is replaced by each of ``steps``).
+        steps: the step counts (network evaluations), each in [1, T].
+        data: ``"digits"`` (the digit classifier's figures), ``"cifar10"`` (FID) or ``"auto"`` (the checkpoint's).
+        fid: also FID for a digits model.
+        data_dir, num_real, weights: FID's real images and Inception weights (:func:`fid_of_images`).
+        classifier_epochs, classifier_cache_dir: the digit classifier (trained once, then cached).
+        log: called with one line per row.
+    """
+    configs = _settings(settings)
     if num < 2:
-        raise ValueError(f"--num must be >= 2 (the Frechet distance needs a covariance), got {num}")
+        raise ValueError(f"num must be >= 2 (the Frechet distance needs a covariance), got {num}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if data not in DATASETS:
         raise ValueError(f"unknown data {data!r}; allowed: {', '.join(DATASETS)}")
     module = load_module(ckpt, device)
     hp = module.hparams
-    T = hp.num_timesteps
-    for nfe in nfes:
-        if not 1 <= nfe <= T:
-            raise ValueError(f"--nfe {nfe}: the number of network evaluations must be in [1, {T}] for this model")
+    T = module.diffusion.num_timesteps
+    for n in steps:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+            raise ValueError(f"steps {n}: the number of network evaluations must be in [1, {T}] for this model")
     trained_on, data_kwargs = checkpoint_data(ckpt)
+    shape = tuple(module.image_shape)
     if data == "auto":
-        data = trained_on or ("digits" if (hp.in_channels, hp.image_size) == (1, 32) else "cifar10")
+        data = trained_on or ("digits" if shape == (1, 32, 32) else "cifar10")
     scorer = None
     if data == "digits":
-        if (hp.in_channels, hp.image_size) != (1, 32):
+        if shape != (1, 32, 32):
             raise ValueError(
-                f"the digit classifier scores 1x32x32 images, the model makes {hp.in_channels}x{hp.image_size}x"
-                f"{hp.image_size}: use --data cifar10 (FID)"
+                f"the digit classifier scores 1x32x32 images, the model makes {'x'.join(map(str, shape))}: "
+                "use data='cifar10' (FID)"
             )
         digits = EmbeddedDigitsDataModule(**data_kwargs if trained_on == "digits" else {})
         train, val = digits.split_arrays("train"), digits.split_arrays("val")
@@ -169,18 +171,16 @@ def sweep(
     paths = {name: out / name for name in ("table.md", "table.csv", "quality_vs_nfe.png")}
     rows: list[dict[str, Any]] = []
     done: dict[tuple, dict[str, Any]] = {}  # the same sampler on the same timesteps is sampled once
-    for name in settings:
-        setting = SETTINGS[name]
-        for nfe in nfes:
-            visited = tuple(sampling_timesteps(T, setting.sampler, nfe, setting.spacing))
-            key = (setting.sampler, setting.eta, visited)
-            row = {"setting": name, "sampler": setting.sampler, "spacing": setting.spacing, "eta": setting.eta}
-            row["nfe"] = nfe
+    for name, base in configs.items():
+        for n in steps:
+            config = dataclasses.replace(base, steps=n)
+            key = (config.name, config.eta, tuple(config.timesteps(T)))
+            row = {"setting": name, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": n}
             if key in done:
                 row.update({k: v for k, v in done[key].items() if k not in row} | {"same_as": done[key]["setting"]})
             else:
                 images, seconds = generate(
-                    module, num, setting=setting, nfe=nfe, seed=seed, batch_size=batch_size, desc=f"{name} {nfe}"
+                    module, num, sampler=config, seed=seed, batch_size=batch_size, desc=f"{name} {n}"
                 )
                 scores = scorer(images) if scorer is not None else {}
                 if use_fid:
@@ -250,63 +250,12 @@ def table_md(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: Sequence[dict[str, Any]], paths: dict[str, Path], info: dict[str, Any]) -> None:
+def write_tables(rows: Sequence[dict[str, Any]], paths: Mapping[str, Path], info: dict[str, Any]) -> None:
     for name, text in (("table.csv", table_csv(rows)), ("table.md", table_md(rows, info))):
-        atomic_write(paths[name], lambda tmp, text=text: Path(tmp).write_text(text), f".{name}.tmp")
+        atomic_write(paths[name], lambda tmp, text=text: tmp.write_text(text))
 
 
-def write_plot(rows: Sequence[dict[str, Any]], path: Path, floors: dict[str, float]) -> None:
-    import matplotlib.pyplot as plt
+def write_plot(rows: Sequence[dict[str, Any]], path: Path, floors: Mapping[str, float]) -> None:
+    from ddpm_lightning.plots import quality_vs_nfe_figure, save_figure  # matplotlib only once a figure is drawn
 
-    from ddpm_lightning.plots import quality_vs_nfe_figure
-
-    fig = quality_vs_nfe_figure(rows, floors)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), ".png.tmp")
-    plt.close(fig)
-
-
-def sampler_sweep_main(argv: Sequence[str] | None = None) -> int:
-    """``ddpm sampler-sweep --ckpt PATH [--num 250] [--nfe 1000 250 ...] [--samplers ...] [--fid]``."""
-    parser = argparse.ArgumentParser(
-        prog="ddpm sampler-sweep",
-        description="Sample quality and images/s of each sampler at each number of network evaluations (NFE): the "
-        "demo's digit-classifier figures for a digits model, FID for other data or with --fid. Writes "
-        "OUT/table.md, table.csv and quality_vs_nfe.png.",
-    )
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `ddpm fit`")
-    parser.add_argument("--out", type=Path, default=Path("results/samplers"), help="default: results/samplers")
-    parser.add_argument("--samplers", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS), help="default: all")
-    parser.add_argument("--nfe", nargs="+", type=int, default=list(NFES), help="default: 1000 250 100 50 20 10")
-    parser.add_argument("--num", type=int, default=250, help="samples per (sampler, NFE) (default 250)")
-    parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
-    parser.add_argument("--batch-size", type=int, default=250, help="default 250")
-    parser.add_argument("--data", choices=DATASETS, default="auto", help="default: the checkpoint's data set")
-    parser.add_argument("--fid", action="store_true", help="also FID (always for data other than the digits)")
-    parser.add_argument("--data-dir", default="data", help="folder of the CIFAR-10 data for FID (default data)")
-    parser.add_argument("--num-real", type=int, default=None, help="first N real images for FID (default: all)")
-    parser.add_argument("--weights", default=None, help="FID Inception weights file (see `ddpm fid-weights`)")
-    parser.add_argument("--classifier-epochs", type=int, default=6, help="the demo's digit classifier (default 6)")
-    parser.add_argument("--classifier-cache-dir", default=None, help="default: ~/.cache/ddpm-lightning")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    paths = sweep(
-        args.ckpt,
-        args.out,
-        settings=args.samplers,
-        nfes=args.nfe,
-        num=args.num,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        data=args.data,
-        fid=args.fid,
-        data_dir=args.data_dir,
-        num_real=args.num_real,
-        weights=args.weights,
-        classifier_epochs=args.classifier_epochs,
-        classifier_cache_dir=args.classifier_cache_dir,
-        device=args.device,
-    )
-    minutes = (time.perf_counter() - start) / 60
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {minutes:.1f} min")
-    return 0
+    save_figure(quality_vs_nfe_figure(rows, floors), path)

@@ -1,54 +1,32 @@
-"""``ddpm ablate``: the same model trained with the linear and the cosine schedule, then one table and one plot.
+"""The schedule ablation's analysis: the runs that ``ddpm ablate`` trained, gathered into one table and one plot.
 
-Each (schedule, seed) is a plain ``ddpm fit`` with ``--model.schedule`` and ``--seed_everything`` set, in its own run
-folder ``OUT/runs/<schedule>-seed<seed>`` (with a CSV logger, see configs/ablation/). :func:`collect` reads the
-runs' ``metrics.csv`` and ``run.json`` and writes ``OUT/table.md``, ``table.csv``, ``runs.csv`` and ``curves.png``.
+Each (schedule, seed) ran in its own folder ``OUT/runs/<schedule>-seed<seed>`` (:func:`run_dir`) with a CSV logger
+(see configs/ablation/) and a ``run.json`` (its wall time). :func:`collect` reads them and writes ``OUT/table.md``,
+``table.csv``, ``runs.csv`` and ``curves.png``; :func:`load_runs` gives the curves to plot in a notebook.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ddpm_lightning.diffusion import SCHEDULES
+from ddpm_lightning.io import atomic_write
+
+__all__ = ["collect", "load_runs", "read_metrics", "run_dir"]
 
 LOSS_KEY, VAL_LOSS_KEY, FID_KEY = "train/loss", "val/loss", "val/fid"
 FINAL_FRACTION = 0.1  # "final loss" = mean train/loss over the last 10% of logged steps (single steps are noisy)
 
 
 def run_dir(out: str | Path, schedule: str, seed: int) -> Path:
+    """The run folder of one (schedule, seed): ``OUT/runs/<schedule>-seed<seed>``."""
     return Path(out) / "runs" / f"{schedule}-seed{seed}"
-
-
-def run_one(out: str | Path, schedule: str, seed: int, fit_args: Sequence[str]) -> Path:
-    """Train one (schedule, seed) with ``ddpm fit FIT_ARGS``; writes ``run.json`` (wall time) into its run folder."""
-    from ddpm_lightning.cli import main
-
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    folder = run_dir(out, schedule, seed)
-    start = time.perf_counter()
-    main(
-        [
-            "fit",
-            *fit_args,
-            "--model.schedule",
-            schedule,
-            "--seed_everything",
-            str(seed),
-            "--trainer.default_root_dir",
-            str(folder),
-        ]
-    )
-    info = {"schedule": schedule, "seed": seed, "wall_time_s": time.perf_counter() - start}
-    (folder / "run.json").write_text(json.dumps(info, indent=1))
-    return folder
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
@@ -112,8 +90,9 @@ def load_runs(out: str | Path) -> list[dict[str, Any]]:
 
 
 def collect(out: str | Path) -> dict[str, Path]:
-    """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds), runs.csv and curves.png."""
-    from ddpm_lightning.plots import curves_figure, save_figure
+    """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds), runs.csv and curves.png; returns
+    their paths."""
+    from ddpm_lightning.plots import curves_figure, save_figure  # matplotlib only once a figure is drawn
 
     out = Path(out)
     runs = load_runs(out)
@@ -136,15 +115,9 @@ def collect(out: str | Path) -> dict[str, Path]:
         md_cells = [_fmt(*c) for c in cells[:2]] + [_fmt(*c, digits=2) for c in cells[2:]] + [_fmt(*wall, digits=0)]
         rows_md.append([schedule, seeds, str(steps)] + md_cells)
     paths = {name: out / name for name in ("table.md", "table.csv", "runs.csv", "curves.png")}
-    with open(paths["table.csv"], "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows_csv])
-    with open(paths["runs.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["schedule", "seed", "steps", "final_loss", "final_val_loss", "wall_time_s"])
-        for r in runs:
-            writer.writerow(
-                [r[k] for k in ("schedule", "seed", "steps", "final_loss", "final_val_loss", "wall_time_s")]
-            )
+    run_columns = ["schedule", "seed", "steps", "final_loss", "final_val_loss", "wall_time_s"]
+    _write_csv([header, *rows_csv], paths["table.csv"])
+    _write_csv([run_columns, *([r[k] for k in run_columns] for r in runs)], paths["runs.csv"])
     md_header = ["schedule", "seeds", "steps", "final train loss", "final val loss"]
     md_header += [f"FID @ {step}" for step in fid_steps] + ["wall time (s)"]
     lines = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
@@ -153,50 +126,13 @@ def collect(out: str | Path) -> dict[str, Path]:
         f"\nMean ± std over seeds. Final train loss: mean L_simple over the last {FINAL_FRACTION:.0%} of logged "
         "steps; final val loss: the last evaluation (fixed t and noise per batch).\n"
     )
-    paths["table.md"].write_text("\n".join(lines) + "\n" + note)
+    text = "\n".join(lines) + "\n" + note
+    atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
     save_figure(curves_figure(runs), paths["curves.png"])
     return paths
 
 
-def _parse_only(text: str) -> tuple[str, int]:
-    """``schedule=cosine,seed=1`` -> ("cosine", 1)."""
-    try:
-        fields = dict(item.split("=", 1) for item in text.split(","))
-        schedule, seed = fields.pop("schedule"), int(fields.pop("seed"))
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"--only expects 'schedule=<{'|'.join(SCHEDULES)}>,seed=<int>', got {text!r}") from err
-    if fields:
-        raise ValueError(f"--only takes the keys schedule and seed, got also {sorted(fields)}")
-    return schedule, seed
-
-
-def ablate_main(argv: Sequence[str] | None = None) -> int:
-    """``ddpm ablate [--seeds 0 1] [--only schedule=S,seed=N | --collect] -c CONFIG ...``.
-
-    Trains every (schedule, seed) one after the other and collects; any argument not listed below goes to
-    ``ddpm fit`` unchanged (``-c configs/ablation/demo.yaml``, ``--trainer.max_steps 500``, ...).
-    """
-    from ddpm_lightning.plots import save_figure, schedule_figure
-
-    parser = argparse.ArgumentParser(prog="ddpm ablate", description=ablate_main.__doc__, allow_abbrev=False)
-    parser.add_argument("--out", type=Path, default=Path("results/ablation"), help="default: results/ablation")
-    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--only", help="train one run, e.g. schedule=cosine,seed=1 (a SLURM array task)")
-    parser.add_argument("--collect", action="store_true", help="only gather finished runs into the table and plot")
-    args, fit_args = parser.parse_known_args(argv)
-    if args.only and args.collect:
-        raise ValueError("--only and --collect exclude each other: train one run, or collect them all")
-    if args.only:
-        run_one(args.out, *_parse_only(args.only), fit_args)
-        return 0
-    if not args.collect:
-        if not fit_args:
-            raise ValueError("ddpm ablate needs a training config, e.g. -c configs/ablation/demo.yaml")
-        for seed in args.seeds:
-            for schedule in args.schedules:
-                run_one(args.out, schedule, seed, fit_args)
-    paths = collect(args.out)
-    save_figure(schedule_figure(), args.out / "schedules.png")
-    print("wrote " + ", ".join(str(p) for p in [*paths.values(), args.out / "schedules.png"]))
-    return 0
+def _write_csv(rows: Sequence[Sequence[Any]], path: Path) -> Path:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))

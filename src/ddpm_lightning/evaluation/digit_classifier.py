@@ -3,7 +3,7 @@
 Three figures per set of images: the share classified with confidence above a threshold (do the samples look like
 some digit?), the entropy of the predicted-class histogram (log 10 when all ten digits are equally frequent), and
 the Frechet distance to held-out real digits in the classifier's penultimate feature space (FID's formula, Heusel et
-al. 2017, with this classifier in place of Inception).
+al. 2017, with this classifier in place of Inception; computed by torchmetrics).
 """
 
 from __future__ import annotations
@@ -11,24 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from ddpm_lightning import io
 
 __all__ = [
     "DigitClassifier",
     "DigitScorer",
     "class_entropy",
-    "default_cache_dir",
-    "feature_statistics",
     "frechet_distance",
     "load_or_train_digit_classifier",
+    "reference_statistics",
     "score_digits",
     "train_digit_classifier",
 ]
@@ -116,11 +115,6 @@ def train_digit_classifier(
     return model.eval(), accuracy
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/ddpm-lightning`` (``~/.cache/ddpm-lightning`` by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm-lightning"
-
-
 def load_or_train_digit_classifier(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
@@ -130,29 +124,24 @@ def load_or_train_digit_classifier(
     seed: int = 0,
 ) -> tuple[DigitClassifier, float, Path]:
     """The classifier of :func:`train_digit_classifier`, trained once and then loaded from
-    ``cache_dir/digit_classifier-<hash>.pt``; the hash covers the data, the recipe and the seed.
+    ``cache_dir/digit_classifier-<hash>.pt`` (default: :func:`ddpm_lightning.io.cache_dir`); the hash covers the
+    data, the recipe and the seed.
 
     Returns the model (eval mode), its validation accuracy and the cache file.
     """
     digest = hashlib.sha256(json.dumps({"recipe": RECIPE_VERSION, "epochs": epochs, "seed": seed}).encode())
     for tensor in (*train, *val):
         digest.update(tensor.contiguous().numpy().tobytes())
-    path = Path(cache_dir or default_cache_dir()) / f"digit_classifier-{digest.hexdigest()[:16]}.pt"
+    folder = Path(cache_dir) if cache_dir is not None else io.cache_dir()
+    path = folder / f"digit_classifier-{digest.hexdigest()[:16]}.pt"
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         model = DigitClassifier()
         model.load_state_dict(stored["state_dict"])
         return model.eval(), float(stored["val_accuracy"]), path
     model, accuracy = train_digit_classifier(train, val, epochs=epochs, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
-    os.close(fd)
-    try:
-        torch.save({"state_dict": model.state_dict(), "val_accuracy": accuracy}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent or interrupted run never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # atomic: a concurrent or interrupted run never sees half a file
+    io.atomic_write(path, lambda tmp: torch.save({"state_dict": model.state_dict(), "val_accuracy": accuracy}, tmp))
     return model, accuracy, path
 
 
@@ -163,30 +152,43 @@ def class_entropy(predicted: torch.Tensor, num_classes: int = 10) -> float:
     return float((p * (1 / p).log()).sum())
 
 
-def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D), in float64, of features (N, D)."""
-    x = features.double().numpy()
-    return x.mean(0), np.cov(x, rowvar=False)
+class _Features(nn.Identity):
+    """Features passed through as they are: the "feature extractor" of torchmetrics' FID over features computed
+    beforehand (it reads ``num_features``)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)): the Frechet distance of two Gaussians."""
-    # Tr((sigma1 sigma2)^(1/2)) = Tr((s sigma2 s)^(1/2)) with s = sigma1^(1/2): a symmetric PSD matrix, whose
-    # eigenvalues stay accurate when the covariances are singular (e.g. dead ReLU features of noise images)
-    w, v = np.linalg.eigh(sigma1)
-    s = (v * np.sqrt(w.clip(min=0))) @ v.T
-    trace_sqrt = np.sqrt(np.linalg.eigvalsh(s @ sigma2 @ s).clip(min=0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+def reference_statistics(features: torch.Tensor) -> FrechetInceptionDistance:
+    """torchmetrics' :class:`FrechetInceptionDistance` over features (N, D), holding ``features`` as its real set
+    (float64 statistics, kept by ``reset()``); pass it to :func:`frechet_distance` to reuse them."""
+    metric = FrechetInceptionDistance(
+        feature=_Features(features.shape[1]), normalize=True, reset_real_features=False, sync_on_compute=False
+    )
+    metric.update(features.detach().double().cpu(), real=True)
+    return metric
+
+
+def frechet_distance(features: torch.Tensor, reference: torch.Tensor | FrechetInceptionDistance) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between the Gaussians fitted to ``features`` (N, D) and to
+    the reference features (M, D) (or their :func:`reference_statistics`): FID's formula, computed by torchmetrics."""
+    metric = reference if isinstance(reference, FrechetInceptionDistance) else reference_statistics(reference)
+    metric.reset()  # drops the previous generated set, keeps the reference
+    metric.update(features.detach().double().cpu(), real=False)
+    return float(metric.compute())
 
 
 @torch.no_grad()
 def score_digits(
     classifier: DigitClassifier,
     images: torch.Tensor,
-    reference: tuple[np.ndarray, np.ndarray],
+    reference: torch.Tensor | FrechetInceptionDistance,
     confidence: float = 0.9,
 ) -> dict[str, float]:
-    """Scores of images (N, 1, 32, 32) in [-1, 1] against ``reference`` = :func:`feature_statistics` of real digits.
+    """Scores of images (N, 1, 32, 32) in [-1, 1] against real digits: ``reference`` is their classifier features
+    (M, feature_dim) or :func:`reference_statistics` of them.
 
     Returns ``confident_share`` (share with top softmax probability > ``confidence``), ``class_entropy`` (nats,
     log 10 = 2.303 at most) and ``frechet_distance``.
@@ -199,7 +201,7 @@ def score_digits(
     return {
         "confident_share": float((top > confidence).float().mean()),
         "class_entropy": class_entropy(predicted, probs.shape[1]),
-        "frechet_distance": frechet_distance(*feature_statistics(features), *reference),
+        "frechet_distance": frechet_distance(features, reference),
     }
 
 
@@ -209,7 +211,7 @@ class DigitScorer:
     half, ``heldout``, scored the same way shows the floor that the finite sample size sets."""
 
     classifier: DigitClassifier
-    reference: tuple[np.ndarray, np.ndarray]
+    reference: FrechetInceptionDistance
     num_reference: int
     heldout: torch.Tensor
     accuracy: float
@@ -228,7 +230,7 @@ class DigitScorer:
         classifier, accuracy, path = load_or_train_digit_classifier(train, val, cache_dir=cache_dir, epochs=epochs)
         half = len(val[0]) // 2
         with torch.no_grad():
-            reference = feature_statistics(classifier.features(val[0][:half]))
+            reference = reference_statistics(classifier.features(val[0][:half]))
         return cls(classifier, reference, half, val[0][half:], accuracy, path)
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:

@@ -1,0 +1,105 @@
+"""Experiment tracking during fit: images per second, a progress bar free of host-device syncs, the W&B run id.
+
+A resumed ``ddpm fit --ckpt_path`` continues the same W&B run: :class:`WandbRunId` writes the run id into every
+checkpoint and the CLI (:mod:`ddpm_lightning.cli.fit`) hands it back to the WandbLogger, through
+:func:`read_wandb_run_id`, before the logger is created.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import WandbLogger
+
+from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
+from ddpm_lightning.lit_module import is_check_step
+
+__all__ = ["WANDB_RUN_ID_KEY", "ImagesPerSecond", "ProgressBar", "WandbRunId", "read_wandb_run_id", "wandb_run_id"]
+
+WANDB_RUN_ID_KEY = "wandb_run_id"
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+class ImagesPerSecond(Callback):
+    """Logs ``train/img_per_sec``: training images per second over all processes, data loading included.
+
+    The rate is averaged over the last ``window`` batches (default: the trainer's ``log_every_n_steps``, so each
+    logged value covers the interval since the previous one); validation time is left out.
+    """
+
+    def __init__(self, window: int | None = None):
+        if window is not None and window < 1:
+            raise ValueError(f"window must be a positive number of batches or None, got {window}")
+        self.window = window
+        self._marks: deque[tuple[float, int]] = deque()  # (time, images seen so far)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._marks = deque(maxlen=(self.window or trainer.log_every_n_steps) + 1)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        if not self._marks:
+            self._marks.append((time.perf_counter(), 0))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        seen = self._marks[-1][1] + len(images) * trainer.world_size
+        self._marks.append((time.perf_counter(), seen))
+        (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+        # only on the logging steps: logging a number copies it to the device, a sync on a GPU
+        if t1 > t0 and is_check_step(trainer):
+            pl_module.log("train/img_per_sec", (n1 - n0) / (t1 - t0), on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._marks.clear()
+
+
+# ------------------------------------------------------------------------------------------------ progress bar
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar showing the module's ``last_loss``, a number it reads on the logging steps only.
+
+    A metric logged with ``prog_bar=True`` is read back on every step, a host-device sync that stalls a GPU's launch
+    queue; this bar shows ``pl_module.last_loss`` (when the module has one) instead. It takes TQDMProgressBar's
+    settings.
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is not None:
+            metrics["loss"] = f"{loss:.4g}"
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------------ W&B run id
+def wandb_run_id(trainer: L.Trainer) -> str | None:
+    """The id of the trainer's W&B run, or None without a WandbLogger."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.version
+    return None
+
+
+class WandbRunId(Callback):
+    """Keeps the W&B run id in every checkpoint (``checkpoint["wandb_run_id"]``), so a resumed fit continues it."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        run_id = wandb_run_id(trainer)
+        if run_id is not None:
+            checkpoint[WANDB_RUN_ID_KEY] = run_id
+
+
+def read_wandb_run_id(ckpt_path: str | Path) -> str | None:
+    """The W&B run id stored in a checkpoint, or None when there is none or the file cannot be read."""
+    try:
+        # mmap: only the small top-level entries are read, not the weights
+        run_id = read_checkpoint(ckpt_path, mmap=True).get(WANDB_RUN_ID_KEY)
+    except CheckpointError:
+        return None  # Lightning reports a missing or broken checkpoint itself, with the path
+    return str(run_id) if run_id else None

@@ -1,0 +1,120 @@
+"""Checkpoints: atomic writes, reads with clear errors, and the one mapping for checkpoints of earlier versions.
+
+- :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the target folder and renames it, so a crash
+  mid-write leaves the previous ``last.ckpt`` intact; it reads with ``weights_only=True`` and clear errors.
+- :func:`upgrade_state_dict` renames the weights of checkpoints written before the network was injected
+  (``unet.*`` -> ``net.*``); their flat hyper-parameters (``ch``, ``sample_steps``, ...) are read by
+  :class:`~ddpm_lightning.lit_module.DiffusionModule`'s deprecated aliases.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ddpm_lightning.io import atomic_write
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "check_state_dict_shapes",
+    "read_checkpoint",
+    "upgrade_state_dict",
+    "use_atomic_checkpoints",
+]
+
+# prefix of the network's weights in checkpoints of earlier versions -> today's
+_LEGACY_PREFIXES = {"unet.": "net."}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def _load(path: Path, map_location: Any, weights_only: bool, mmap: bool = False) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read: {err}") from err
+
+
+def read_checkpoint(
+    path: str | Path, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False
+) -> dict[str, Any]:
+    """``torch.load`` a checkpoint (tensors and plain types only by default; ``mmap``: tensors read on demand);
+    CheckpointError if it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    checkpoint = _load(path, map_location, weights_only, mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint written by `ddpm fit` (it has no state_dict)")
+    return checkpoint
+
+
+def upgrade_state_dict(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Rename, in place, the keys of an earlier version's state dict (below ``prefix``) to today's names."""
+    for key in list(state_dict):
+        for old, new in _LEGACY_PREFIXES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+
+
+def check_state_dict_shapes(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first parameter whose shape (or presence) differs from ``module``'s."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {source} is from another model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"checkpoint {source} is from another model shape: {name} has shape {tuple(tensor.shape)} there "
+                f"but {tuple(own[name].shape)} in the model; use the model settings the checkpoint was trained with"
+            )
+
+
+def _save_synced(checkpoint: dict[str, Any], tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Local checkpoints written to a temporary file beside the target, fsync'ed, then renamed over it.
+
+    Lightning's own save goes through fsspec, whose local transaction writes to the system temp folder and then
+    moves the file: on a cluster that is usually another file system, where a move is a copy that a kill can cut
+    short. A rename within one folder is atomic, so a reader sees either the old or the new checkpoint.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(path, lambda tmp: _save_synced(checkpoint, tmp))
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        if not Path(path).is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        # also Lightning's own files, such as the weights ddp_spawn hands back to the main process
+        return _load(Path(path), map_location, weights_only=True if weights_only is None else weights_only)
+
+
+def use_atomic_checkpoints(trainer: L.Trainer) -> None:
+    """Swap the strategy's default checkpoint writer for :class:`AtomicCheckpointIO` (a custom one is kept)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()

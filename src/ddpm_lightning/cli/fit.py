@@ -1,0 +1,275 @@
+"""``ddpm fit`` (and validate/test/predict): LightningCLI over :class:`DiffusionModule`, with the config edits a run
+needs and the default callbacks, visible in the config.
+
+- Loggers write into the run folder ``trainer.default_root_dir`` (:func:`follow_run_dir`) and ModelCheckpoints
+  without a ``dirpath`` into ``<run dir>/checkpoints`` (:func:`checkpoints_in_run_dir`), so that
+  ``--ckpt_path last`` (:func:`resolve_ckpt_path`) finds the previous run's ``last.ckpt``; a resumed fit continues
+  its W&B run (:func:`resume_wandb_run`).
+- Every logger gets the resolved config, the git commit and the package versions (:class:`LogRunConfig`).
+- The option ``default_callbacks`` names the callbacks of :func:`ddpm_lightning.callbacks.default_callbacks` the run
+  gets (all by default; ``--print_config`` shows them). They are added to whatever ``trainer.callbacks`` a config
+  lists, unless a callback of the same kind is already there, so a config with its own callbacks never loses the
+  EMA, the graceful stop or the final checkpoint; drop one by leaving its name out. The EMA's decay is
+  ``model.ema_decay`` (0: no EMA).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, default_callbacks
+from ddpm_lightning.callbacks.tracking import read_wandb_run_id
+from ddpm_lightning.checkpoint import use_atomic_checkpoints
+from ddpm_lightning.lit_module import DiffusionModule
+
+__all__ = [
+    "DDPMCLI",
+    "DefaultCallback",
+    "LogRunConfig",
+    "checkpoints_in_run_dir",
+    "finish_wandb_run",
+    "fit",
+    "follow_run_dir",
+    "git_commit",
+    "package_versions",
+    "resolve_ckpt_path",
+    "resume_wandb_run",
+    "run_cli",
+    "run_metadata",
+    "with_default_callbacks",
+]
+
+#: The names the ``default_callbacks`` option takes (the classes of :data:`DEFAULT_CALLBACKS`).
+DefaultCallback = Literal[
+    "EMA", "RNGStates", "GracefulStop", "FinalCheckpoint", "ProgressBar", "ImagesPerSecond", "WandbRunId"
+]
+assert get_args(DefaultCallback) == tuple(cls.__name__ for cls in DEFAULT_CALLBACKS), (
+    "DefaultCallback: a name is missing"
+)
+# a callback of one of these kinds in trainer.callbacks stands in for the default of that name (two EMAs would
+# average twice, and Lightning refuses two progress bars)
+_SAME_KIND: dict[str, type[Callback]] = {"EMA": WeightAveraging, "ProgressBar": LightningProgressBar}
+
+# a logger's save_dir with one of these values follows trainer.default_root_dir (WandbLogger's own default is ".")
+RUN_DIR_PLACEHOLDERS = (None, "", ".", "${trainer.default_root_dir}")
+TRACKED_PACKAGES = ("ddpm-lightning", "torch", "torchvision", "lightning", "torchmetrics", "torch-fidelity", "wandb")
+_LOGGER_CLASSES_WITH_SAVE_DIR = ("WandbLogger", "TensorBoardLogger", "CSVLogger")
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit of the git checkout holding ``path`` (default: this package), with ``-dirty`` if it has edits."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout (an installed wheel) or no git
+    return f"{commit}-dirty" if status.strip() else commit
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python, CUDA and the packages a run's numbers depend on."""
+    versions = {"python": platform.python_version(), "cuda": str(torch.version.cuda)}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_metadata(config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every logger records about a run: the resolved config, the git commit and the package versions."""
+    return {"config": config or {}, "git_commit": git_commit(), "versions": package_versions()}
+
+
+class LogRunConfig(SaveConfigCallback):
+    """LightningCLI's config saver (``config.yaml`` in the log dir) that also sends :func:`run_metadata` to loggers."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(run_metadata(config))
+
+
+# ------------------------------------------------------------------------------------------------ config edits
+def _entries(value: Any) -> list[Any]:
+    """A config value that is one entry, a list of them or None, as a list."""
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _run_dir(trainer_config: Any) -> Path:
+    return Path(getattr(trainer_config, "default_root_dir", None) or os.getcwd())  # Lightning's own default
+
+
+def _logger_configs(trainer_config: Any) -> list[Any]:
+    """The ``class_path``/``init_args`` entries of ``trainer.logger`` in a parsed (jsonargparse) config."""
+    loggers = _entries(getattr(trainer_config, "logger", None))
+    return [entry for entry in loggers if getattr(entry, "class_path", None) and hasattr(entry, "init_args")]
+
+
+def _checkpoint_configs(trainer_config: Any) -> list[Any]:
+    """The ModelCheckpoint entries (with ``init_args``) of ``trainer.callbacks`` in a parsed config."""
+    callbacks = _entries(getattr(trainer_config, "callbacks", None))
+    return [
+        entry
+        for entry in callbacks
+        if getattr(entry, "class_path", "").endswith("ModelCheckpoint") and getattr(entry, "init_args", None)
+    ]
+
+
+def follow_run_dir(trainer_config: Any) -> None:
+    """Point every W&B/TensorBoard/CSV logger whose ``save_dir`` is unset or a placeholder at the run folder.
+
+    The placeholders are the values in :data:`RUN_DIR_PLACEHOLDERS`; an explicit other path is kept.
+    """
+    for entry in _logger_configs(trainer_config):
+        if entry.class_path.rsplit(".", 1)[-1] not in _LOGGER_CLASSES_WITH_SAVE_DIR:
+            continue
+        if getattr(entry.init_args, "save_dir", None) in RUN_DIR_PLACEHOLDERS:
+            entry.init_args.save_dir = str(_run_dir(trainer_config))
+
+
+def checkpoints_in_run_dir(trainer_config: Any) -> None:
+    """Give every configured ModelCheckpoint without a ``dirpath`` the fixed folder ``<run dir>/checkpoints``.
+
+    By default Lightning puts checkpoints under the logger's ``version_N`` folder, a new one per run, where
+    ``--ckpt_path last`` of the next run would not look.
+    """
+    for entry in _checkpoint_configs(trainer_config):
+        if getattr(entry.init_args, "dirpath", None) is None:
+            entry.init_args.dirpath = str(_run_dir(trainer_config) / "checkpoints")
+
+
+def resolve_ckpt_path(trainer_config: Any, ckpt_path: str | Path | None) -> str | Path | None:
+    """``"last"`` -> the newest ``last*.ckpt`` of the configured checkpoint folders (unchanged when there is none,
+    so that Lightning warns and the run starts fresh: the same command starts and continues a run)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    folders = {_run_dir(trainer_config) / "checkpoints"}
+    for entry in _checkpoint_configs(trainer_config):
+        dirpath = getattr(entry.init_args, "dirpath", None)
+        if dirpath is not None:
+            folders.add(Path(dirpath))
+    candidates = [p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else ckpt_path
+
+
+def resume_wandb_run(trainer_config: Any, ckpt_path: str | Path | None) -> str | None:
+    """Give a WandbLogger without an id the run id kept in ``ckpt_path``; returns the id it set, if any."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return None  # also "last"/"hpc": Lightning resolves those itself
+    for entry in _logger_configs(trainer_config):
+        if entry.class_path.rsplit(".", 1)[-1] != "WandbLogger":
+            continue
+        if getattr(entry.init_args, "id", None) or getattr(entry.init_args, "version", None):
+            return None  # the user chose a run
+        run_id = read_wandb_run_id(ckpt_path)
+        if run_id is not None:
+            entry.init_args.id = run_id  # WandbLogger passes resume="allow" to wandb.init
+        return run_id
+    return None
+
+
+def finish_wandb_run() -> None:
+    """End the process's W&B run, if any, so that the next fit in the same process (``ddpm ablate``) starts its own."""
+    wandb = sys.modules.get("wandb")  # not imported: no W&B run
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+# ------------------------------------------------------------------------------------------------ callbacks
+def with_default_callbacks(
+    callbacks: Sequence[Callback], names: Sequence[str], ema_decay: float, progress_bar: bool = True
+) -> list[Callback]:
+    """``callbacks`` followed by each default callback (:func:`default_callbacks`) named in ``names`` of which no
+    callback of the same kind is there yet; no progress bar when ``progress_bar`` is False."""
+    callbacks = list(callbacks)
+    for default in default_callbacks(ema_decay, progress_bar=progress_bar):
+        name = type(default).__name__
+        kind = _SAME_KIND.get(name, type(default))
+        if name in names and not any(isinstance(callback, kind) for callback in callbacks):
+            callbacks.append(default)
+    return callbacks
+
+
+class DDPMCLI(LightningCLI):
+    """LightningCLI over :class:`DiffusionModule` and any LightningDataModule (``data.class_path``)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--default_callbacks",
+            type=list[DefaultCallback],
+            default=[cls.__name__ for cls in DEFAULT_CALLBACKS],
+            help="Callbacks added to trainer.callbacks unless one of their kind is listed there; leave a name out to "
+            "go without it (the EMA's decay is model.ema_decay, 0: no EMA).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        # loggers write into the run folder (trainer.default_root_dir); a resumed fit continues its W&B run
+        follow_run_dir(config.trainer)
+        # checkpoints in <run dir>/checkpoints, so `--ckpt_path last` finds the previous run's last.ckpt
+        checkpoints_in_run_dir(config.trainer)
+        if self.subcommand == "fit":
+            config.ckpt_path = resolve_ckpt_path(config.trainer, config.get("ckpt_path"))
+            resume_wandb_run(config.trainer, config.get("ckpt_path"))
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config_init.get(str(self.subcommand), self.config_init)
+        trainer_config = config.get("trainer")
+        callbacks = with_default_callbacks(
+            _entries(kwargs.pop("callbacks", trainer_config.get("callbacks"))),
+            config.get("default_callbacks") or [],
+            ema_decay=self.model.hparams.get("ema_decay", 0.9999),
+            progress_bar=trainer_config.get("enable_progress_bar") is not False,
+        )
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
+
+
+def run_cli(argv: Sequence[str] | None = None) -> None:
+    """LightningCLI's subcommands (fit, validate, test, predict) on ``argv``; None: on ``sys.argv`` (the console
+    script), which LightningCLI reads itself."""
+    try:
+        DDPMCLI(
+            DiffusionModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            args=None if argv is None else list(argv),
+            save_config_callback=LogRunConfig,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        finish_wandb_run()
+
+
+def fit(argv: Sequence[str]) -> None:
+    """``ddpm fit ARGV`` in this process, e.g. ``fit(["-c", "configs/demo.yaml", "--trainer.max_steps", "100"])``."""
+    run_cli(["fit", *argv])

@@ -1,0 +1,60 @@
+"""``ddpm sampler-sweep --ckpt PATH``: quality and speed of each sampler against the number of network evaluations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddpm_lightning.evaluation.sweep import DATASETS, SETTINGS, STEPS, sweep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddpm sampler-sweep",
+        description="Sample quality and images/s of each sampler at each number of network evaluations (NFE): the "
+        "demo's digit-classifier figures for a digits model, FID for other data or with --fid. Writes "
+        "OUT/table.md, table.csv and quality_vs_nfe.png.",
+    )
+    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `ddpm fit`")
+    parser.add_argument("--out", type=Path, default=Path("results/samplers"), help="default: results/samplers")
+    parser.add_argument(
+        "--samplers", dest="settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS), help="default: all"
+    )
+    parser.add_argument(
+        "--steps",
+        "--nfe",
+        dest="steps",
+        nargs="+",
+        type=int,
+        default=list(STEPS),
+        help="network evaluations (NFE), default: 1000 250 100 50 20 10; --nfe is a deprecated alias",
+    )
+    parser.add_argument("--num", type=int, default=250, help="samples per (sampler, NFE) (default 250)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
+    parser.add_argument("--batch-size", type=int, default=250, help="default 250")
+    parser.add_argument("--data", choices=DATASETS, default="auto", help="default: the checkpoint's data set")
+    parser.add_argument("--fid", action="store_true", help="also FID (always for data other than the digits)")
+    parser.add_argument("--data-dir", default="data", help="folder of the CIFAR-10 data for FID (default data)")
+    parser.add_argument("--num-real", type=int, default=None, help="first N real images for FID (default: all)")
+    parser.add_argument("--weights", default=None, help="FID Inception weights file (see `ddpm fid-weights`)")
+    parser.add_argument("--classifier-epochs", type=int, default=6, help="the demo's digit classifier (default 6)")
+    parser.add_argument("--classifier-cache-dir", default=None, help="default: ~/.cache/ddpm-lightning")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ddpm sampler-sweep --ckpt PATH [--num 250] [--steps 1000 250 ...] [--samplers ...] [--fid]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if any(a == "--nfe" or a.startswith("--nfe=") for a in argv):
+        warnings.warn("ddpm sampler-sweep: --nfe is deprecated, use --steps", FutureWarning, stacklevel=2)
+    start = time.perf_counter()
+    paths = sweep(**vars(args))
+    minutes = (time.perf_counter() - start) / 60
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {minutes:.1f} min")
+    return 0

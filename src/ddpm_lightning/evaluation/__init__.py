@@ -1,0 +1,52 @@
+"""Evaluation as library functions with plain arguments, for Python and notebooks (``ddpm evaluate``,
+``ddpm sampler-sweep`` and ``ddpm ablate`` are thin shells over them).
+
+- :func:`evaluate`: FID / IS / KID (torch-fidelity) of a checkpoint's samples or a PNG folder; :func:`fid_of_images`.
+- :func:`sweep`: sample quality and speed of each sampler setting against the number of network evaluations.
+- :func:`collect`, :func:`load_runs`: the schedule ablation's table and curves.
+- :class:`DigitScorer`: the demo's digit-classifier figures; the offline FID Inception weights (``inception_weights``).
+
+``evaluate`` and ``sweep`` are the functions; their modules are ``ddpm_lightning.evaluation.evaluate`` and
+``ddpm_lightning.evaluation.sweep`` (``importlib.import_module`` reaches them by name).
+"""
+
+from ddpm_lightning.evaluation.ablation import collect, load_runs, read_metrics, run_dir
+from ddpm_lightning.evaluation.digit_classifier import DigitClassifier, DigitScorer, frechet_distance, score_digits
+from ddpm_lightning.evaluation.evaluate import METRICS, PAPER_NUM_SAMPLES, evaluate, fid_of_images
+from ddpm_lightning.evaluation.inception_weights import (
+    FID_WEIGHTS_FILENAME,
+    build_fid_extractor,
+    check_fid_weights,
+    convert_fid_helper_weights,
+    find_cached_weights,
+    missing_weights_message,
+    prepare_fid_weights,
+    resolve_fid_weights,
+)
+from ddpm_lightning.evaluation.sweep import SETTINGS, STEPS, sweep
+
+__all__ = [
+    "FID_WEIGHTS_FILENAME",
+    "METRICS",
+    "PAPER_NUM_SAMPLES",
+    "SETTINGS",
+    "STEPS",
+    "DigitClassifier",
+    "DigitScorer",
+    "build_fid_extractor",
+    "check_fid_weights",
+    "collect",
+    "convert_fid_helper_weights",
+    "evaluate",
+    "fid_of_images",
+    "find_cached_weights",
+    "frechet_distance",
+    "load_runs",
+    "missing_weights_message",
+    "prepare_fid_weights",
+    "read_metrics",
+    "resolve_fid_weights",
+    "run_dir",
+    "score_digits",
+    "sweep",
+]

@@ -1,0 +1,290 @@
+"""FID, Inception Score and KID of a checkpoint's samples (or a folder of PNGs) with torch-fidelity.
+
+The paper's protocol (Ho et al. 2020, Table 1): 50,000 samples from the EMA weights with the full 1000-step chain,
+quantised to uint8, against the statistics of the 50,000 CIFAR-10 **training** images, with TF's Inception
+(2015-12-05). The reference images are read from the local data set, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, to_uint8
+from ddpm_lightning.diffusion import SamplerConfig, Spacing
+from ddpm_lightning.evaluation.inception_weights import missing_weights_message, resolve_fid_weights
+from ddpm_lightning.sampling import default_device, iter_samples, load_module
+
+__all__ = ["DATASETS", "METRICS", "PAPER_NUM_SAMPLES", "PngFolder", "Uint8Images", "evaluate", "fid_of_images"]
+
+Metric = Literal["fid", "isc", "kid"]
+METRICS: tuple[Metric, ...] = ("fid", "isc", "kid")
+DATASETS = ("cifar10", "digits")
+PAPER_NUM_SAMPLES = 50_000
+
+
+class Uint8Images(Dataset):
+    """torch-fidelity's input: uint8 (3, H, W) tensors, from items in [-1, 1] or uint8; grey is repeated to RGB."""
+
+    def __init__(self, source: Any, num: int | None = None):
+        self.source = source
+        self.num = len(source) if num is None else num
+        if self.num > len(source):
+            raise ValueError(f"asked for {self.num} images but there are {len(source)}")
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.source[i]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        x = x if x.dtype == torch.uint8 else to_uint8(x)
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x  # (3, H, W)
+
+
+class PngFolder(Dataset):
+    """The ``*.png`` files of a folder (not ``grid.png``, which ``ddpm sample`` writes beside them), sorted."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"samples folder {folder} is not a folder")
+        self.files = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
+        if len(self.files) < 2:
+            raise ValueError(f"samples folder {folder} holds {len(self.files)} PNG files; FID needs at least 2")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as img:
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def generate(
+    ckpt: str | Path,
+    num: int,
+    *,
+    sampler: SamplerConfig | Mapping[str, Any] | str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    spacing: Spacing | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``num`` uint8 samples (N, C, H, W) from the checkpoint's EMA weights (sample i seeded by ``seed + i``) and
+    how they were drawn. ``sampler``, ``steps``, ``eta`` and ``spacing`` change the checkpoint's own setting."""
+    module = load_module(ckpt, device)
+    config = module.sampler_config_for(sampler, steps=steps, eta=eta, spacing=spacing)
+    T = module.diffusion.num_timesteps
+    nfe = config.nfe(T)  # checks the step count against T before any sampling
+    images = torch.empty(num, *module.image_shape, dtype=torch.uint8)
+    for indices, batch in iter_samples(module, range(num), sampler=config, seed=seed, batch_size=batch_size,
+                                       progress=True):  # fmt: skip
+        images[indices] = to_uint8(batch.float().cpu())
+    return images, {
+        "sampler": config.name,
+        "steps": nfe,
+        "eta": config.eta if config.name == "ddim" else None,
+        "spacing": config.spacing if nfe < T else None,
+        "label": config.label(T),
+        "seed": seed,
+        "num_timesteps": T,
+    }
+
+
+def reference_images(dataset: str, data_dir: str | Path, split: str) -> Dataset:
+    """The un-augmented real images of ``split`` (items (image in [-1, 1], label)), read locally."""
+    if dataset == "cifar10":
+        datamodule = CIFAR10DataModule(data_dir=str(data_dir))
+        datamodule.prepare_data()  # extracts the archive if that is all there is; never downloads
+        return datamodule.real_images_dataset(split)
+    if dataset == "digits":
+        return EmbeddedDigitsDataModule().real_images_dataset(split)
+    raise ValueError(f"unknown data set {dataset!r}; allowed: {', '.join(DATASETS)}")
+
+
+def has_classifier(weights: str | None) -> bool:
+    """Whether the Inception weights can give Inception Score (a file converted from fid-helper has NaN logits)."""
+    if weights is None:
+        return True  # torch-fidelity's own download
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return bool(torch.isfinite(state["fc.weight"]).all())
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def _calculate_metrics(
+    generated: Dataset,
+    reference: Dataset | None,
+    *,
+    weights: str | None,
+    device: str | torch.device | None,
+    **options: Any,
+) -> dict[str, Any]:
+    """torch-fidelity's ``calculate_metrics`` on the device, with a clear error when the weights cannot be had."""
+    import torch_fidelity
+
+    device = default_device(device)
+    try:
+        return torch_fidelity.calculate_metrics(
+            input1=generated,
+            input2=reference,
+            cuda=device.type == "cuda",
+            feature_extractor_weights_path=weights,
+            cache=False,
+            verbose=True,
+            **options,
+        )
+    except OSError as err:  # torch-fidelity could not download the weights
+        if weights is not None:
+            raise
+        raise FileNotFoundError(missing_weights_message()) from err
+
+
+def fid_of_images(
+    images: torch.Tensor,
+    *,
+    data: str,
+    data_dir: str | Path = "data",
+    split: str = "train",
+    num_real: int | None = None,
+    weights: str | Path | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> float:
+    """FID (torch-fidelity) of uint8 images (N, C, H, W) against the local real images of ``data`` / ``split``."""
+    if len(images) < 2:
+        raise ValueError(f"FID needs at least 2 images, got {len(images)}")
+    reference = Uint8Images(reference_images(data, data_dir, split), num_real)
+    result = _calculate_metrics(
+        Uint8Images(images),
+        reference,
+        weights=resolve_fid_weights(None if weights is None else str(weights)),
+        device=device,
+        batch_size=batch_size,
+        fid=True,
+    )
+    return float(result["frechet_inception_distance"])
+
+
+def evaluate(
+    ckpt: str | Path | None = None,
+    samples: str | Path | None = None,
+    *,
+    num: int = PAPER_NUM_SAMPLES,
+    data: str = "cifar10",
+    data_dir: str | Path = "data",
+    split: Literal["train", "test"] = "train",
+    num_real: int | None = None,
+    batch_size: int = 256,
+    sampler: SamplerConfig | Mapping[str, Any] | str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    spacing: Spacing | None = None,
+    seed: int = 0,
+    weights: str | Path | None = None,
+    metrics: Sequence[Metric] = METRICS,
+    kid_subset_size: int = 1000,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """FID, Inception Score and KID (torch-fidelity) of ``num`` samples of a checkpoint's EMA weights (``ckpt``),
+    or of a folder of PNG files (``samples``), against the local real images of ``data`` / ``split``.
+
+    Args:
+        sampler, steps, eta, spacing: how the checkpoint is sampled: a :class:`SamplerConfig`, a sampler name or
+            None (the checkpoint's own setting), with ``steps``/``eta``/``spacing`` changed when given.
+        seed: sample i is seeded by ``seed + i``.
+        num_real: the first ``num_real`` real images (default: all).
+        weights: the Inception weights file (``ddpm fid-weights``); default: torch hub's cache, else a download.
+        metrics: any of ``"fid"``, ``"isc"``, ``"kid"``.
+        kid_subset_size: KID's subset size, capped by the numbers of images.
+
+    Returns:
+        The report: the figures (None when not computed), the generated and reference sets, the feature extractor,
+        whether this is the paper's protocol, and notes.
+    """
+    if (ckpt is None) == (samples is None):
+        raise ValueError("give exactly one of a checkpoint (ckpt) and a folder of PNG samples (samples)")
+    for name, value in {"num": num, "batch_size": batch_size, "kid_subset_size": kid_subset_size}.items():
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if num_real is not None and num_real < 2:
+        raise ValueError(f"num_real must be >= 2, got {num_real}")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; allowed: {', '.join(METRICS)}")
+    wanted = set(metrics)
+    weights = resolve_fid_weights(None if weights is None else str(weights))
+    notes = []
+    if "isc" in wanted and not has_classifier(weights):
+        wanted.discard("isc")
+        notes.append(
+            f"Inception Score skipped: {weights} was converted from fid-helper and has no classifier layer (its "
+            "logits are NaN). IS needs torch-fidelity's own weights file (see `ddpm fid-weights --source cache`)."
+        )
+        print(f"warning: {notes[-1]}")
+    if not wanted:
+        raise ValueError(f"nothing to compute: metrics {' '.join(metrics)} with these weights")
+
+    if ckpt is not None:
+        images, sampling = generate(
+            ckpt, num, sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
+            device=device,
+        )  # fmt: skip
+        generated = Uint8Images(images)
+        source = {"checkpoint": str(ckpt), "num": len(generated), **sampling}
+    else:
+        generated = Uint8Images(PngFolder(samples))
+        source = {"samples": str(samples), "num": len(generated)}
+
+    need_reference = bool(wanted & {"fid", "kid"})
+    reference = Uint8Images(reference_images(data, data_dir, split), num_real)
+    kid_subset_size = min(kid_subset_size, len(generated), len(reference))
+    result = _calculate_metrics(
+        generated,
+        reference if need_reference else None,
+        weights=weights,
+        device=device,
+        batch_size=batch_size,
+        fid="fid" in wanted,
+        isc="isc" in wanted,
+        kid="kid" in wanted,
+        kid_subset_size=kid_subset_size,
+    )
+
+    paper = (
+        ckpt is not None
+        and source["sampler"] == "ddpm"
+        and source["steps"] == source["num_timesteps"]
+        and len(generated) >= PAPER_NUM_SAMPLES
+        and (data, split, num_real) == ("cifar10", "train", None)
+    )
+    if not paper:
+        notes.append(
+            "Not the paper's protocol (50k EMA samples of the full DDPM chain vs the CIFAR-10 train set): "
+            "do not compare these numbers with FID 3.17 / IS 9.46."
+        )
+    return {
+        "fid": _finite_or_none(result.get("frechet_inception_distance")),
+        "isc_mean": _finite_or_none(result.get("inception_score_mean")),
+        "isc_std": _finite_or_none(result.get("inception_score_std")),
+        "kid_mean": _finite_or_none(result.get("kernel_inception_distance_mean")),
+        "kid_std": _finite_or_none(result.get("kernel_inception_distance_std")),
+        "kid_subset_size": kid_subset_size if "kid" in wanted else None,
+        "generated": source,
+        "reference": {"dataset": data, "split": split, "num": len(reference)},
+        "feature_extractor": {"name": "inception-v3-compat", "weights": weights or "torch-fidelity download"},
+        "paper_protocol": paper,
+        "notes": notes,
+    }

@@ -1,0 +1,75 @@
+"""Files: atomic writes, PNG images and grids, JSON reports and the cache folder (one helper each).
+
+Every file the project writes goes through :func:`atomic_write`: a temporary file in the target folder, renamed over
+the target when complete, so a reader (or a run killed mid-write) sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from ddpm_lightning.data.transforms import to_uint8
+
+__all__ = ["atomic_write", "cache_dir", "image_grid", "save_grid", "save_png", "write_json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``; returns ``path``.
+
+    The rename is atomic within a folder. The file gets the mode a plain ``open`` would give it under the current
+    umask (0644 under umask 0022), so teammates on a shared cluster can read checkpoints and images.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/ddpm-lightning/<parts>`` (``~/.cache/ddpm-lightning/...`` when the variable is unset or
+    empty): the one place where weights, classifiers and real-image statistics are cached."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "ddpm-lightning", *parts)
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """A uint8 (3, H', W') grid, about square unless ``nrow`` is given, of images (B, C, H, W) in [-1, 1]."""
+    nrow = nrow or max(1, round(len(images) ** 0.5))
+    return make_grid(to_uint8(images.detach().cpu()), nrow=nrow, padding=2, pad_value=255)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write a uint8 (C, H, W) tensor as a PNG file, atomically."""
+    array = image.permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Save images (B, C, H, W) in [-1, 1] as one grid PNG."""
+    return save_png(image_grid(images, nrow), path)

@@ -1,0 +1,240 @@
+"""The module's seams: an injected network (in Python and in YAML), the one image shape, every trainable parameter
+under the optimizer and the non-finite guard, checkpoints of earlier versions, and no import cycle."""
+
+import ast
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from ddpm_lightning.callbacks import default_callbacks
+from ddpm_lightning.cli import main
+from ddpm_lightning.data import EmbeddedDigitsDataModule
+from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.lit_module import DiffusionModule
+from ddpm_lightning.models import UNet
+from ddpm_lightning.sampling import load_module
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PACKAGE = Path(__file__).parents[1] / "src" / "ddpm_lightning"
+REPO = Path(__file__).parents[1]
+
+
+class ConvStack(nn.Module):
+    """A network that is not the template's: three convolutions that ignore t."""
+
+    def __init__(self, channels: int = 1, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, channels, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.body(x_t)
+
+
+def _trainer(tmp_path: Path, module: DiffusionModule, max_steps: int = 3) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=default_callbacks(module.hparams.ema_decay, progress_bar=False),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the network
+@pytest.mark.unit
+def test_the_default_network_is_the_papers_unet():
+    module = DiffusionModule(ema_decay=0.0)
+    assert isinstance(module.net, UNet) and module.image_shape == (3, 32, 32)
+    assert sum(p.numel() for p in module.net.parameters()) == 35_746_307
+    assert module.hparams.net["class_path"] == "ddpm_lightning.models.unet.UNet"
+
+
+@pytest.mark.unit
+def test_an_injected_network_gets_its_shape_from_the_module_and_is_checked_by_a_dummy_forward():
+    module = DiffusionModule(net=ConvStack(1), image_size=8, in_channels=1, num_timesteps=10, schedule="cosine")
+    assert module.image_shape == (1, 8, 8)
+    assert module.sample(2, SamplerConfig("ddim", 3)).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"ConvStack fails on x_t of shape \(1, 3, 8, 8\)"):
+        DiffusionModule(net=ConvStack(1), image_size=8, in_channels=3, num_timesteps=10, schedule="cosine")
+
+    class FirstChannel(nn.Module):
+        def forward(self, x_t, t):
+            return x_t[:, :1]
+
+    with pytest.raises(ValueError, match=r"returns \(1, 1, 8, 8\) for x_t of shape \(1, 3, 8, 8\)"):
+        DiffusionModule(net=FirstChannel(), image_size=8, in_channels=3, num_timesteps=10, schedule="cosine")
+    with pytest.raises(ValueError, match="set model.image_size"):
+        DiffusionModule(net=ConvStack(1), in_channels=1)
+    ConvStack.in_channels = 1  # a network that says its channels: the module's must agree
+    try:
+        with pytest.raises(ValueError, match="model.in_channels=3 but the network ConvStack has in_channels=1"):
+            DiffusionModule(net=ConvStack(1), image_size=8, in_channels=3)
+    finally:
+        del ConvStack.in_channels
+
+
+@pytest.mark.unit
+def test_flat_unet_keys_compose_over_a_unet_preset_and_are_refused_for_other_networks():
+    preset = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=16)
+    module = DiffusionModule(net=preset, ch=64, image_size=8, num_timesteps=100, ema_decay=0.0)
+    assert module.net.init_args["ch"] == 64 and module.image_shape == (1, 8, 8)
+    assert module.hparams.net["init_args"]["ch"] == 64 and "ch" not in module.hparams
+    with pytest.raises(ValueError, match="model.ch is a setting of the default U-Net, but model.net is ConvStack"):
+        DiffusionModule(net=ConvStack(1), image_size=8, in_channels=1, ch=64)
+
+
+@pytest.mark.integration
+def test_the_optimizer_and_the_nonfinite_guard_cover_every_trainable_parameter(tmp_path):
+    class WithExtra(DiffusionModule):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.extra = nn.Linear(1, 1)  # a trainable submodule beside the network
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + 0.0 * self.extra(torch.ones(1, 1)).sum()
+
+    module = WithExtra(net=ConvStack(1), image_size=16, in_channels=1, num_timesteps=100, ema_decay=0.0,
+                       nonfinite_loss="skip", warmup_steps=0)  # fmt: skip
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in module.parameters()}
+    # NaN gradients in the extra parameter alone, on every step: the guard must skip those updates
+    module.extra.weight.register_hook(lambda grad: grad * math.nan)
+    before = module.extra.weight.detach().clone()
+    _trainer(tmp_path, module).fit(module, EmbeddedDigitsDataModule(batch_size=4, image_size=16))
+    assert module.nonfinite_skips == 3
+    assert torch.equal(module.extra.weight, before)
+
+
+@pytest.mark.integration
+def test_a_network_from_outside_the_package_trains_from_yaml_and_samples_back(tmp_path):
+    config = {
+        "model": {
+            "net": {"class_path": f"{ConvStack.__module__}.ConvStack", "init_args": {"channels": 1, "width": 8}},
+            "image_size": 32,
+            "in_channels": 1,
+        },
+        "trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"save_last": True}}]},
+    }  # fmt: skip
+    (tmp_path / "net.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "-c", str(REPO / "configs/demo.yaml"), "-c", str(tmp_path / "net.yaml"),
+          "--trainer.max_time=null", "--trainer.max_steps=2", "--trainer.default_root_dir", str(tmp_path / "run"),
+          "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+          "--trainer.limit_val_batches=0"])  # fmt: skip
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    module = load_module(last)
+    assert type(module.net).__name__ == "ConvStack" and module.hparams.net["init_args"] == {"channels": 1, "width": 8}
+    with pytest.raises(SystemExit) as status:
+        main(["sample", "--ckpt", str(last), "--num", "3", "--out", str(tmp_path / "samples"), "--steps", "2"])
+    assert status.value.code == 0
+    assert len(list((tmp_path / "samples").glob("0*.png"))) == 3
+
+
+# ------------------------------------------------------------------------------------------------ old checkpoints
+@pytest.mark.unit
+def test_a_checkpoint_written_before_the_network_was_injected_samples_the_same_images_bit_for_bit():
+    # written by `ddpm fit` at commit d7184d8 (flat U-Net hyper-parameters, `unet.*` weights, sampler "ddim" with
+    # sample_steps 10); the samples were drawn from it with that version
+    module = load_module(FIXTURES / "legacy_digits8.ckpt", "cpu")
+    expected = torch.load(FIXTURES / "legacy_digits8_samples.pt", weights_only=True)
+    assert module.sampler_config == SamplerConfig("ddim", 10)
+    assert torch.equal(module.sample(4, seeds=[0, 1, 2, 3]), expected["ddim10_seeds0-3"])
+    assert torch.equal(module.sample(2, SamplerConfig("ddpm"), seeds=[5, 6]), expected["ddpm100_seeds5-6"])
+    assert torch.equal(module.sample(2, SamplerConfig("dpmpp_2m", 5), seeds=[7, 8]), expected["dpmpp_2m5_seeds7-8"])
+
+
+@pytest.mark.integration
+def test_a_checkpoint_written_before_the_network_was_injected_resumes_training(tmp_path):
+    run = tmp_path / "run"
+    main(["fit", "--model.ema_decay=0.9", "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule",
+          "--data.init_args.batch_size=8", "--data.init_args.image_size=8", "--trainer.accelerator=cpu",
+          "--trainer.max_steps=5", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+          "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={run}",
+          '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",'
+          ' "init_args": {"save_last": true}}]', f"--ckpt_path={FIXTURES / 'legacy_digits8.ckpt'}"])  # fmt: skip
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 5
+    assert all(key.startswith(("net.", "diffusion.")) for key in checkpoint["state_dict"])
+    assert checkpoint["hyper_parameters"]["net"]["init_args"]["ch_mult"] == [1]
+
+
+# ------------------------------------------------------------------------------------------------ imports
+def _imports(path: Path, module: str) -> set[str]:
+    """Every ddpm_lightning module that importing ``module`` runs (imports inside functions included, those under
+    ``if TYPE_CHECKING:`` left out), with the packages whose ``__init__`` runs on the way."""
+    tree = ast.parse(path.read_text())
+    skip = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    found = set()
+    parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+    for name in names:
+        parts = name.split(".")
+        for i in range(2, len(parts) + 1):  # the packages on the way run their __init__ too
+            candidate = ".".join(parts[:i])
+            # the importer's own packages are already (partly) imported when it runs: not an edge
+            if candidate in MODULES and candidate != module and candidate not in parents:
+                found.add(candidate)
+    return found
+
+
+MODULES = {
+    ".".join(("ddpm_lightning", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+    for p in PACKAGE.rglob("*.py")
+}
+
+
+@pytest.mark.unit
+def test_the_package_has_no_import_cycle():
+    graph = {name: _imports(path, name) for name, path in MODULES.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt) :] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+@pytest.mark.unit
+def test_the_import_cycle_check_finds_a_cycle(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("def f():\n    from ddpm_lightning.cli import main\n")
+    b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ddpm_lightning.cli import main\n")
+    assert _imports(a, "x") == {"ddpm_lightning.cli"}
+    assert _imports(b, "x") == set()
