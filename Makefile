@@ -34,9 +34,10 @@ format: install
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
 
-DEMO_TIME ?= 00:00:05:00
-demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_TIME of training (dd:hh:mm:ss): runs/demo/
-	$(BIN)/ddpm fit -c configs/demo.yaml --trainer.max_time=$(DEMO_TIME) $(ARGS)
+DEMO_STEPS ?= 800
+DEMO_TIME ?=
+demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_STEPS optimizer steps (or DEMO_TIME=dd:hh:mm:ss): runs/demo/
+	$(BIN)/ddpm fit -c configs/demo.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
 
 train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)

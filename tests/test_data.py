@@ -62,12 +62,14 @@ def test_cifar10_val_batch_equals_unflipped_data(cifar10_dir: Path) -> None:
 def test_cifar10_flips_train_images_only(cifar10_dir: Path) -> None:
     torch.manual_seed(0)
     dm = _ready(CIFAR10DataModule(str(cifar10_dir), batch_size=8, num_workers=0, random_flip=True))
-    train_image = _raw_cifar(dm.train_set)[0]
-    draws = [dm.train_set[0][0] for _ in range(32)]
+    train_image = _raw_cifar(dm.train_set.dataset)[0]
+    # the flip of an item is decided by (seed, epoch, index): the same on every read, different across epochs
+    draws = [dm.train_set[(epoch, 0)][0] for epoch in range(32)]
     unflipped = [torch.allclose(d, train_image, atol=1e-6) for d in draws]
     flipped = [torch.allclose(d, train_image.flip(-1), atol=1e-6) for d in draws]
     assert all(u or f for u, f in zip(unflipped, flipped, strict=True))
     assert any(unflipped) and any(flipped)
+    assert all(torch.equal(dm.train_set[(3, 0)][0], draws[3]) for _ in range(4))
     val_image = _raw_cifar(dm.val_set)[0]
     assert all(torch.allclose(dm.val_set[0][0], val_image, atol=1e-6) for _ in range(32))
 
@@ -169,3 +171,43 @@ def test_digits_split_depends_on_seed_only(digits: EmbeddedDigitsDataModule) -> 
 def test_digits_resize_to_other_image_size() -> None:
     images, _ = EmbeddedDigitsDataModule(image_size=16).split_arrays("val")
     assert images.shape == (500, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+
+
+def test_the_train_loader_resumes_in_the_middle_of_an_epoch_with_the_same_batches() -> None:
+    from ddpm_lightning.data.base import ResumableDataLoader, ResumableSampler
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, key: tuple[int, int]) -> int:
+            return key[1]
+
+    dataset = Items()
+
+    def loader(world_size: int = 1, batch_size: int = 4) -> ResumableDataLoader:
+        return ResumableDataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, world_size, 0, 7))
+
+    straight = loader()
+    straight.sampler.set_epoch(1)
+    batches = [b.clone() for b in straight]
+    stopped = loader()
+    stopped.sampler.set_epoch(1)
+    iterator = iter(stopped)
+    first = [next(iterator), next(iterator)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 1, "batches": 2, "batch_size": 4, "world_size": 1}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # Lightning sets the epoch again
+    assert [b.tolist() for b in first + list(resumed)] == [b.tolist() for b in batches]
+    # the keys carry the epoch, for the seeded flips
+    assert next(iter(ResumableSampler(dataset, 1, 0, 7)))[0] == 0
+    # a state after the last batch of an epoch points at the next one
+    list(iterator)
+    assert stopped.state_dict()["epoch"] == 2 and stopped.state_dict()["batches"] == 0
+    with pytest.raises(ValueError, match="1 processes and a global batch size of 4; this run has 2 and 8"):
+        loader(world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="this run has 2 and 4"):
+        loader(world_size=2, batch_size=2).load_state_dict(state)  # the same global batch size, other shards
+    loader(world_size=2).load_state_dict({**state, "epoch": 2, "batches": 0})  # at an epoch boundary: any

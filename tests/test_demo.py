@@ -1,8 +1,11 @@
 """`make demo`: the demo config runs end to end and writes its report; the digit classifier's scores separate real
 digits from noise."""
 
+import itertools
 import json
 import math
+import os
+import signal as signal_module
 from pathlib import Path
 from unittest import mock
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from ddpm_lightning.callbacks import DemoReport
@@ -81,7 +85,19 @@ def test_scorer_separates_real_heldout_digits_from_noise(digits, classifier_cach
     assert noise["frechet_distance"] > 20 * real["frechet_distance"]
 
 
-def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: Path, capsys) -> None:
+class SignalAt(Callback):
+    """Sends ``signal`` to this process during optimizer step ``step`` (1-based), as a user's Ctrl-C or a scheduler."""
+
+    def __init__(self, step: int, signal: str):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+
+def _demo(tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: tuple[dict, ...] = ()) -> Path:
+    """``ddpm fit -c configs/demo.yaml`` with its callbacks and network scaled down; returns the run folder."""
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     sizes = {
         "SamplingCallback": {"every_n_steps": 2, "num_samples": 4, "sampler": {"name": "ddim", "steps": 3}},
@@ -94,25 +110,69 @@ def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: 
         },
     }
     for callback in config["trainer"]["callbacks"]:
-        callback["init_args"].update(sizes[callback["class_path"].rsplit(".", 1)[-1]])
+        callback.setdefault("init_args", {}).update(sizes.get(callback["class_path"].rsplit(".", 1)[-1], {}))
+    tmp_path.mkdir(parents=True, exist_ok=True)
     override = tmp_path / "small.yaml"
-    override.write_text(yaml.safe_dump({"trainer": {"callbacks": config["trainer"]["callbacks"]}}))
+    callbacks = [*config["trainer"]["callbacks"], *extra_callbacks]
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     run = tmp_path / "demo"
     main(
-        ["fit", "-c", str(DEMO_CONFIG), "-c", str(override), "--trainer.max_steps=3",
-         f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false",
-         "--model.ch_mult=[1, 2]", "--model.attn_resolutions=[]", "--model.num_timesteps=100"]
+        ["fit", "-c", str(DEMO_CONFIG), "-c", str(override), f"--trainer.default_root_dir={run}",
+         "--trainer.enable_progress_bar=false", "--model.ch_mult=[1, 2]", "--model.attn_resolutions=[]",
+         "--model.num_timesteps=100", *args]
     )  # fmt: skip
+    return run
+
+
+def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: Path, capsys) -> None:
+    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=3")
     summary = capsys.readouterr().out
     for name in ("demo.ckpt", "samples.png", "chain.png", "loss.png", "metrics.json"):
         assert (run / name).is_file(), name
         assert str(run / name) in summary  # the report says where everything is
-    assert Image.open(run / "samples.png").size == (2 * 34 + 2, 2 * 34 + 2)  # 2 x 2 grid of 32-pixel digits
+    size = load_module(run / "demo.ckpt", "cpu").image_shape[-1]
+    assert Image.open(run / "samples.png").size == (2 * (size + 2) + 2,) * 2  # 2 x 2 grid
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3
     for row in ("trained", "untrained", "real_heldout"):
         assert set(metrics[row]) == {"confident_share", "class_entropy", "frechet_distance"}
     assert load_module(run / "demo.ckpt", "cpu").hparams.in_channels == 1
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_the_report_scores_native_28_pixel_digits_and_padded_32_pixel_ones(tmp_path, classifier_cache, size):
+    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=2", f"--data.init_args.image_size={size}",
+                f"--model.image_size={size}")  # fmt: skip
+    assert Image.open(run / "samples.png").size == (2 * (size + 2) + 2,) * 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    # the classifier sees 28-pixel digits with the 32-pixel data's border: real digits score the same either way
+    assert metrics["real_heldout"]["confident_share"] > 0.7 and metrics["steps"] == 2
+
+
+def test_the_demo_trains_a_fixed_number_of_steps_however_slow_the_clock(tmp_path, classifier_cache) -> None:
+    trainer = yaml.safe_load(DEMO_CONFIG.read_text())["trainer"]
+    assert trainer["max_steps"] > 0 and trainer.get("max_time") is None  # DEMO_STEPS, not a wall-clock budget
+    hours = itertools.count(0, 3600.0)  # every reading of Lightning's Timer clock: one hour later
+    slow_clock = mock.Mock(monotonic=lambda: next(hours))
+    with mock.patch("lightning.pytorch.callbacks.timer.time", slow_clock):
+        steps = json.loads(
+            (_demo(tmp_path / "a", classifier_cache, "--trainer.max_steps=4") / "metrics.json").read_text()
+        )
+        timed = _demo(tmp_path / "b", classifier_cache, "--trainer.max_steps=4", "--trainer.max_time=00:00:30:00")
+    assert steps["steps"] == 4
+    assert json.loads((timed / "metrics.json").read_text())["steps"] < 4  # DEMO_TIME: the clock decides
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_demo_writes_last_ckpt_and_ends_with_the_report(tmp_path, classifier_cache, name) -> None:
+    at = {
+        "class_path": f"{SignalAt.__module__}.SignalAt",
+        "init_args": {"step": 2, "signal": name},
+    }  # the step finishes
+    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=50", extra_callbacks=(at,))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+    assert signal_module.getsignal(signal_module.SIGINT) is signal_module.default_int_handler  # handler restored
 
 
 def test_demo_report_refuses_other_data() -> None:

@@ -227,3 +227,47 @@ def test_sample_returns_the_requested_chain():
     assert chain[49].shape == x0.shape
     # x_T is pure N(0, I) noise from the seed
     torch.testing.assert_close(chain[49], torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0)))
+
+
+def _min_snr_expected(objective: str, t: np.ndarray, gamma: float) -> np.ndarray:
+    # Hang et al. 2023: SNR_t = abar_t / (1 - abar_t);
+    # eps: min(SNR, g) / SNR, v: min(SNR, g) / (SNR + 1), x0: min(SNR, g)
+    abar = np.cumprod(1 - paper_linear_betas())[t]
+    snr = abar / (1 - abar)
+    return {"eps": np.minimum(snr, gamma) / snr, "v": np.minimum(snr, gamma) / (snr + 1), "x0": np.minimum(snr, gamma)}[
+        objective
+    ]
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+def test_min_snr_weighting_follows_hang_et_al(objective):
+    gamma = 5.0
+    diffusion = GaussianDiffusion(
+        make_betas("linear", T), objective=objective, loss_weighting="min_snr", min_snr_gamma=gamma
+    )
+    plain = GaussianDiffusion(make_betas("linear", T), objective=objective)
+    all_t = np.arange(T)
+    assert diffusion.loss_weights.dtype == torch.float64
+    np.testing.assert_allclose(diffusion.loss_weights.numpy(), _min_snr_expected(objective, all_t, gamma), rtol=1e-12)
+    g = torch.Generator().manual_seed(8)
+    x0, noise = (torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0, 20, 150, 600, 999])
+    model = lambda x_t, t_: 0.3 * x_t  # noqa: E731
+    weighted = diffusion.training_loss(model, x0, t=t, noise=noise, reduction="none")
+    target = plain.training_target(x0, t, noise).numpy()
+    x_t = plain.q_sample(x0, t, noise).numpy()
+    mse = ((0.3 * x_t - target) ** 2).reshape(5, -1).mean(axis=1)
+    np.testing.assert_allclose(weighted.numpy(), mse * _min_snr_expected(objective, t.numpy(), gamma), rtol=1e-5)
+
+
+def test_no_loss_weighting_keeps_l_simple_exactly():
+    g = torch.Generator().manual_seed(9)
+    x0, noise = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(2))
+    t = torch.tensor([1, 50, 500, 999])
+    model = lambda x_t, t_: 0.5 * x_t  # noqa: E731
+    loss = GaussianDiffusion(make_betas("linear", T), loss_weighting="none").training_loss(model, x0, t=t, noise=noise)
+    x_t = GaussianDiffusion(make_betas("linear", T)).q_sample(x0, t, noise)
+    # today's L_simple: the per-example mean squared errors, averaged
+    assert loss.item() == ((0.5 * x_t - noise) ** 2).flatten(1).mean(1).mean().item()
+    with pytest.raises(ValueError, match="snr.*none, min_snr"):
+        GaussianDiffusion(make_betas("linear", 100), loss_weighting="snr")

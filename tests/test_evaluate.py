@@ -109,3 +109,30 @@ def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path: Path) -> None:
         evaluate(samples=tmp_path, num=0)
     with pytest.raises(ValueError, match="unknown metrics"):
         evaluate(samples=tmp_path, metrics=["fid", "lpips"])
+
+
+def test_evaluate_caches_the_reference_statistics_by_data_split_count_and_weights(
+    cifar10_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch_fidelity
+
+    from ddpm_lightning.evaluation.real_stats import real_stats_key, real_stats_name
+
+    calls: list[dict] = []
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", lambda **kw: calls.append(kw) or {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for i in range(4):
+        save_png(torch.zeros(3, 32, 32, dtype=torch.uint8), tmp_path / "samples" / f"{i:06d}.png")
+    weights = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    weights[0].write_bytes(b"weights a")
+    weights[1].write_bytes(b"weights b")
+    for w in weights:
+        evaluate(samples=tmp_path / "samples", data_dir=cifar10_dir, num_real=NUM_REAL, weights=str(w), metrics=["fid"])
+    first, second = calls
+    assert first["cache"] is True and first["cache_root"] == str(tmp_path / "cache" / "ddpm-lightning" / "fid-stats")
+    import hashlib
+
+    key = real_stats_key("cifar10", "train", "32x32", NUM_REAL, "inception-v3-compat-torch-fidelity",
+                         hashlib.sha256(b"weights a").hexdigest())  # fmt: skip
+    assert first["input2_cache_name"] == real_stats_name(key)
+    assert second["input2_cache_name"] != first["input2_cache_name"]  # other weights, other statistics

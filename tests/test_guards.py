@@ -103,3 +103,28 @@ def test_nan_loss_skip_counts_and_leaves_weights_finite(tmp_path: Path, monkeypa
     assert checkpoint["nonfinite_skips"] == 1
     assert checkpoint["global_step"] == 3  # Lightning counts the skipped batch as a step
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_steps_skipped_by_float16_loss_scaling_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning makes no GradScaler on the CPU: the hook is driven with one, as under 16-mixed on a GPU
+    from types import SimpleNamespace
+
+    from ddpm_lightning.lit_module import DiffusionModule
+    from ddpm_lightning.models import UNet
+
+    net = UNet(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), image_size=8)
+    module = DiffusionModule(net=net, num_timesteps=50)
+    scaler = torch.amp.GradScaler("cpu")
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), global_step=3)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    optimizer = torch.optim.Adam(module.parameters())
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    module._loss = torch.tensor(1.0)
+    module.on_before_optimizer_step(optimizer)  # finite: not a skip
+    next(module.parameters()).grad.fill_(float("inf"))
+    module._loss = torch.tensor(float("inf"))
+    module.on_before_optimizer_step(optimizer)
+    assert module.nonfinite_skips == 1
+    assert next(module.parameters()).grad is not None  # the scaler decides the step itself
+    module._check_nonfinite()  # loss scaling expects skips: no NonFiniteLossError under "stop"

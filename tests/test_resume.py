@@ -1,5 +1,6 @@
 """Never lose work: exact resume with `--ckpt_path last`, atomic checkpoint writes, clear errors for bad checkpoints."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,10 +124,27 @@ def test_resume_with_another_model_shape_names_the_parameter(
         main(fit_args(tmp_path, 2, "--ckpt_path=last", "--model.ch=64"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "another model shape" in err and "last.ckpt" in err and "has shape" in err
+    assert "cannot resume" in err and "last.ckpt" in err and "model.ch: checkpoint 32, given 64" in err
 
 
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path: Path) -> None:
     # periodic saves every 3 steps write last.ckpt at step 3; the run ends at step 4, which must not be lost
     main(fit_args(tmp_path, STEPS_PER_EPOCH + 1))
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH + 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_in_the_middle_of_an_epoch_matches_an_uninterrupted_run(tmp_path: Path, num_workers: int) -> None:
+    # epochs of 4 steps, a stop after 1.5 epochs: the data order, the flips, dropout and the noise all continue
+    epoch = ("--trainer.limit_train_batches=4", f"--data.num_workers={num_workers}")
+    n = 6
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dataloader is not resumable")
+        main(fit_args(tmp_path / "straight", 2 * n, *epoch))
+        main(fit_args(tmp_path / "resumed", n, *epoch))
+        main(fit_args(tmp_path / "resumed", 2 * n, *epoch, "--ckpt_path=last"))
+    checkpoint = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 2 * n
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from torchvision.utils import make_grid
 
 from ddpm_lightning.data.transforms import to_uint8
 
-__all__ = ["atomic_write", "cache_dir", "image_grid", "save_grid", "save_png", "write_json"]
+__all__ = ["atomic_folder", "atomic_write", "cache_dir", "image_grid", "save_grid", "save_png", "write_json"]
 
 
 def _umask() -> int:
@@ -44,6 +46,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """``with atomic_folder(out) as tmp:`` write files into ``tmp``, a fresh folder beside ``out``; they appear in
+    ``out`` only when the block completes (a new ``out`` is the renamed ``tmp``; into an existing folder each file
+    is moved, replacing a file of the same name). An error or a kill inside the block leaves ``out`` as it was.
+
+    Raises FileExistsError when ``out`` is an existing file.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is an existing file, not a folder: choose a folder for the output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(mode=0o777)
+    try:
+        yield tmp
+        if path.is_dir():
+            for item in tmp.iterdir():
+                os.replace(item, path / item.name)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

@@ -81,7 +81,11 @@ class DiffusionModule(L.LightningModule):
             the shape: x_T is drawn in it and the data are checked against it. None: the network's own
             ``image_size``/``in_channels`` attributes. A dummy forward at construction checks the network's output.
         schedule, num_timesteps, beta_start, beta_end: the noise schedule (:func:`make_betas`).
-        variance, objective: see :class:`GaussianDiffusion`.
+        variance, objective: see :class:`GaussianDiffusion`. A learned variance (``"learned_range"``,
+            ``"learned"``) needs a network with twice the image channels (the default U-Net is built so, and a U-Net
+            without ``out_channels`` gets them) and trains with L_hybrid.
+        loss_weighting, min_snr_gamma: the weighting of L_simple, ``"none"`` (the paper) or ``"min_snr"``
+            (min-SNR-gamma, Hang et al. 2023); see :class:`GaussianDiffusion`.
         lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up, over every trainable
             parameter of the module.
         ema_decay: decay of the weights' EMA (the EMA callback reads it); 0 turns the EMA off.
@@ -108,8 +112,10 @@ class DiffusionModule(L.LightningModule):
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        variance: Literal["fixed_large", "fixed_small"] = "fixed_large",
+        variance: Literal["fixed_large", "fixed_small", "learned_range", "learned"] = "fixed_large",
         objective: Literal["eps", "x0", "v"] = "eps",
+        loss_weighting: Literal["none", "min_snr"] = "none",
+        min_snr_gamma: float = 5.0,
         lr: float = 2e-4,
         warmup_steps: int = 5000,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -140,10 +146,17 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
         given = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions)
         unet_aliases = {k: v for k, v in {**given, "dropout": dropout}.items() if v is not None}
-        self.net = self._make_net(net, image_size, in_channels, unet_aliases)
-        self.image_shape = self._image_shape(self.net, image_size, in_channels)
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
-        self.diffusion = GaussianDiffusion(betas, variance=variance, objective=objective)
+        self.diffusion = GaussianDiffusion(
+            betas,
+            variance=variance,
+            objective=objective,
+            loss_weighting=loss_weighting,
+            min_snr_gamma=min_snr_gamma,
+        )
+        out_factor = self.diffusion.output_channels_factor
+        self.net = self._make_net(net, image_size, in_channels, unet_aliases, out_factor)
+        self.image_shape = self._image_shape(self.net, image_size, in_channels)
         # fail at construction, not at the first sampling callback
         self.sampler_config = SamplerConfig.parse(sampler, steps=sample_steps, eta=eta, spacing=sample_spacing)
         self.sampler_config.timesteps(num_timesteps)
@@ -182,17 +195,22 @@ class DiffusionModule(L.LightningModule):
         image_size: int | None,
         in_channels: int | None,
         unet_aliases: dict[str, Any],
+        out_factor: int = 1,
     ) -> nn.Module:
         if isinstance(net, Mapping):  # a checkpoint's {"class_path", "init_args"} outside the CLI
             net = build_net(net)
         if net is None:
             shape = {"image_size": 32 if image_size is None else image_size}
             shape["in_channels"] = 3 if in_channels is None else in_channels
-            return UNet(**shape, **unet_aliases)
+            out = {"out_channels": out_factor * shape["in_channels"]} if out_factor > 1 else {}
+            return UNet(**shape, **out, **unet_aliases)
         if type(net) is UNet:
             # flat keys (model.ch, model.image_size, ...) composed over a U-Net preset win over it
             shape = {"image_size": image_size, "in_channels": in_channels}
             changes = {**{k: v for k, v in shape.items() if v is not None}, **unet_aliases}
+            if out_factor > 1 and net.init_args.get("out_channels") is None:
+                # a learned variance: the preset's U-Net with twice the image channels out
+                changes["out_channels"] = out_factor * changes.get("in_channels", net.init_args["in_channels"])
             if any(net.init_args[k] != v for k, v in changes.items()):
                 net = UNet(**{**net.init_args, **changes})
         elif unet_aliases:
@@ -224,8 +242,11 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def _check_output_shape(self) -> None:
-        """One forward of a dummy x_t (in eval mode: no dropout, no random numbers drawn) through the network."""
+        """One forward of a dummy x_t (in eval mode: no dropout, no random numbers drawn) through the network: it
+        must return x_t's shape, with twice the channels for a learned variance."""
         x_t = torch.zeros(1, *self.image_shape)
+        factor = self.diffusion.output_channels_factor
+        expected = (1, factor * self.image_shape[0], *self.image_shape[1:])
         was_training = self.net.training
         self.net.eval()
         try:
@@ -237,8 +258,14 @@ class DiffusionModule(L.LightningModule):
             ) from err
         finally:
             self.net.train(was_training)
-        if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            if factor > 1:
+                raise ValueError(
+                    f"the network {type(self.net).__name__} returns {got} for x_t of shape {tuple(x_t.shape)}, but "
+                    f"model.variance={self.diffusion.variance!r} needs {expected}: twice the image channels (the "
+                    "mean and the variance; set the network's out_channels), or a fixed variance"
+                )
             raise ValueError(
                 f"the network {type(self.net).__name__} returns {got} for x_t of shape {tuple(x_t.shape)}: it must "
                 "return a tensor shaped like x_t (check its channels against model.in_channels)"
@@ -290,6 +317,26 @@ class DiffusionModule(L.LightningModule):
         self._skips_reported = self.nonfinite_skips
         self._nonfinite = NonFiniteSteps(self._skips_reported, self.device)
 
+    def on_train_start(self) -> None:
+        self._apply_optimizer_settings()
+
+    def _apply_optimizer_settings(self) -> None:
+        """Put ``lr``, ``adam_betas`` and ``weight_decay`` into the optimizer and the learning-rate schedule, after
+        Lightning has restored them from a checkpoint with the values it was trained with (a resumed run may change
+        them: ``ddpm_lightning.cli.resume``). The warm-up follows ``warmup_steps`` (the schedule's function is
+        rebuilt by :meth:`configure_optimizers`, never restored)."""
+        hp = self.hparams
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.update(initial_lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [hp.lr] * len(scheduler.base_lrs)
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                groups = scheduler.optimizer.param_groups
+                for group, schedule in zip(groups, scheduler.lr_lambdas, strict=True):
+                    group["lr"] = hp.lr * schedule(scheduler.last_epoch)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = _images(batch)
         loss = self.diffusion.training_loss(self.net, x0)
@@ -302,17 +349,18 @@ class DiffusionModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return  # float16 loss scaling skips non-finite steps itself (and expects some)
         grads = [p.grad for p in self._trainable() if p.grad is not None]
         grad_norm, found_inf = self._nonfinite.update(grads, self._loss, self.global_step)
         self._grad_norm = grad_norm
-        # fused optimizers read found_inf after the closure: 1.0 leaves weights and moments as they were
-        if not compat.set_found_inf(optimizer, found_inf) and found_inf.item():
-            # any other optimizer (a host sync): without gradients it updates nothing
-            for p in self._trainable():
-                p.grad = None
-        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            # fused optimizers read found_inf after the closure: 1.0 leaves weights and moments as they were
+            if not compat.set_found_inf(optimizer, found_inf) and found_inf.item():
+                # any other optimizer (a host sync): without gradients it updates nothing
+                for p in self._trainable():
+                    p.grad = None
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        # float16 loss scaling skips the steps with non-finite gradients itself (they may still be scaled here, so no
+        # grad_norm): counted all the same
         self.log("train/nonfinite_skips", self._nonfinite.count.float(), on_step=True, on_epoch=False)
 
     def configure_gradient_clipping(
@@ -352,6 +400,9 @@ class DiffusionModule(L.LightningModule):
         """Stop naming the first step whose gradients were not finite (``"stop"``), or warn (``"skip"``): a sync."""
         count, step, loss = self._nonfinite.read()
         if count == self._skips_reported:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            self._skips_reported = count  # float16 loss scaling expects skipped steps while it calibrates its scale
             return
         if self.hparams.nonfinite_loss == "stop":
             raise NonFiniteLossError(

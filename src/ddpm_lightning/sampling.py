@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.io import save_grid, save_png
+from ddpm_lightning.io import atomic_folder, save_grid, save_png
 from ddpm_lightning.lit_module import DiffusionModule
 
 __all__ = ["CheckpointError", "default_device", "iter_samples", "load_module", "sample_to_folder"]
@@ -86,21 +86,26 @@ def sample_to_folder(
 ) -> Path:
     """Write ``num`` samples as ``out/000000.png ...`` plus ``out/grid.png`` (up to 64 images); returns the grid.
 
-    Unset sampler options come from the checkpoint's setting (:meth:`DiffusionModule.sampler_config_for`).
+    Unset sampler options come from the checkpoint's setting (:meth:`DiffusionModule.sampler_config_for`). The files
+    are written into a temporary folder and put in ``out`` at the end (:func:`~ddpm_lightning.io.atomic_folder`), so
+    an interrupted run leaves no half-filled folder. FileExistsError when ``out`` is an existing file.
     """
     if num <= 0:
         raise ValueError(f"num must be positive, got {num}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file: give a folder (new or existing) for the samples")
     module = load_module(ckpt, device)
     config = module.sampler_config_for(sampler, steps=steps, eta=eta, spacing=spacing)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     first: list[torch.Tensor] = []
-    for batch, images in iter_samples(
-        module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True
-    ):
-        images = images.cpu()
-        for i, image in zip(batch, images, strict=True):
-            save_png(to_uint8(image), out / f"{i:06d}.png")
-        if sum(len(x) for x in first) < 64:
-            first.append(images)
-    return save_grid(torch.cat(first)[:64], out / "grid.png")
+    with atomic_folder(out) as tmp:
+        for batch, images in iter_samples(
+            module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True
+        ):
+            images = images.cpu()
+            for i, image in zip(batch, images, strict=True):
+                save_png(to_uint8(image), tmp / f"{i:06d}.png")
+            if sum(len(x) for x in first) < 64:
+                first.append(images)
+        save_grid(torch.cat(first)[:64], tmp / "grid.png")
+    return out / "grid.png"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 
+from ddpm_lightning.callbacks.bpd import BPDCallback
 from ddpm_lightning.callbacks.demo_report import DemoReport
 from ddpm_lightning.callbacks.ema import EMA
 from ddpm_lightning.callbacks.fid import FIDCallback
@@ -18,6 +19,7 @@ from ddpm_lightning.callbacks.writer import SampleWriter
 
 __all__ = [
     "DEFAULT_CALLBACKS",
+    "BPDCallback",
     "EMA",
     "DemoReport",
     "FIDCallback",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from tqdm.auto import tqdm
 
 from ddpm_lightning import io
 from ddpm_lightning.callbacks.sampling import callback_sampler, render_samples
@@ -48,6 +50,9 @@ def _plot_loss(steps: list[int], losses: list[float], path: Path, title: str, ta
     fig.tight_layout()
     io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+ETA_AFTER_STEPS = 20  # steps timed before the ETA line
 
 
 class DemoReport(Callback):
@@ -97,6 +102,7 @@ class DemoReport(Callback):
         self.losses: list[tuple[int, torch.Tensor]] = []  # kept on the device: read once, at the end
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._train_start = self._train_time = 0.0
+        self._first_step = 0
 
     # ------------------------------------------------------------------------------------------------ recording
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -113,6 +119,7 @@ class DemoReport(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_start = time.perf_counter()
+        self._first_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -120,6 +127,20 @@ class DemoReport(Callback):
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             self.losses.append((trainer.global_step, loss.detach()))
+        if trainer.global_step == self._first_step + ETA_AFTER_STEPS and trainer.is_global_zero:
+            tqdm.write(self._eta_line(trainer), file=sys.stdout)
+
+    def _eta_line(self, trainer: L.Trainer) -> str:
+        """The demo's first line: how long training will take on this machine, from the steps timed so far."""
+        rate = ETA_AFTER_STEPS / (time.perf_counter() - self._train_start)
+        if trainer.max_steps <= 0:
+            return f"demo: {rate:.2f} optimizer steps/s on this machine; training stops at its time budget (DEMO_TIME)"
+        left = (trainer.max_steps - trainer.global_step) / rate
+        return (
+            f"demo: {trainer.max_steps} optimizer steps at {rate:.2f} steps/s on this machine: about "
+            f"{int(left // 60)} min {int(left % 60):02d} s of training to go, then the report "
+            "(the steps, DEMO_STEPS, set the quality; a slower machine takes longer)"
+        )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_time = time.perf_counter() - self._train_start

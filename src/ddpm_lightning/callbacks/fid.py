@@ -28,6 +28,7 @@ from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER, callback_sampl
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import build_fid_extractor, resolve_fid_weights
+from ddpm_lightning.evaluation.real_stats import real_stats_key, real_stats_name
 from ddpm_lightning.sampling import iter_samples
 
 __all__ = ["FIDCallback", "module_digest"]
@@ -326,20 +327,19 @@ class FIDCallback(Callback):
         item = dataset[0]
         image = item[0] if isinstance(item, (tuple, list)) else item
         custom = self.custom_extractor is not None
-        return {
-            "dataset": getattr(trainer.datamodule, "name", type(trainer.datamodule).__name__),
-            "split": self.real_split,
-            "resolution": f"{image.shape[-2]}x{image.shape[-1]}",
-            "extractor": type(self.extractor).__qualname__ if custom else f"inception-v3-compat-{INCEPTION_FEATURE}",
-            "extractor_sha256": module_digest(self.extractor),
-            "num_images": num,
-        }
+        return real_stats_key(
+            dataset=getattr(trainer.datamodule, "name", type(trainer.datamodule).__name__),
+            split=self.real_split,
+            resolution=f"{image.shape[-2]}x{image.shape[-1]}",
+            num_images=num,
+            extractor=type(self.extractor).__qualname__ if custom else f"inception-v3-compat-{INCEPTION_FEATURE}",
+            extractor_sha256=module_digest(self.extractor),
+        )
 
     def _load_real_stats(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Any, num: int) -> None:
         """Put the real images' feature statistics into the metrics: from the cache, or computed and cached."""
         key = self._cache_key(trainer, dataset, num)
-        name = "-".join(str(key[k]) for k in ("dataset", "split", "resolution", "num_images", "extractor"))
-        path = self.cache_dir / f"{name}-{key['extractor_sha256'][:16]}.pt"
+        path = self.cache_dir / f"{real_stats_name(key)}.pt"
         self.real_stats_path = path
         stats = self._read_cache(path, key) if trainer.is_global_zero else None
         # rank 0 decides for all: the ranks must agree on computing (collectives) or loading

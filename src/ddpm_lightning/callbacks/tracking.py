@@ -69,6 +69,32 @@ class ProgressBar(TQDMProgressBar):
     settings.
     """
 
+    @staticmethod
+    def counts_steps(trainer: L.Trainer) -> bool:
+        """Whether the run ends at ``max_steps`` with no epoch limit: then the bar counts the run's optimizer steps
+        (``global_step`` of ``max_steps``), so its ETA is the whole run's, not the current epoch's."""
+        return trainer.max_steps > 0 and (trainer.max_epochs is None or trainer.max_epochs < 0)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.counts_steps(trainer):
+            return super().on_train_epoch_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:  # the first epoch: one bar (and one rate estimate) for the whole run
+            bar.reset(total=trainer.max_steps)
+            bar.initial = bar.n = trainer.global_step
+            bar.set_description("Training steps")
+        bar.set_postfix({**self.get_metrics(trainer, pl_module), "epoch": trainer.current_epoch})
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.counts_steps(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and not bar.disable and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.n = step
+            bar.set_postfix({**self.get_metrics(trainer, pl_module), "epoch": trainer.current_epoch})
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
         metrics = super().get_metrics(trainer, pl_module)
         loss = getattr(pl_module, "last_loss", None)

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ddpm_lightning.cli import ablate, evaluate, fid_weights, sample, sampler_sweep
+from ddpm_lightning.cli import ablate, evaluate, fid_weights, nll, sample, sampler_sweep
 from ddpm_lightning.cli.fit import run_cli
 
 __all__ = ["COMMANDS", "EXTRA_HELP", "main"]
@@ -18,6 +18,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "fid-weights": fid_weights.main,
     "ablate": ablate.main,
     "sampler-sweep": sampler_sweep.main,
+    "nll": nll.main,
 }
 EXTRA_HELP = """more commands (each takes --help):
   sample         PNG samples and a grid from a checkpoint's EMA weights
@@ -25,6 +26,7 @@ EXTRA_HELP = """more commands (each takes --help):
   fid-weights    prepare the FID Inception weights for an offline machine
   ablate         train and compare the linear and cosine schedules
   sampler-sweep  quality and speed of each sampler against the number of network evaluations
+  nll            negative log-likelihood bound in bits/dim (the paper's NLL column)
 """
 
 
@@ -42,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not argv or argv[0] in ("-h", "--help"):
             print(EXTRA_HELP)
         run_cli(None if from_console else argv)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         if os.environ.get("DDPM_TRACEBACK"):
             raise
         print(f"ddpm: error: {err}", file=sys.stderr)

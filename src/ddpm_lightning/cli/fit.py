@@ -19,7 +19,9 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
+from copy import deepcopy
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -27,13 +29,16 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, default_callbacks
 from ddpm_lightning.callbacks.tracking import read_wandb_run_id
-from ddpm_lightning.checkpoint import use_atomic_checkpoints
+from ddpm_lightning.checkpoint import read_checkpoint, use_atomic_checkpoints
+from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
 from ddpm_lightning.lit_module import DiffusionModule
 
 __all__ = [
@@ -229,6 +234,34 @@ class DDPMCLI(LightningCLI):
             "go without it (the EMA's decay is model.ema_decay, 0: no EMA).",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # what was given, before Lightning replaces the model section with a checkpoint's hyper-parameters
+        self.given_config = deepcopy(self.config)
+
+    def _resume(self, ckpt_path: str | Path | None) -> None:
+        """Stop when the checkpoint's time budget is spent; apply the model settings given with a checkpoint, or
+        refuse those that cannot change (:mod:`ddpm_lightning.cli.resume`)."""
+        subcommand = str(self.subcommand)
+        config = self.config[subcommand]
+        max_time = parse_max_time(config.trainer.get("max_time"))
+        if ckpt_path is None or not Path(ckpt_path).is_file():
+            return
+        spent = spent_time_budget(ckpt_path, max_time)
+        if spent is not None:
+            _print(spent)
+            raise BudgetSpent(0)
+        stored = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        if not stored:
+            return
+        given = self.given_config[subcommand].model
+        from_checkpoint, changed = reconcile_model_settings(given, stored, str(ckpt_path))
+        config.model = deepcopy(given)
+        if from_checkpoint:
+            self.config = self.parser.parse_object({subcommand: {"model": from_checkpoint}}, self.config)
+        if changed:
+            _print(f"resuming {ckpt_path} with changed settings:\n  " + "\n  ".join(changed))
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
         # loggers write into the run folder (trainer.default_root_dir); a resumed fit continues its W&B run
@@ -238,6 +271,7 @@ class DDPMCLI(LightningCLI):
         if self.subcommand == "fit":
             config.ckpt_path = resolve_ckpt_path(config.trainer, config.get("ckpt_path"))
             resume_wandb_run(config.trainer, config.get("ckpt_path"))
+            self._resume(config.ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self.config_init.get(str(self.subcommand), self.config_init)
@@ -248,24 +282,40 @@ class DDPMCLI(LightningCLI):
             ema_decay=self.model.hparams.get("ema_decay", 0.9999),
             progress_bar=trainer_config.get("enable_progress_bar") is not False,
         )
-        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        try:
+            trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        except (MisconfigurationException, TypeError) as err:  # a trainer.* value Lightning refuses
+            raise ValueError(f"trainer: {err}") from err
         use_atomic_checkpoints(trainer)
         return trainer
+
+
+@rank_zero_only
+def _print(message: str) -> None:
+    print(message, flush=True)
 
 
 def run_cli(argv: Sequence[str] | None = None) -> None:
     """LightningCLI's subcommands (fit, validate, test, predict) on ``argv``; None: on ``sys.argv`` (the console
     script), which LightningCLI reads itself."""
     try:
-        DDPMCLI(
-            DiffusionModule,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            args=None if argv is None else list(argv),
-            save_config_callback=LogRunConfig,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-        )
+        with warnings.catch_warnings():
+            # harmless, from Lightning's CLI itself: its use of jsonargparse APIs deprecated in jsonargparse 4.49,
+            # and its note that `args` were given beside sys.argv (in-process runs: the args are the command's own)
+            warnings.filterwarnings("ignore", message=r"(?s).*deprecated in v4\.", module=r"lightning\.pytorch\.cli")
+            warnings.filterwarnings("ignore", message=r"(?s)\s*By default only one", module=r"lightning\.pytorch\.cli")
+            warnings.filterwarnings(
+                "ignore", message=r"LightningCLI's args parameter", module=r"lightning\.pytorch\.cli"
+            )
+            DDPMCLI(
+                DiffusionModule,
+                L.LightningDataModule,
+                subclass_mode_data=True,
+                args=None if argv is None else list(argv),
+                save_config_callback=LogRunConfig,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+            )
     finally:
         finish_wandb_run()
 

@@ -1,8 +1,14 @@
-"""What the image data modules share: a global batch size split over processes, and seeded loaders."""
+"""What the image data modules share: a global batch size split over processes, and seeded loaders that resume in
+the middle of an epoch exactly where they stopped."""
+
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["ImageDataModule", "ResumableDataLoader", "ResumableSampler", "per_process_batch_size"]
 
 
 def per_process_batch_size(batch_size: int, world_size: int) -> int:
@@ -13,6 +19,72 @@ def per_process_batch_size(batch_size: int, world_size: int) -> int:
             f"({world_size} processes); choose a multiple of {world_size}."
         )
     return batch_size // world_size
+
+
+class ResumableSampler(DistributedSampler):
+    """This process's shard of a seeded shuffle per epoch (``DistributedSampler``, ``drop_last``), as ``(epoch, index)``
+    keys (for :class:`~ddpm_lightning.data.transforms.SeededFlips`), starting ``start`` items into the epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.start :]
+        epoch, self.start = self.epoch, 0
+        return iter([(epoch, i) for i in indices])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` that Lightning saves in checkpoints (``state_dict``): the epoch
+    and the batches of it already trained on. A run resumed in the middle of an epoch continues with the next batch
+    of the same order (with the same flips), with or without workers.
+
+    ``epoch_batches`` (optional) gives the batches an epoch has (Lightning's ``limit_train_batches``); a state saved
+    after the last of them points at the start of the next epoch. A mid-epoch state is refused by a run with
+    another world size or global batch size (its batches would be other images); at an epoch boundary both may
+    change.
+    """
+
+    sampler: ResumableSampler
+    epoch_batches: Callable[[], float] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: the body runs at the first batch, after Lightning's set_epoch
+        self._epoch, self._batches = self.sampler.epoch, self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = getattr(self, "_epoch", self.sampler.epoch), getattr(self, "_batches", 0)
+        limit = min(len(self), self.epoch_batches() if self.epoch_batches is not None else len(self))
+        if batches >= limit:
+            epoch, batches = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "batch_size": self.batch_size,
+            "world_size": self.sampler.num_replicas,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = (state["world_size"], state["world_size"] * state["batch_size"])
+        mine = (self.sampler.num_replicas, self.sampler.num_replicas * self.batch_size)
+        if state["batches"] and saved != mine:
+            raise ValueError(
+                f"the checkpoint stopped {state['batches']} batches into epoch {state['epoch']} with {saved[0]} "
+                f"processes and a global batch size of {saved[1]}; this run has {mine[0]} and {mine[1]}. Resume in "
+                "the middle of an epoch with the same trainer.devices x trainer.num_nodes and data.batch_size, or "
+                "from a checkpoint written at the end of an epoch"
+            )
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.start = state["batches"] * self.batch_size
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -63,12 +135,13 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader.")
         sampler = None
         if train:
-            # The order of epoch e depends on (seed, e) alone (Lightning calls set_epoch), so a run resumed at an
-            # epoch boundary sees the same batches as an uninterrupted one; each process reads its own shard.
+            # The order of epoch e depends on (seed, e) alone (Lightning calls set_epoch) and the loader's position
+            # is saved in checkpoints, so a resumed run sees the batches of an uninterrupted one; each process reads
+            # its own shard.
             world_size = self.trainer.world_size if self.trainer is not None else 1
             rank = getattr(self.trainer, "global_rank", 0)
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed, drop_last=True)
-        return DataLoader(
+            sampler = ResumableSampler(dataset, world_size, rank, seed=self.seed)
+        loader = (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.per_process_batch_size,
             sampler=sampler,
@@ -80,6 +153,9 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
+        if train and self.trainer is not None:
+            loader.epoch_batches = lambda: self.trainer.num_training_batches
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -10,7 +10,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import extract_archive
 
 from ddpm_lightning.data.base import ImageDataModule
-from ddpm_lightning.data.transforms import image_transform
+from ddpm_lightning.data.transforms import SeededFlips, image_transform
 
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
@@ -98,7 +98,8 @@ class CIFAR10DataModule(ImageDataModule):
         if stage == "predict":  # sampling needs no images
             return
         if stage in (None, "fit"):
-            self.train_set = self._load(train=True, random_flip=self.random_flip)
+            # flips decided by (seed, epoch, index): restored exactly on resume (SeededFlips)
+            self.train_set = SeededFlips(self._load(train=True, random_flip=False), self.seed, self.random_flip)
         if self.val_set is None:
             self.val_set = self.test_set = self._load(train=False, random_flip=False)
 

@@ -9,28 +9,25 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ddpm_lightning.data.base import ImageDataModule
-from ddpm_lightning.data.transforms import to_model_range
+from ddpm_lightning.data.transforms import SeededFlips, to_model_range
 
 NUM_DIGITS = 5000
+NATIVE_SIZE = 28
 SPLITS = ("train", "val", "test")
 
 
 class _DigitImages(Dataset):
-    """`(image, label)` items from in-memory tensors; images (N, 1, H, W)."""
+    """`(image, label)` items from in-memory tensors; images (N, 1, H, W). Flips: `SeededFlips`."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, random_flip: bool) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images = images
         self.labels = labels
-        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[i]
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return self.images[i], self.labels[i]
 
 
 @cache
@@ -42,13 +39,17 @@ def _mnist_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_digits(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 5,000 digits as float32 (N, 1, image_size, image_size) in [-1, 1], and int64 labels (N,)."""
+    """All 5,000 digits as float32 (N, 1, image_size, image_size) in [-1, 1], and int64 labels (N,).
+
+    28: the native MNIST pixels. 32 (default): padded by a 2-pixel background border, for U-Nets that halve the size
+    three times. Other sizes: the 32x32 digits resized.
+    """
     pixels, labels = _mnist_data()
-    x = torch.tensor(pixels, dtype=torch.float32).div(255).view(-1, 1, 28, 28)
-    # (N, 1, 32, 32): the U-Net halves the size 3 times, and 28 is not divisible by 8.
-    x = F.pad(x, (2, 2, 2, 2))
-    if image_size != 32:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+    x = torch.tensor(pixels, dtype=torch.float32).div(255).view(-1, 1, NATIVE_SIZE, NATIVE_SIZE)
+    if image_size != NATIVE_SIZE:
+        x = F.pad(x, (2, 2, 2, 2))  # (N, 1, 32, 32)
+        if image_size != 32:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
     return to_model_range(x), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -106,9 +107,10 @@ class EmbeddedDigitsDataModule(ImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._update_per_process_batch_size()
-        self.train_set = _DigitImages(*self.split_arrays("train"), random_flip=self.random_flip)
+        # flips decided by (seed, epoch, index): restored exactly on resume (SeededFlips)
+        self.train_set = SeededFlips(_DigitImages(*self.split_arrays("train")), self.seed, self.random_flip)
         self.val_set = self.test_set = self.real_images_dataset("val")
 
     def real_images_dataset(self, split: Literal["train", "val", "test"] = "train") -> Dataset:
         """Un-augmented `(image, label)` items of `split`, e.g. for FID reference statistics."""
-        return _DigitImages(*self.split_arrays(split), random_flip=False)
+        return _DigitImages(*self.split_arrays(split))

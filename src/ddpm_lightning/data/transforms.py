@@ -3,7 +3,11 @@
 The model works in [-1, 1] (Ho et al. 2020, Sec. 3.3: "scaled linearly to [-1, 1]"); files and FID want uint8.
 """
 
+from typing import Any
+
+import numpy as np
 import torch
+from torch.utils.data import Dataset
 from torchvision import transforms
 
 
@@ -28,3 +32,34 @@ def image_transform(random_flip: bool) -> transforms.Compose:
     """PIL image -> float32 (C, H, W) in [-1, 1], optionally flipped left-right with probability 1/2."""
     steps = [transforms.RandomHorizontalFlip()] if random_flip else []
     return transforms.Compose([*steps, transforms.ToTensor(), ToModelRange()])
+
+
+def seeded_flip(seed: int, epoch: int, index: int) -> bool:
+    """Whether item ``index`` is flipped in epoch ``epoch``: probability 1/2, a function of the three numbers alone,
+    so that a resumed run and every DataLoader worker draw the flips of an uninterrupted run."""
+    return bool(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0] & 1)
+
+
+class SeededFlips(Dataset):
+    """``(image, ...)`` items of ``dataset``, flipped left-right when :func:`seeded_flip` says so (``random_flip``).
+
+    Indexed by ``(epoch, index)`` keys (:class:`~ddpm_lightning.data.base.ResumableSampler`) or by a bare index
+    (epoch 0).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, random_flip: bool = True) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        item = self.dataset[index]
+        if not (self.random_flip and seeded_flip(self.seed, epoch, index)):
+            return item
+        if isinstance(item, (tuple, list)):
+            return (item[0].flip(-1), *item[1:])
+        return item.flip(-1)

@@ -1,6 +1,16 @@
 """Diffusion maths in pure torch: schedules, the Gaussian process and samplers (no Lightning here)."""
 
-from ddpm_lightning.diffusion.gaussian import OBJECTIVES, VARIANCES, Denoiser, GaussianDiffusion, extract
+from ddpm_lightning.diffusion.gaussian import (
+    LOSS_WEIGHTINGS,
+    OBJECTIVES,
+    VARIANCES,
+    Denoiser,
+    GaussianDiffusion,
+    LossWeighting,
+    Prediction,
+    extract,
+)
+from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from ddpm_lightning.diffusion.samplers import (
     SAMPLERS,
     SPACINGS,
@@ -14,6 +24,7 @@ from ddpm_lightning.diffusion.samplers import (
 from ddpm_lightning.diffusion.schedules import SCHEDULES, make_betas
 
 __all__ = [
+    "LOSS_WEIGHTINGS",
     "OBJECTIVES",
     "SAMPLERS",
     "SCHEDULES",
@@ -21,12 +32,17 @@ __all__ = [
     "VARIANCES",
     "Denoiser",
     "GaussianDiffusion",
+    "LossWeighting",
     "NoiseSource",
+    "Prediction",
     "Sampler",
     "SamplerConfig",
     "Spacing",
+    "discretized_gaussian_log_likelihood",
     "extract",
     "make_betas",
+    "mean_flat",
+    "normal_kl",
     "sample",
     "sampling_timesteps",
 ]

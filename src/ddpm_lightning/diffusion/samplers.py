@@ -2,8 +2,9 @@
 
 ``ddpm``: the ancestral sampler of Ho et al. 2020 (Algorithm 2), on the full chain or on a strided sub-chain with
 respaced betas (Nichol & Dhariwal 2021, Sec. 4). ``ddim``: Song et al. 2021 (Eq. 12), eta >= 0.
-``dpmpp_2m``: DPM-Solver++(2M) of Lu et al. 2022 (Algorithm 2), deterministic. Each makes one network evaluation per
-visited timestep, so ``steps`` is the number of network evaluations (NFE).
+``dpmpp_2m``: DPM-Solver++(2M) of Lu et al. 2022 (Algorithm 2), deterministic. With a learned variance
+(improved DDPM) the ancestral sampler uses it; DDIM and DPM-Solver++ use the network's mean only. Each makes one
+network evaluation per visited timestep, so ``steps`` is the number of network evaluations (NFE).
 
 A sampler is one entry of :data:`_SAMPLERS` (how it steps, and whether its last step lands on the clean data): adding
 one means adding its step function there and its name to :data:`Sampler`, in this file alone.
@@ -184,28 +185,33 @@ class Chain(NamedTuple):
     device: torch.device
 
 
-#: ``step(i, x_t, eps) -> x at the next visited timestep`` for the i-th visited timestep.
-Step = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``step(i, x_t, eps, var_values) -> x at the next visited timestep`` for the i-th visited timestep; var_values:
+#: the network's variance channels (None when the variance is fixed).
+Step = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _ancestral(chain: Chain) -> Step:
-    """Algorithm 2; on a sub-chain it steps through the respaced process, indexed 0..n-1 from low to high t."""
+    """Algorithm 2; on a sub-chain it steps through the respaced process, indexed 0..n-1 from low to high t.
+
+    A learned variance is used as learned: on a sub-chain its Eq. 15 interpolates between the respaced beta'_t and
+    beta~'_t (Nichol & Dhariwal 2021, Sec. 4)."""
     diffusion, timesteps = chain.diffusion, chain.timesteps
     respaced = len(timesteps) < diffusion.num_timesteps
     process = diffusion.respaced(timesteps) if respaced else diffusion
 
-    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor | None) -> torch.Tensor:
         t = len(timesteps) - 1 - i if respaced else timesteps[i]
         noise = chain.noise.draw(chain.device)
-        return process.ddpm_step(eps, x_t, t, noise, clip_denoised=chain.clip_denoised)
+        return process.ddpm_step(eps, x_t, t, noise, clip_denoised=chain.clip_denoised, var_values=var_values)
 
     return step
 
 
 def _ddim(chain: Chain) -> Step:
+    """Song et al. 2021, Eq. 12: uses the network's mean (eps) only; a learned variance is ignored (sigma from eta)."""
     timesteps, eta = chain.timesteps, chain.config.eta
 
-    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor | None) -> torch.Tensor:
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         noise = chain.noise.draw(chain.device) if eta > 0 else None
         return chain.diffusion.ddim_step(
@@ -216,10 +222,12 @@ def _ddim(chain: Chain) -> Step:
 
 
 def _dpmpp_2m(chain: Chain) -> Step:
+    """Lu et al. 2022, Algorithm 2: deterministic, uses the network's mean (x0) only; a learned variance is
+    ignored."""
     diffusion, timesteps = chain.diffusion, chain.timesteps
     previous: list[torch.Tensor] = []  # the data prediction at the previous timestep
 
-    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def step(i: int, x_t: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor | None) -> torch.Tensor:
         x0 = diffusion.predict_x0_from_eps(x_t, torch.full((x_t.shape[0],), timesteps[i], device=x_t.device), eps)
         if chain.clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
@@ -286,6 +294,6 @@ def sample(
         if t_int in record:
             chain[t_int] = x_t.detach().cpu()
         t = torch.full((shape[0],), t_int, dtype=torch.long, device=device)
-        x_t = step(i, x_t, diffusion.predict_eps(model, x_t, t))
+        x_t = step(i, x_t, *diffusion.predict(model, x_t, t))
     x0 = x_t.float()
     return (x0, chain) if return_steps is not None else x0

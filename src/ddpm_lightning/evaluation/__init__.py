@@ -1,6 +1,8 @@
 """Evaluation as library functions with plain arguments, for Python and notebooks (``ddpm evaluate``,
 ``ddpm sampler-sweep`` and ``ddpm ablate`` are thin shells over them).
 
+- :func:`bpd_of_images`: the NLL bound in bits/dim of a model on images; ``ddpm_lightning.evaluation.nll.nll`` (the
+  module's function, not exported here so that the module keeps its name) is ``ddpm nll``.
 - :func:`evaluate`: FID / IS / KID (torch-fidelity) of a checkpoint's samples or a PNG folder; :func:`fid_of_images`.
 - :func:`sweep`: sample quality and speed of each sampler setting against the number of network evaluations.
 - :func:`collect`, :func:`load_runs`: the schedule ablation's table and curves.
@@ -23,6 +25,7 @@ from ddpm_lightning.evaluation.inception_weights import (
     prepare_fid_weights,
     resolve_fid_weights,
 )
+from ddpm_lightning.evaluation.nll import bpd_of_images
 from ddpm_lightning.evaluation.sweep import SETTINGS, STEPS, sweep
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "STEPS",
     "DigitClassifier",
     "DigitScorer",
+    "bpd_of_images",
     "build_fid_extractor",
     "check_fid_weights",
     "collect",

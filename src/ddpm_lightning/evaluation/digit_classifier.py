@@ -180,6 +180,21 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor | FrechetIn
     return float(metric.compute())
 
 
+CLASSIFIER_SIZE = 32
+
+
+def to_classifier_size(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 1, S, S) in [-1, 1] as the classifier's 32x32 input: native 28x28 digits get the same 2-pixel
+    background border that the 32x32 data set has (so they are the very same images), other sizes are resized."""
+    size = images.shape[-1]
+    if size == CLASSIFIER_SIZE:
+        return images
+    if size < CLASSIFIER_SIZE and (CLASSIFIER_SIZE - size) % 2 == 0:
+        border = (CLASSIFIER_SIZE - size) // 2
+        return F.pad(images, (border,) * 4, value=-1.0)
+    return F.interpolate(images, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear", antialias=True)
+
+
 @torch.no_grad()
 def score_digits(
     classifier: DigitClassifier,
@@ -187,14 +202,14 @@ def score_digits(
     reference: torch.Tensor | FrechetInceptionDistance,
     confidence: float = 0.9,
 ) -> dict[str, float]:
-    """Scores of images (N, 1, 32, 32) in [-1, 1] against real digits: ``reference`` is their classifier features
-    (M, feature_dim) or :func:`reference_statistics` of them.
+    """Scores of images (N, 1, S, S) in [-1, 1] (:func:`to_classifier_size`) against real digits: ``reference`` is
+    their classifier features (M, feature_dim) or :func:`reference_statistics` of them.
 
     Returns ``confident_share`` (share with top softmax probability > ``confidence``), ``class_entropy`` (nats,
     log 10 = 2.303 at most) and ``frechet_distance``.
     """
     classifier.eval()
-    images = images.clamp(-1, 1)  # samples may overshoot the data range
+    images = to_classifier_size(images.clamp(-1, 1))  # samples may overshoot the data range
     features = torch.cat([classifier.features(images[i : i + 500]) for i in range(0, len(images), 500)])
     probs = classifier.head(features).softmax(1)
     top, predicted = probs.max(1)
@@ -227,6 +242,7 @@ class DigitScorer:
         cache_dir: str | Path | None = None,
     ) -> DigitScorer:
         """The cached classifier of :func:`load_or_train_digit_classifier` and the reference statistics."""
+        train, val = (to_classifier_size(train[0]), train[1]), (to_classifier_size(val[0]), val[1])
         classifier, accuracy, path = load_or_train_digit_classifier(train, val, cache_dir=cache_dir, epochs=epochs)
         half = len(val[0]) // 2
         with torch.no_grad():
@@ -234,5 +250,5 @@ class DigitScorer:
         return cls(classifier, reference, half, val[0][half:], accuracy, path)
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
-        """Scores of images (N, 1, 32, 32) in [-1, 1]: see :func:`score_digits`."""
+        """Scores of images (N, 1, S, S) in [-1, 1]: see :func:`score_digits`."""
         return score_digits(self.classifier, images, self.reference)

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ddpm_lightning import io
 from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, to_uint8
 from ddpm_lightning.diffusion import SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import missing_weights_message, resolve_fid_weights
+from ddpm_lightning.evaluation.real_stats import file_digest, real_stats_key, real_stats_name
 from ddpm_lightning.sampling import default_device, iter_samples, load_module
 
 __all__ = ["DATASETS", "METRICS", "PAPER_NUM_SAMPLES", "PngFolder", "Uint8Images", "evaluate", "fid_of_images"]
@@ -120,6 +122,12 @@ def has_classifier(weights: str | None) -> bool:
     return bool(torch.isfinite(state["fc.weight"]).all())
 
 
+def _fidelity_version() -> str:
+    import torch_fidelity
+
+    return str(torch_fidelity.__version__)
+
+
 def _finite_or_none(value: Any) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
@@ -142,7 +150,8 @@ def _calculate_metrics(
             input2=reference,
             cuda=device.type == "cuda",
             feature_extractor_weights_path=weights,
-            cache=False,
+            cache=options.get("input2_cache_name") is not None,
+            cache_root=str(io.cache_dir("fid-stats")),
             verbose=True,
             **options,
         )
@@ -251,6 +260,16 @@ def evaluate(
     need_reference = bool(wanted & {"fid", "kid"})
     reference = Uint8Images(reference_images(data, data_dir, split), num_real)
     kid_subset_size = min(kid_subset_size, len(generated), len(reference))
+    # the reference's features are cached (torch-fidelity's cache, in io.cache_dir("fid-stats")) under the key the
+    # FID callback uses: data set, split, resolution, number of images and the extractor's weights
+    key = real_stats_key(
+        dataset=data,
+        split=split,
+        resolution="x".join(str(n) for n in reference[0].shape[-2:]),
+        num_images=len(reference),
+        extractor="inception-v3-compat-torch-fidelity",
+        extractor_sha256=file_digest(weights) if weights is not None else f"default-{_fidelity_version()}",
+    )
     result = _calculate_metrics(
         generated,
         reference if need_reference else None,
@@ -261,6 +280,7 @@ def evaluate(
         isc="isc" in wanted,
         kid="kid" in wanted,
         kid_subset_size=kid_subset_size,
+        input2_cache_name=real_stats_name(key) if need_reference else None,
     )
 
     paper = (
