@@ -20,6 +20,7 @@ from ddpm_lightning.models import UNet
 from ddpm_lightning.sampling import load_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_CPU = "AVX512"  # the CPU capability the fixture's samples were drawn with
 PACKAGE = Path(__file__).parents[1] / "src" / "ddpm_lightning"
 REPO = Path(__file__).parents[1]
 
@@ -122,7 +123,7 @@ def test_a_network_from_outside_the_package_trains_from_yaml_and_samples_back(tm
     config = {
         "model": {
             "net": {"class_path": f"{ConvStack.__module__}.ConvStack", "init_args": {"channels": 1, "width": 8}},
-            "image_size": 32,
+            "image_size": 28,  # the demo's digits
             "in_channels": 1,
         },
         "trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -146,13 +147,16 @@ def test_a_network_from_outside_the_package_trains_from_yaml_and_samples_back(tm
 @pytest.mark.unit
 def test_a_checkpoint_written_before_the_network_was_injected_samples_the_same_images_bit_for_bit():
     # written by `ddpm fit` at commit d7184d8 (flat U-Net hyper-parameters, `unet.*` weights, sampler "ddim" with
-    # sample_steps 10); the samples were drawn from it with that version
+    # sample_steps 10); the samples were drawn from it with that version on an AVX-512 CPU. Other CPU kernels (AVX2)
+    # round differently, so there the images must agree to float32 rounding only
     module = load_module(FIXTURES / "legacy_digits8.ckpt", "cpu")
     expected = torch.load(FIXTURES / "legacy_digits8_samples.pt", weights_only=True)
+    tolerance = 0 if torch.backends.cpu.get_cpu_capability() == FIXTURE_CPU else 1e-4
     assert module.sampler_config == SamplerConfig("ddim", 10)
-    assert torch.equal(module.sample(4, seeds=[0, 1, 2, 3]), expected["ddim10_seeds0-3"])
-    assert torch.equal(module.sample(2, SamplerConfig("ddpm"), seeds=[5, 6]), expected["ddpm100_seeds5-6"])
-    assert torch.equal(module.sample(2, SamplerConfig("dpmpp_2m", 5), seeds=[7, 8]), expected["dpmpp_2m5_seeds7-8"])
+    for key, sampler, seeds in [("ddim10_seeds0-3", None, [0, 1, 2, 3]), ("ddpm100_seeds5-6", SamplerConfig("ddpm"),
+                                [5, 6]), ("dpmpp_2m5_seeds7-8", SamplerConfig("dpmpp_2m", 5), [7, 8])]:  # fmt: skip
+        torch.testing.assert_close(module.sample(len(seeds), sampler, seeds=seeds), expected[key], rtol=0,
+                                   atol=tolerance)  # fmt: skip
 
 
 @pytest.mark.integration

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# the benchmarks end to end (no timing asserted): minutes of CPU, so the slow tier
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
 
 

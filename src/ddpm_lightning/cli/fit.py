@@ -307,6 +307,10 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
             warnings.filterwarnings(
                 "ignore", message=r"LightningCLI's args parameter", module=r"lightning\.pytorch\.cli"
             )
+            # Lightning's own use of a torch API that torch 2.14 deprecates, on every fit
+            warnings.filterwarnings(
+                "ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\.pytorch\.utilities"
+            )
             DDPMCLI(
                 DiffusionModule,
                 L.LightningDataModule,
