@@ -42,7 +42,7 @@ demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_STEPS optimize
 train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)
 
-ablation: install  ## linear vs cosine on the embedded digits (CPU, minutes): results/ablation/{table.md,curves.png}
+ablation: install  ## linear vs cosine on the embedded digits (CPU, ~15 min; ARGS="--axis variance=..." for other axes): results/ablation/
 	$(BIN)/ddpm ablate -c configs/ablation/demo.yaml $(ARGS)
 
 sweep: install  ## each sampler's quality and images/s at 1000..10 network evaluations on the demo model: results/samplers/

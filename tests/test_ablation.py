@@ -1,4 +1,5 @@
-"""`ddpm ablate`: runs both schedules, then a table (mean ± std over seeds) and curves from the runs' metrics."""
+"""`ddpm ablate`: a grid of runs over named axes, then a table (mean ± std over seeds) and curves from the runs'
+metrics, bits/dim and the digit classifier's scores."""
 
 import csv
 import json
@@ -6,6 +7,8 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import CLASSIFIER_TEST_EPOCHS
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.ablate import main as ablate_main
@@ -14,7 +17,7 @@ from ddpm_lightning.plots import curves_figure
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
-    "--model.image_size", "16", "--data.init_args.image_size", "16", "--model.ch_mult", "[1]",
+    "--model.ch_mult", "[1]",
     "--model.num_timesteps", "100", "--data.init_args.batch_size", "8", "--trainer.max_steps", "3",
     "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
     "--trainer.enable_model_summary", "false",
@@ -35,22 +38,99 @@ def write_run(out: Path, schedule: str, seed: int, losses: list[float], fids: di
     (folder.parents[1] / "run.json").write_text(json.dumps({"schedule": schedule, "seed": seed, "wall_time_s": wall}))
 
 
+def _small_config(tmp_path: Path, classifier_cache: Path) -> Path:
+    """configs/ablation/demo.yaml with its callbacks scaled down (the network and steps come from TINY)."""
+    config = yaml.safe_load((CONFIGS / "ablation/demo.yaml").read_text())
+    sizes = {
+        "BPDCallback": {"num_images": 4, "t_samples": 2, "batch_size": 4},
+        "DemoReport": {"num_samples": 4, "num_eval_samples": 16, "sampler": {"name": "ddpm", "steps": 3},
+                       "classifier_epochs": CLASSIFIER_TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache)},
+    }  # fmt: skip
+    for callback in config["trainer"]["callbacks"]:
+        callback["init_args"].update(sizes[callback["class_path"].rsplit(".", 1)[-1]])
+    override = tmp_path / "small.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": config["trainer"]["callbacks"]}}))
+    return override
+
+
 @pytest.mark.integration
-def test_ablate_trains_both_schedules_and_writes_table_and_plots(tmp_path: Path) -> None:
+def test_ablate_trains_a_grid_and_writes_table_and_plots(tmp_path: Path, classifier_cache: Path) -> None:
+    small = _small_config(tmp_path, classifier_cache)
+    out = tmp_path / "out"
+    args = [
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "--axis",
+        "schedule=linear,cosine",
+        "--axis",
+        "variance=fixed_large,learned_range",
+    ]
     with pytest.raises(SystemExit) as exit_:
-        main(["ablate", "--out", str(tmp_path), "--seeds", "0", "-c", str(CONFIGS / "ablation/demo.yaml"), *TINY])
+        main(["ablate", *args, "-c", str(CONFIGS / "ablation/demo.yaml"), "-c", str(small), *TINY])
     assert exit_.value.code == 0
-    with open(tmp_path / "table.csv", newline="") as f:
+    with open(out / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [row["schedule"] for row in rows] == ["linear", "cosine"]
+    assert [(row["schedule"], row["variance"]) for row in rows] == [
+        ("linear", "fixed_large"), ("linear", "learned_range"), ("cosine", "fixed_large"), ("cosine", "learned_range")
+    ]  # fmt: skip
     assert all(row["steps"] == "3" and row["seeds"] == "0" for row in rows)
-    table = (tmp_path / "table.md").read_text()
-    assert "| linear | 0 | 3 |" in table and "| cosine | 0 | 3 |" in table
+    # bits/dim (BPDCallback) and the digit classifier's scores (DemoReport) beside the losses
+    assert all(float(row["bpd"].split("±")[0]) > 0 and float(row["frechet_distance"].split("±")[0]) > 0 for row in rows)
+    table = (out / "table.md").read_text()
+    assert "| schedule | variance | seeds | steps |" in table and "bits/dim" in table and "Frechet dist." in table
+    assert "| cosine | learned_range | 0 | 3 |" in table
     for name in ("curves.png", "schedules.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for schedule in ("linear", "cosine"):
-        (hparams,) = (tmp_path / "runs" / f"{schedule}-seed0").rglob("hparams.yaml")
-        assert f"schedule: {schedule}" in hparams.read_text()
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for schedule, variance in [(r["schedule"], r["variance"]) for r in rows]:
+        folder = ablation.run_dir(out, {"schedule": schedule, "variance": variance}, 0)
+        (hparams,) = folder.rglob("hparams.yaml")
+        assert f"schedule: {schedule}" in hparams.read_text() and f"variance: {variance}" in hparams.read_text()
+        assert json.loads((folder / "run.json").read_text())["settings"] == {"schedule": schedule, "variance": variance}
+
+
+@pytest.mark.unit
+def test_the_grid_runs_seeds_outermost_and_maps_axes_to_config_keys(tmp_path: Path, capsys) -> None:
+    axes = {"objective": ["eps", "v"], "model.lr": ["1e-3", "3e-3"]}
+    runs = ablation.grid(axes, [0, 1])
+    assert len(runs) == 8 and runs[0] == ({"objective": "eps", "model.lr": "1e-3"}, 0)
+    assert runs[5] == ({"objective": "eps", "model.lr": "3e-3"}, 1)
+    name = ablation.run_name(*runs[5])
+    assert name == "objective=eps,model.lr=3e-3,seed=1" and ablation.parse_run(name) == runs[5]
+    assert ablation.fit_overrides(*runs[5], tmp_path) == [
+        "--model.objective", "eps", "--model.lr", "3e-3", "--seed_everything", "1",
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    # a list value keeps its commas: the split is at the commas outside brackets
+    list_axis = ablation.parse_axis("model.net.init_args.ch_mult=[1,2],[1,2,4]")
+    assert list_axis == ("model.net.init_args.ch_mult", ("[1,2]", "[1,2,4]"))
+    assert ablation.parse_run("model.net.init_args.ch_mult=[1,2],seed=3") == ({list_axis[0]: "[1,2]"}, 3)
+    assert (
+        ablate_main(["--axis", "objective=eps,v", "--axis", "model.lr=1e-3,3e-3", "--seeds", "0", "1", "--list"]) == 0
+    )
+    listing = capsys.readouterr().out
+    assert "   5  objective=eps,model.lr=3e-3,seed=1" in listing and "--array=0-7" in listing
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--axis", "variance=fixed_large,wide"], "unknown variance 'wide'; allowed: fixed_large"),
+        (["--axis", "lr=1,2"], "unknown axis 'lr'"),
+        (["--axis", "schedule"], "NAME=VALUE"),
+        (["--axis", "model.net=model/unet.yaml"], "names a folder"),
+        (["--axis", "objective=eps,eps"], "repeats a value"),
+        (["--axis", "objective=eps", "--axis", "objective=v"], "given twice"),
+        (["--axis", "objective=eps,v", "--task", "2"], "--task 2 is outside the grid's 0..1"),
+        (["--only", "schedule=linear,seed=0", "--collect"], "exclude each other"),
+    ],
+)
+def test_ablate_refuses_bad_axes_with_the_value_and_what_is_allowed(args, message, tmp_path: Path) -> None:
+    with pytest.raises((ValueError, SystemExit)) as error:
+        ablate_main(["--out", str(tmp_path), "--seeds", "0", *args, "-c", "x.yaml"])
+    assert message in str(error.value) or error.type is SystemExit
 
 
 @pytest.mark.unit
@@ -90,3 +170,23 @@ def test_curves_have_one_colour_per_schedule_and_fid_panel_when_logged() -> None
 def test_ablate_only_rejects_bad_runs(only: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="schedule|seed|only"):
         ablate_main(["--out", str(tmp_path), "--only", only, "-c", "x.yaml"])
+
+
+@pytest.mark.unit
+def test_collect_reads_earlier_folder_names_bits_per_dim_and_the_reports_scores(tmp_path: Path) -> None:
+    for seed, (bpd, fd) in enumerate([(3.0, 40.0), (2.0, 60.0)]):
+        folder = tmp_path / "runs" / f"cosine-seed{seed}"  # the schedule ablation's earlier folder names
+        (folder / "csv").mkdir(parents=True)
+        (folder / "csv" / "metrics.csv").write_text(f"step,train/loss,val/bpd\n0,1.0,\n1,0.5,\n1,,{bpd}\n")
+        scores = {"frechet_distance": fd, "confident_share": 0.5, "class_entropy": 2.0}
+        (folder / "metrics.json").write_text(json.dumps({"trained": scores, "steps": 2}))
+    ablation.collect(tmp_path)
+    with open(tmp_path / "table.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["schedule"] == "cosine" and row["seeds"] == "0 1" and row["steps"] == "2"
+    assert row["bpd"] == f"2.5±{statistics.stdev([3.0, 2.0]):.3g}"
+    assert row["frechet_distance"] == f"50±{statistics.stdev([40.0, 60.0]):.3g}"
+    assert (
+        "| cosine | 0 1 | 2 | 0.5000 ± 0.0000 | n/a | 2.50 ± 0.71 | 50.00 ± 14.14 |"
+        in (tmp_path / "table.md").read_text()
+    )

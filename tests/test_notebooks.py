@@ -37,3 +37,28 @@ def test_notebook_executes(name: str, tmp_path: Path, monkeypatch: pytest.Monkey
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     assert any("image/png" in out.get("data", {}) for out in outputs)  # the figures were drawn
+
+
+@pytest.mark.integration
+def test_the_ablation_notebook_runs_on_a_fresh_clone_from_the_shipped_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = NOTEBOOKS.parent / "docs" / "results" / "ablation"
+    assert sorted(p.name for p in (shipped / "runs").iterdir()), "the README's ablation runs are shipped"
+    # a fresh clone: notebooks/ and docs/results/ablation, no results/ folder
+    clone = tmp_path / "clone"
+    (clone / "notebooks").mkdir(parents=True)
+    (clone / "docs" / "results").mkdir(parents=True)
+    (clone / "docs" / "results" / "ablation").symlink_to(shipped)
+    monkeypatch.delenv("DDPM_ABLATION_DIR", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*")}
+    notebook = nbformat.read(NOTEBOOKS / "03_ablation.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(clone / "notebooks")}}
+    ).execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    assert any("docs/results/ablation" in out.get("text", "") for out in outputs)
+    assert any("image/png" in out.get("data", {}) for out in outputs)
+    assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*")} == before  # the shipped folder is left as it is

@@ -78,6 +78,23 @@ def test_sweep_writes_the_table_csv_and_plot(digits_ckpt: Path, classifier_cache
     assert not list(out.glob("*.tmp"))
 
 
+def test_sweep_compares_several_checkpoints_in_one_table(
+    digits_ckpt: Path, classifier_cache: Path, tmp_path: Path
+) -> None:
+    # a second model of the 28-pixel digits shape would be refused next to this 32-pixel one; the same file twice
+    # under two labels gives two rows per setting with the same samples
+    out = tmp_path / "samplers"
+    run_cli("sampler-sweep", "--ckpt", digits_ckpt, digits_ckpt, "--labels", "fixed", "learned", "--out", out,
+            "--samplers", "ddpm", "--steps", 4, 2, "--num", 4, "--classifier-epochs", CLASSIFIER_TEST_EPOCHS,
+            "--classifier-cache-dir", classifier_cache)  # fmt: skip
+    rows = read_csv(out / "table.csv")
+    assert [(r["setting"], r["nfe"]) for r in rows] == [
+        ("fixed ddpm", "4"), ("fixed ddpm", "2"), ("learned ddpm", "4"), ("learned ddpm", "2")
+    ]  # fmt: skip
+    assert rows[0]["frechet_distance"] == rows[2]["frechet_distance"] and rows[2]["same_as"] == ""
+    assert "| fixed ddpm |" in (out / "table.md").read_text()
+
+
 def test_sweep_scores_fid_for_other_data(digits_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     calls = []
 

@@ -19,7 +19,14 @@ from torch import nn
 
 from ddpm_lightning import compat
 from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_state_dict
-from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, Spacing, make_betas
+from ddpm_lightning.diffusion import (
+    GaussianDiffusion,
+    LossSecondMomentSampler,
+    Sampler,
+    SamplerConfig,
+    Spacing,
+    make_betas,
+)
 from ddpm_lightning.models import UNet
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
@@ -86,6 +93,12 @@ class DiffusionModule(L.LightningModule):
             without ``out_channels`` gets them) and trains with L_hybrid.
         loss_weighting, min_snr_gamma: the weighting of L_simple, ``"none"`` (the paper) or ``"min_snr"``
             (min-SNR-gamma, Hang et al. 2023); see :class:`GaussianDiffusion`.
+        loss_type: ``"simple"`` (L_simple, or L_hybrid with a learned variance) or ``"vlb"`` (the bound alone);
+            see :class:`GaussianDiffusion`.
+        timestep_sampling: ``"uniform"`` t ~ Uniform{0..T-1} (the paper), or ``"loss_second_moment"``: importance
+            sampling by sqrt(E[L_t^2]) over the last 10 losses at each t with weights 1 / (T p_t) (improved DDPM
+            Sec. 3.3, meant for ``loss_type="vlb"``). Its history is gathered from every process (the same on all
+            ranks) and checkpointed.
         lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up, over every trainable
             parameter of the module.
         ema_decay: decay of the weights' EMA (the EMA callback reads it); 0 turns the EMA off.
@@ -116,6 +129,8 @@ class DiffusionModule(L.LightningModule):
         objective: Literal["eps", "x0", "v"] = "eps",
         loss_weighting: Literal["none", "min_snr"] = "none",
         min_snr_gamma: float = 5.0,
+        loss_type: Literal["simple", "vlb"] = "simple",
+        timestep_sampling: Literal["uniform", "loss_second_moment"] = "uniform",
         lr: float = 2e-4,
         warmup_steps: int = 5000,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -144,6 +159,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
+        if timestep_sampling not in ("uniform", "loss_second_moment"):
+            raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; allowed: uniform, loss_second_moment")
         given = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions)
         unet_aliases = {k: v for k, v in {**given, "dropout": dropout}.items() if v is not None}
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
@@ -153,6 +170,10 @@ class DiffusionModule(L.LightningModule):
             objective=objective,
             loss_weighting=loss_weighting,
             min_snr_gamma=min_snr_gamma,
+            loss_type=loss_type,
+        )
+        self.timestep_sampler = (
+            LossSecondMomentSampler(num_timesteps) if timestep_sampling == "loss_second_moment" else None
         )
         out_factor = self.diffusion.output_channels_factor
         self.net = self._make_net(net, image_size, in_channels, unet_aliases, out_factor)
@@ -282,12 +303,16 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
+        if self.timestep_sampler is not None:
+            checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         upgrade_state_dict(checkpoint["state_dict"])
         source = str(self.trainer.ckpt_path) if self._trainer is not None else "being loaded"
         check_state_dict_shapes(self, checkpoint["state_dict"], source)
         self._nonfinite = NonFiniteSteps(checkpoint.get("nonfinite_skips", 0))
+        if self.timestep_sampler is not None and "timestep_sampler" in checkpoint:
+            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
 
     # -------------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -339,11 +364,24 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = _images(batch)
-        loss = self.diffusion.training_loss(self.net, x0)
+        if self.timestep_sampler is None:
+            loss = self.diffusion.training_loss(self.net, x0)
+        else:
+            t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+            losses = self.diffusion.training_loss(self.net, x0, t=t, reduction="none")
+            # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
+            self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
+            loss = (losses * weights).mean()
         self._loss = loss.detach()
         # not prog_bar=True: Lightning would read it on every step (a host-device sync); see callbacks.ProgressBar
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` of every process, concatenated in rank order (this process's alone outside DDP)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        return self.all_gather(values).reshape(-1)
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -114,17 +114,21 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> np.ndarray:
 
 
 def curves_figure(runs: Sequence[Mapping], smoothing: float = 0.9) -> Figure:
-    """Training loss (smoothed) and, when logged, FID against steps: one colour per schedule, one line per seed.
+    """Training loss (smoothed) and, when logged, FID against steps: one colour per setting, one line per seed.
 
-    Each run is a mapping with ``schedule``, ``seed``, ``loss_steps``, ``loss`` and ``fid_steps``, ``fid``.
+    Each run is a mapping with ``label`` (or ``schedule``), ``seed``, ``loss_steps``, ``loss`` and ``fid_steps``,
+    ``fid``.
     """
     has_fid = any(len(run["fid"]) for run in runs)
     fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(11 if has_fid else 6, 4), squeeze=False)
+    labels = list(dict.fromkeys(run.get("label", run.get("schedule")) for run in runs))
+    palette = plt.get_cmap("tab10")
     labelled: set[str] = set()
     for run in runs:
-        schedule = run["schedule"]
-        style = {"color": COLORS.get(schedule), "label": None if schedule in labelled else schedule}
-        labelled.add(schedule)
+        label = run.get("label", run.get("schedule"))
+        color = COLORS.get(label, palette(labels.index(label) % 10))
+        style = {"color": color, "label": None if label in labelled else label}
+        labelled.add(label)
         axes[0, 0].plot(run["loss_steps"], smooth(run["loss"], smoothing), alpha=0.85, **style)
         if has_fid and len(run["fid"]):
             axes[0, 1].plot(run["fid_steps"], run["fid"], marker="o", **style)

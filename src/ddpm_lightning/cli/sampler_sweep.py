@@ -1,4 +1,5 @@
-"""``ddpm sampler-sweep --ckpt PATH``: quality and speed of each sampler against the number of network evaluations."""
+"""``ddpm sampler-sweep --ckpt PATH [PATH ...]``: quality and speed of each sampler against the number of network
+evaluations, for one checkpoint or several side by side."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo's digit-classifier figures for a digits model, FID for other data or with --fid. Writes "
         "OUT/table.md, table.csv and quality_vs_nfe.png.",
     )
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `ddpm fit`")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        nargs="+",
+        type=Path,
+        help="checkpoint written by `ddpm fit`; several (e.g. an ablation's runs) are compared in one table and plot",
+    )
+    parser.add_argument("--labels", nargs="+", help="one name per checkpoint (default: each one's folder name)")
     parser.add_argument("--out", type=Path, default=Path("results/samplers"), help="default: results/samplers")
     parser.add_argument(
         "--samplers", dest="settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS), help="default: all"

@@ -1,11 +1,13 @@
 """Diffusion maths in pure torch: schedules, the Gaussian process and samplers (no Lightning here)."""
 
 from ddpm_lightning.diffusion.gaussian import (
+    LOSS_TYPES,
     LOSS_WEIGHTINGS,
     OBJECTIVES,
     VARIANCES,
     Denoiser,
     GaussianDiffusion,
+    LossType,
     LossWeighting,
     Prediction,
     extract,
@@ -22,22 +24,28 @@ from ddpm_lightning.diffusion.samplers import (
     sampling_timesteps,
 )
 from ddpm_lightning.diffusion.schedules import SCHEDULES, make_betas
+from ddpm_lightning.diffusion.timesteps import TIMESTEP_SAMPLINGS, LossSecondMomentSampler, TimestepSampling
 
 __all__ = [
+    "LOSS_TYPES",
     "LOSS_WEIGHTINGS",
     "OBJECTIVES",
     "SAMPLERS",
     "SCHEDULES",
     "SPACINGS",
+    "TIMESTEP_SAMPLINGS",
     "VARIANCES",
     "Denoiser",
     "GaussianDiffusion",
+    "LossSecondMomentSampler",
+    "LossType",
     "LossWeighting",
     "NoiseSource",
     "Prediction",
     "Sampler",
     "SamplerConfig",
     "Spacing",
+    "TimestepSampling",
     "discretized_gaussian_log_likelihood",
     "extract",
     "make_betas",

@@ -20,9 +20,11 @@ from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelih
 Variance = Literal["fixed_large", "fixed_small", "learned_range", "learned"]
 Objective = Literal["eps", "x0", "v"]
 LossWeighting = Literal["none", "min_snr"]
+LossType = Literal["simple", "vlb"]
 VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
 OBJECTIVES = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+LOSS_TYPES = ("simple", "vlb")
 #: lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Sec. 3.1)
 HYBRID_LAMBDA = 1e-3
 
@@ -79,6 +81,9 @@ class GaussianDiffusion(nn.Module):
             min(SNR_t, gamma) for x0, with SNR_t = abar_t / (1 - abar_t), which weights every objective as an x0
             loss clipped at gamma.
         min_snr_gamma: gamma of ``"min_snr"`` (Hang et al. use 5).
+        loss_type: ``"simple"``: L_simple (Eq. 14), plus lambda L_vlb for a learned variance (L_hybrid); ``"vlb"``:
+            the true bound L_vlb alone (Eq. 5; Ho et al.'s Table 2 "L, learned/fixed", improved DDPM's L_vlb),
+            which trains the mean and any learned variance.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class GaussianDiffusion(nn.Module):
         objective: Objective = "eps",
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
+        loss_type: LossType = "simple",
     ):
         super().__init__()
         if variance not in VARIANCES:
@@ -96,6 +102,13 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss_weighting {loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+        if loss_type == "vlb" and loss_weighting != "none":
+            raise ValueError(
+                f"loss_weighting={loss_weighting!r} weights L_simple, and loss_type='vlb' trains the bound alone: "
+                "use loss_weighting='none' with it"
+            )
         if not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -106,6 +119,7 @@ class GaussianDiffusion(nn.Module):
         self.variance = variance
         self.objective = objective
         self.loss_weighting = loss_weighting
+        self.loss_type = loss_type
         self.min_snr_gamma = float(min_snr_gamma)
         self.num_timesteps = betas.numel()
 
@@ -277,8 +291,9 @@ class GaussianDiffusion(nn.Module):
 
         L_hybrid (Nichol & Dhariwal 2021, Sec. 3.1): lambda = 0.001 and L_vlb estimated as T L_t in bits/dim (as
         improved-diffusion does) with the mean's channels detached, so that L_vlb trains the variance only and
-        L_simple the mean only; the min-SNR weighting applies to L_simple alone. With ``reduction="none"`` the
-        per-example losses of shape (B,) are returned.
+        L_simple the mean only; the min-SNR weighting applies to L_simple alone. ``loss_type="vlb"``: T L_t in
+        bits/dim alone, whose mean over t ~ Uniform estimates the bound's terms L_0 + ... + L_{T-1} (Eq. 5). With
+        ``reduction="none"`` the per-example losses of shape (B,) are returned.
         """
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
@@ -286,6 +301,9 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t).float()
+        if self.loss_type == "vlb":
+            loss = self.num_timesteps * self.vb_terms_bpd(output, x0.float(), x_t.float(), t, clip_denoised=False)
+            return loss.mean() if reduction == "mean" else loss
         prediction, var_values = self.split_output(output)
         loss = F.mse_loss(prediction, self.training_target(x0, t, noise).float(), reduction="none")
         loss = loss.flatten(1).mean(dim=1)  # (B,)

@@ -1,53 +1,170 @@
-"""The schedule ablation's analysis: the runs that ``ddpm ablate`` trained, gathered into one table and one plot.
+"""Ablations: a grid of ``ddpm fit`` runs over named axes, gathered into one table and one plot.
 
-Each (schedule, seed) ran in its own folder ``OUT/runs/<schedule>-seed<seed>`` (:func:`run_dir`) with a CSV logger
-(see configs/ablation/) and a ``run.json`` (its wall time). :func:`collect` reads them and writes ``OUT/table.md``,
-``table.csv``, ``runs.csv`` and ``curves.png``; :func:`load_runs` gives the curves to plot in a notebook.
+An axis is a setting with the values to compare: a short name (:data:`AXES`: ``schedule``, ``objective``,
+``weighting``, ``variance``) or any dotted config key (``model.lr``, ``data.init_args.batch_size``,
+``model.net.init_args.ch``). The grid is every combination of the axes' values, for each seed. Each run is a plain
+``ddpm fit`` in its own folder ``OUT/runs/<name>=<value>,...,seed=<seed>`` (:func:`run_dir`; the folder name is also
+the ``--only`` spelling) with a ``run.json`` (its settings and wall time). :func:`collect` reads the runs' CSV logs
+(loss, ``val/fid``, ``val/bpd``) and, when the config has a :class:`~ddpm_lightning.callbacks.DemoReport`, its
+``metrics.json`` (the digit classifier's scores), and writes ``OUT/table.md``, ``table.csv``, ``runs.csv`` and
+``curves.png``; :func:`load_runs` gives the curves to plot in a notebook.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ddpm_lightning.diffusion import SCHEDULES
+from ddpm_lightning.diffusion import LOSS_WEIGHTINGS, OBJECTIVES, SCHEDULES, VARIANCES
 from ddpm_lightning.io import atomic_write
 
-__all__ = ["collect", "load_runs", "read_metrics", "run_dir"]
+__all__ = [
+    "AXES",
+    "DEFAULT_AXES",
+    "collect",
+    "fit_overrides",
+    "grid",
+    "load_runs",
+    "parse_axis",
+    "parse_run",
+    "read_metrics",
+    "run_dir",
+    "run_name",
+]
 
-LOSS_KEY, VAL_LOSS_KEY, FID_KEY = "train/loss", "val/loss", "val/fid"
+#: The short axis names: the config key each sets and the values it allows.
+AXES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "schedule": ("model.schedule", SCHEDULES),
+    "objective": ("model.objective", OBJECTIVES),
+    "weighting": ("model.loss_weighting", LOSS_WEIGHTINGS),
+    "variance": ("model.variance", VARIANCES),
+}
+#: Without ``--axis``: the schedule ablation.
+DEFAULT_AXES: dict[str, tuple[str, ...]] = {"schedule": SCHEDULES}
+
+LOSS_KEY, VAL_LOSS_KEY, FID_KEY, BPD_KEY = "train/loss", "val/loss", "val/fid", "val/bpd"
 FINAL_FRACTION = 0.1  # "final loss" = mean train/loss over the last 10% of logged steps (single steps are noisy)
+#: DemoReport's scores of the trained model (metrics.json), as table columns.
+QUALITY_KEYS = {"frechet_distance": "Frechet dist.", "confident_share": "confident", "class_entropy": "class entropy"}
+_VALUE = re.compile(r"[A-Za-z0-9_.+\-]+|\[[A-Za-z0-9_.+\-,]*\]")  # a word, or a flat list such as [1,2,4]
 
 
-def run_dir(out: str | Path, schedule: str, seed: int) -> Path:
-    """The run folder of one (schedule, seed): ``OUT/runs/<schedule>-seed<seed>``."""
-    return Path(out) / "runs" / f"{schedule}-seed{seed}"
+def _split(text: str) -> list[str]:
+    """Split at the commas outside brackets: ``"a=[1,2],seed=0"`` -> ``["a=[1,2]", "seed=0"]``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _check_axis(name: str, values: Sequence[str]) -> None:
+    if name not in AXES and "." not in name:
+        raise ValueError(f"unknown axis {name!r}: use one of {', '.join(AXES)} or a dotted config key such as model.lr")
+    if name == "seed":
+        raise ValueError("seed is not an axis: give the seeds with --seeds")
+    if not values:
+        raise ValueError(f"axis {name!r} has no values")
+    allowed = AXES[name][1] if name in AXES else None
+    for value in values:
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        if not _VALUE.fullmatch(value):
+            raise ValueError(
+                f"axis value {value!r} of {name!r}: use letters, digits and _ . + - or a list [a,b] (it names a folder)"
+            )
+    if len(set(values)) != len(values):
+        raise ValueError(f"axis {name!r} repeats a value: {list(values)}")
+
+
+def parse_axis(text: str) -> tuple[str, tuple[str, ...]]:
+    """``"schedule=linear,cosine"`` -> ``("schedule", ("linear", "cosine"))``, validated."""
+    name, sep, values = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--axis expects NAME=VALUE[,VALUE...], e.g. schedule=linear,cosine; got {text!r}")
+    parsed = tuple(v for v in _split(values) if v)
+    _check_axis(name, parsed)
+    return name, parsed
+
+
+def grid(axes: Mapping[str, Sequence[str]], seeds: Sequence[int]) -> list[tuple[dict[str, str], int]]:
+    """Every (settings, seed) of the ablation: seeds outermost, then the axes' combinations in the order given (task
+    ``k`` of a SLURM array is ``grid(...)[k]``)."""
+    for name, values in axes.items():
+        _check_axis(name, list(values))
+    if not seeds:
+        raise ValueError("the ablation needs at least one seed")
+    combos = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    return [(combo, seed) for seed in seeds for combo in combos]
+
+
+def run_name(settings: Mapping[str, str], seed: int) -> str:
+    """The folder name (and ``--only`` spelling) of a run: ``schedule=cosine,objective=v,seed=0``."""
+    return ",".join([*(f"{k}={v}" for k, v in settings.items()), f"seed={seed}"])
+
+
+def parse_run(text: str) -> tuple[dict[str, str], int]:
+    """:func:`run_name` back into (settings, seed), validated; ``"schedule=cosine,seed=1"`` -> ``({...}, 1)``."""
+    try:
+        fields = dict(item.split("=", 1) for item in _split(text))
+        seed = int(fields.pop("seed"))
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"--only expects NAME=VALUE,...,seed=<int> (schedule=cosine,seed=1), got {text!r}") from err
+    if not fields:
+        raise ValueError(f"--only names no axis, got {text!r}")
+    for name, value in fields.items():
+        _check_axis(name, [value])
+    return fields, seed
+
+
+def run_dir(out: str | Path, settings: Mapping[str, str] | str, seed: int) -> Path:
+    """The run folder of one (settings, seed): ``OUT/runs/<run_name>``; a bare string is a schedule."""
+    if isinstance(settings, str):
+        settings = {"schedule": settings}
+    return Path(out) / "runs" / run_name(settings, seed)
+
+
+def fit_overrides(settings: Mapping[str, str], seed: int, folder: str | Path) -> list[str]:
+    """The ``ddpm fit`` arguments of one run: each axis's config key, the seed and the run folder."""
+    args = []
+    for name, value in settings.items():
+        args += [f"--{AXES[name][0] if name in AXES else name}", value]
+    return [*args, "--seed_everything", str(seed), "--trainer.default_root_dir", str(folder)]
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
-    """Loss and FID curves of one run folder, from its newest ``metrics.csv`` (CSVLogger)."""
+    """Loss, FID and bits/dim curves of one run folder, from its newest ``metrics.csv`` (CSVLogger; empty curves
+    without one), its ``run.json`` and the DemoReport's ``metrics.json`` when there is one."""
     files = sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"no metrics.csv under {folder}: the ablation runs need a CSVLogger")
-    series: dict[str, tuple[list[int], list[float]]] = {key: ([], []) for key in (LOSS_KEY, VAL_LOSS_KEY, FID_KEY)}
-    with open(files[-1], newline="") as f:
-        for row in csv.DictReader(f):
-            for key, (steps, values) in series.items():
-                if row.get(key):
-                    steps.append(int(row["step"]))
-                    values.append(float(row[key]))
+    series: dict[str, tuple[list[int], list[float]]] = {k: ([], []) for k in (LOSS_KEY, VAL_LOSS_KEY, FID_KEY, BPD_KEY)}
+    if files:
+        with open(files[-1], newline="") as f:
+            for row in csv.DictReader(f):
+                for key, (steps, values) in series.items():
+                    if row.get(key):
+                        steps.append(int(row["step"]))
+                        values.append(float(row[key]))
     info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    report = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     return {
         "loss_steps": series[LOSS_KEY][0],
         "loss": series[LOSS_KEY][1],
         "val_loss": series[VAL_LOSS_KEY][1],
         "fid_steps": series[FID_KEY][0],
         "fid": series[FID_KEY][1],
+        "bpd": series[BPD_KEY][1][-1] if series[BPD_KEY][1] else math.nan,
+        "quality": {k: float(report["trained"][k]) for k in QUALITY_KEYS} if "trained" in report else {},
+        "report_steps": report.get("steps"),
+        "info": info,
         "wall_time_s": info.get("wall_time_s", math.nan),
     }
 
@@ -65,68 +182,113 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _settings_of(folder: Path, info: Mapping[str, Any]) -> tuple[dict[str, str], int, int]:
+    """(settings, seed, grid position) of a run folder: from run.json, or from a ``<schedule>-seed<seed>`` name."""
+    if "settings" in info:
+        return dict(info["settings"]), int(info["seed"]), int(info.get("position", 0))
+    if "," in folder.name or folder.name.startswith(tuple(f"{k}=" for k in AXES)):
+        settings, seed = parse_run(folder.name)
+        return settings, seed, 0
+    schedule, seed = folder.name.rsplit("-seed", 1)  # the schedule ablation's earlier folder names
+    return {"schedule": schedule}, int(seed), SCHEDULES.index(schedule) if schedule in SCHEDULES else len(SCHEDULES)
+
+
 def load_runs(out: str | Path) -> list[dict[str, Any]]:
-    """Every run in ``OUT/runs/<schedule>-seed<seed>``: its curves (:func:`read_metrics`), final losses and steps."""
+    """Every run in ``OUT/runs``: its settings, ``label`` (the settings as text), curves (:func:`read_metrics`),
+    final losses and steps, in grid order."""
     out = Path(out)
-    folders = sorted(p for p in (out / "runs").glob("*-seed*") if p.is_dir())
+    folders = sorted(p for p in (out / "runs").glob("*") if p.is_dir() and ("seed" in p.name))
     if not folders:
         raise FileNotFoundError(f"no ablation runs in {out / 'runs'}; run `ddpm ablate` first")
     runs = []
     for folder in folders:
-        schedule, seed = folder.name.rsplit("-seed", 1)
         metrics = read_metrics(folder)
+        settings, seed, position = _settings_of(folder, metrics["info"])
         tail = max(1, math.ceil(FINAL_FRACTION * len(metrics["loss"])))
+        steps = metrics["loss_steps"][-1] + 1 if metrics["loss_steps"] else (metrics["report_steps"] or 0)
         runs.append(
             {
-                "schedule": schedule,
-                "seed": int(seed),
-                "steps": metrics["loss_steps"][-1] + 1 if metrics["loss_steps"] else 0,
+                **settings,
+                "settings": settings,
+                "label": " ".join(settings.values()) if len(settings) > 1 else next(iter(settings.values())),
+                "seed": seed,
+                "position": position,
+                "steps": steps,
                 "final_loss": sum(metrics["loss"][-tail:]) / tail if metrics["loss"] else math.nan,
                 "final_val_loss": metrics["val_loss"][-1] if metrics["val_loss"] else math.nan,
                 **metrics,
             }
         )
-    return runs
+    return sorted(runs, key=lambda r: (r["position"], r["label"], r["seed"]))
 
 
-def collect(out: str | Path) -> dict[str, Path]:
-    """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds), runs.csv and curves.png; returns
-    their paths."""
+def collect(out: str | Path, dest: str | Path | None = None) -> dict[str, Path]:
+    """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds, one row per setting), runs.csv and
+    curves.png, written to ``dest`` (default ``out``); returns their paths."""
     from ddpm_lightning.plots import curves_figure, save_figure  # matplotlib only once a figure is drawn
 
-    out = Path(out)
     runs = load_runs(out)
+    out = Path(dest if dest is not None else out)
+    axes = list(dict.fromkeys(name for run in runs for name in run["settings"]))
     fid_steps = sorted({step for run in runs for step in run["fid_steps"]})
-    header = ["schedule", "seeds", "steps", "final_loss", "final_val_loss"]
-    header += [f"fid@{step}" for step in fid_steps] + ["wall_time_s"]
+    has_bpd = any(not math.isnan(run["bpd"]) for run in runs)
+    quality = [k for k in QUALITY_KEYS if any(k in run["quality"] for run in runs)]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["label"], []).append(run)
+
+    columns = ["final_loss", "final_val_loss", *(f"fid@{s}" for s in fid_steps)]
+    columns += ["bpd"] * has_bpd + quality
+    md_names = ["final train loss", "final val loss", *(f"FID @ {s}" for s in fid_steps)]
+    md_names += ["bits/dim"] * has_bpd + [QUALITY_KEYS[k] for k in quality]
     rows_csv, rows_md = [], []
-    for schedule in [s for s in SCHEDULES if any(r["schedule"] == s for r in runs)]:
-        group = [r for r in runs if r["schedule"] == schedule]
+    for group in groups.values():
         cells: list[tuple[float, float]] = [
-            _mean_std([r["final_loss"] for r in group]),
+            _mean_std([r["final_loss"] for r in group if not math.isnan(r["final_loss"])]),
             _mean_std([r["final_val_loss"] for r in group if not math.isnan(r["final_val_loss"])]),
         ]
         for step in fid_steps:
             cells.append(_mean_std([r["fid"][r["fid_steps"].index(step)] for r in group if step in r["fid_steps"]]))
+        if has_bpd:
+            cells.append(_mean_std([r["bpd"] for r in group if not math.isnan(r["bpd"])]))
+        cells += [_mean_std([r["quality"][k] for r in group if k in r["quality"]]) for k in quality]
         wall = _mean_std([r["wall_time_s"] for r in group])
+        settings = [group[0]["settings"].get(name, "") for name in axes]
         seeds = " ".join(str(r["seed"]) for r in group)
         steps = max(r["steps"] for r in group)
-        rows_csv.append([schedule, seeds, steps] + [f"{m:.6g}±{s:.3g}" for m, s in cells] + [f"{wall[0]:.1f}"])
+        rows_csv.append([*settings, seeds, steps] + [f"{m:.6g}±{s:.3g}" for m, s in cells] + [f"{wall[0]:.1f}"])
         md_cells = [_fmt(*c) for c in cells[:2]] + [_fmt(*c, digits=2) for c in cells[2:]] + [_fmt(*wall, digits=0)]
-        rows_md.append([schedule, seeds, str(steps)] + md_cells)
+        rows_md.append([*settings, seeds, str(steps), *md_cells])
+
     paths = {name: out / name for name in ("table.md", "table.csv", "runs.csv", "curves.png")}
-    run_columns = ["schedule", "seed", "steps", "final_loss", "final_val_loss", "wall_time_s"]
-    _write_csv([header, *rows_csv], paths["table.csv"])
-    _write_csv([run_columns, *([r[k] for k in run_columns] for r in runs)], paths["runs.csv"])
-    md_header = ["schedule", "seeds", "steps", "final train loss", "final val loss"]
-    md_header += [f"FID @ {step}" for step in fid_steps] + ["wall time (s)"]
+    _write_csv([[*axes, "seeds", "steps", *columns, "wall_time_s"], *rows_csv], paths["table.csv"])
+    run_columns = ["seed", "steps", "final_loss", "final_val_loss", "bpd", "wall_time_s"]
+    _write_csv(
+        [
+            [*axes, *run_columns, *quality],
+            *(
+                [*(r["settings"].get(a, "") for a in axes), *(r[k] for k in run_columns)]
+                + [r["quality"].get(k, math.nan) for k in quality]
+                for r in runs
+            ),
+        ],
+        paths["runs.csv"],
+    )
+    md_header = [*axes, "seeds", "steps", *md_names, "wall time (s)"]
     lines = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows_md]
     note = (
-        f"\nMean ± std over seeds. Final train loss: mean L_simple over the last {FINAL_FRACTION:.0%} of logged "
-        "steps; final val loss: the last evaluation (fixed t and noise per batch).\n"
+        f"\nMean ± std over seeds. Final train loss: mean of the logged training loss over the last "
+        f"{FINAL_FRACTION:.0%} of logged steps; final val loss: the last evaluation (fixed t and noise per batch)."
     )
-    text = "\n".join(lines) + "\n" + note
+    if has_bpd:
+        note += " Bits/dim: the last `val/bpd` (the bound of Ho et al. Eq. 5 on a fixed subset, EMA weights)."
+    if quality:
+        note += (
+            " Frechet dist., confident (share of samples the digit classifier gives > 0.9) and class entropy: the "
+            "DemoReport's scores of the trained model's samples (metrics.json)."
+        )
+    text = "\n".join(lines) + "\n" + note + "\n"
     atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
     save_figure(curves_figure(runs), paths["curves.png"])
     return paths

@@ -46,6 +46,7 @@ SETTINGS: dict[str, SamplerConfig] = {
 #: The step counts (network evaluations) of the table's columns.
 STEPS = (1000, 250, 100, 50, 20, 10)
 DATASETS = ("auto", "digits", "cifar10")
+DIGIT_SHAPES = ((1, 28, 28), (1, 32, 32))  # native MNIST pixels, or padded to 32 (the classifier pads 28 to 32)
 METRIC_NAMES = {
     "frechet_distance": "Frechet distance",
     "class_entropy": "class entropy",
@@ -90,9 +91,10 @@ def _settings(settings: Sequence[str] | Mapping[str, SamplerConfig]) -> dict[str
 
 
 def sweep(
-    ckpt: str | Path,
+    ckpt: str | Path | Sequence[str | Path],
     out: str | Path = "results/samplers",
     *,
+    labels: Sequence[str] | None = None,
     settings: Sequence[str] | Mapping[str, SamplerConfig] = tuple(SETTINGS),
     steps: Sequence[int] = STEPS,
     num: int = 250,
@@ -112,6 +114,9 @@ def sweep(
     returns the paths.
 
     Args:
+        ckpt: a checkpoint, or several of the same image shape (e.g. the runs of an ablation), whose rows are then
+            named ``"<label> <setting>"``.
+        labels: one name per checkpoint; default: each checkpoint's folder name.
         settings: names of :data:`SETTINGS`, or rows of your own: a mapping name -> :class:`SamplerConfig` (its
             ``steps`` is replaced by each of ``steps``).
         steps: the step counts (network evaluations), each in [1, T].
@@ -128,22 +133,38 @@ def sweep(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if data not in DATASETS:
         raise ValueError(f"unknown data {data!r}; allowed: {', '.join(DATASETS)}")
-    module = load_module(ckpt, device)
-    hp = module.hparams
+    ckpts = [ckpt] if isinstance(ckpt, str | Path) else list(ckpt)
+    if not ckpts:
+        raise ValueError("sweep needs at least one checkpoint")
+    if labels is None:
+        labels = [Path(c).parent.name for c in ckpts] if len(ckpts) > 1 else [""]
+    if len(labels) != len(ckpts) or len(set(labels)) != len(labels):
+        raise ValueError(f"need one distinct label per checkpoint: {len(ckpts)} checkpoints, labels {list(labels)}")
+    modules = [load_module(c, device) for c in ckpts]
+    module = modules[0]
     T = module.diffusion.num_timesteps
     for n in steps:
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+        if (
+            isinstance(n, bool)
+            or not isinstance(n, int)
+            or not 1 <= n <= min(m.diffusion.num_timesteps for m in modules)
+        ):
             raise ValueError(f"steps {n}: the number of network evaluations must be in [1, {T}] for this model")
-    trained_on, data_kwargs = checkpoint_data(ckpt)
+    trained_on, data_kwargs = checkpoint_data(ckpts[0])
     shape = tuple(module.image_shape)
+    for other, path in zip(modules[1:], ckpts[1:], strict=True):
+        if tuple(other.image_shape) != shape:
+            raise ValueError(
+                f"{path} makes {tuple(other.image_shape)} images, {ckpts[0]} makes {shape}: sweep one shape"
+            )
     if data == "auto":
-        data = trained_on or ("digits" if shape == (1, 32, 32) else "cifar10")
+        data = trained_on or ("digits" if shape in DIGIT_SHAPES else "cifar10")
     scorer = None
     if data == "digits":
-        if shape != (1, 32, 32):
+        if shape not in DIGIT_SHAPES:
             raise ValueError(
-                f"the digit classifier scores 1x32x32 images, the model makes {'x'.join(map(str, shape))}: "
-                "use data='cifar10' (FID)"
+                f"the digit classifier scores 1x28x28 or 1x32x32 images, the model makes "
+                f"{'x'.join(map(str, shape))}: use data='cifar10' (FID)"
             )
         digits = EmbeddedDigitsDataModule(**data_kwargs if trained_on == "digits" else {})
         train, val = digits.split_arrays("train"), digits.split_arrays("val")
@@ -151,8 +172,12 @@ def sweep(
     use_fid = fid or scorer is None
 
     info = {
-        "checkpoint": str(ckpt),
-        "model": f"{hp.schedule} schedule, {hp.objective} objective, {hp.variance} variance, T = {T}",
+        "checkpoint": ", ".join(str(c) for c in ckpts),
+        "model": "; ".join(
+            f"{m.hparams.schedule} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
+            f"T = {m.diffusion.num_timesteps}"
+            for m in modules
+        ),
         "data": data,
         "num": num,
         "seed": seed,
@@ -170,17 +195,20 @@ def sweep(
     out = Path(out)
     paths = {name: out / name for name in ("table.md", "table.csv", "quality_vs_nfe.png")}
     rows: list[dict[str, Any]] = []
-    done: dict[tuple, dict[str, Any]] = {}  # the same sampler on the same timesteps is sampled once
-    for name, base in configs.items():
-        for n in steps:
+    # the same sampler on the same timesteps is sampled once per checkpoint
+    done: dict[tuple, dict[str, Any]] = {}
+    for label, module in zip(labels, modules, strict=True):
+        T = module.diffusion.num_timesteps
+        for name, base, n in [(name, base, n) for name, base in configs.items() for n in steps]:
             config = dataclasses.replace(base, steps=n)
-            key = (config.name, config.eta, tuple(config.timesteps(T)))
-            row = {"setting": name, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": n}
+            key = (label, config.name, config.eta, tuple(config.timesteps(T)))
+            setting = f"{label} {name}" if label else name
+            row = {"setting": setting, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": n}
             if key in done:
                 row.update({k: v for k, v in done[key].items() if k not in row} | {"same_as": done[key]["setting"]})
             else:
                 images, seconds = generate(
-                    module, num, sampler=config, seed=seed, batch_size=batch_size, desc=f"{name} {n}"
+                    module, num, sampler=config, seed=seed, batch_size=batch_size, desc=f"{setting} {n}"
                 )
                 scores = scorer(images) if scorer is not None else {}
                 if use_fid:
