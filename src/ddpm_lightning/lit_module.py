@@ -347,8 +347,9 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"this model is class-conditional (num_classes={self.num_classes}): give class labels y")
         return {"y": y}
 
-    def _denoiser(self, net: nn.Module, y: torch.Tensor | None) -> Callable[..., torch.Tensor]:
-        """``net`` as the diffusion's ``model(x_t, t)``, with the labels bound for a conditional model."""
+    def denoiser(self, net: nn.Module, y: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+        """``net`` (this module's or its EMA copy's) as the diffusion's ``model(x_t, t)``, with the labels ``y`` bound
+        for a conditional model."""
         return functools.partial(net, **self._label_kwargs(y)) if self.num_classes is not None else net
 
     def train_labels(self, batch: Any) -> torch.Tensor | None:
@@ -427,7 +428,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = _images(batch)
-        loss = self.diffusion.training_loss(self._denoiser(self.net, self.train_labels(batch)), x0)
+        loss = self.diffusion.training_loss(self.denoiser(self.net, self.train_labels(batch)), x0)
         self._loss = loss.detach()
         # not prog_bar=True: Lightning would read it on every step (a host-device sync); see callbacks.ProgressBar
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=x0.shape[0])
@@ -511,7 +512,7 @@ class DiffusionModule(L.LightningModule):
         generator = torch.Generator().manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
-        return self.diffusion.training_loss(self._denoiser(self.net, y), x0, t=t, noise=noise), x0.shape[0]
+        return self.diffusion.training_loss(self.denoiser(self.net, y), x0, t=t, noise=noise), x0.shape[0]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, n = self._fixed_seed_loss(batch, batch_idx)
