@@ -118,8 +118,12 @@ class SamplerConfig:
         return label + (f"-s{self.guidance_scale:g}" if self.guidance_scale != 1 else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types, for hyper-parameters and reports."""
-        return dataclasses.asdict(self)
+        """Plain types, for hyper-parameters and reports; ``guidance_scale`` only when it is not 1, so that the
+        settings of unconditional models read as they always have."""
+        fields = dataclasses.asdict(self)
+        if self.guidance_scale == 1:
+            del fields["guidance_scale"]
+        return fields
 
 
 def sampling_timesteps(
