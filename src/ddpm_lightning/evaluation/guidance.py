@@ -21,24 +21,15 @@ import torch
 
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.evaluation.digit_classifier import DigitScorer, to_classifier_size
+from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
 from ddpm_lightning.evaluation.sweep import checkpoint_data
 from ddpm_lightning.io import atomic_write, save_grid, write_json
 from ddpm_lightning.sampling import class_rows, cycle_labels, iter_samples, load_module
 
-__all__ = ["SCALES", "guidance_sweep", "requested_class_accuracy", "table_md"]
+__all__ = ["SCALES", "guidance_sweep", "table_md"]
 
 #: The default guidance scales: 1 (plain conditional sampling) and stronger guidance.
 SCALES = (1.0, 2.0, 3.0, 5.0)
-
-
-@torch.no_grad()
-def requested_class_accuracy(scorer: DigitScorer, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """The share of images (N, 1, S, S) in [-1, 1] that the digit classifier assigns to their requested ``labels``."""
-    scorer.classifier.eval()
-    x = to_classifier_size(images.clamp(-1, 1))
-    predicted = torch.cat([scorer.classifier(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
-    return float((predicted == labels).float().mean())
 
 
 def guidance_sweep(
@@ -125,7 +116,7 @@ def guidance_sweep(
         row = {
             "guidance_scale": config.guidance_scale,
             "label": config.label(T),
-            "accuracy": requested_class_accuracy(scorer, images, labels),
+            "accuracy": requested_class_accuracy(scorer.classifier, images, labels),
             "frechet_distance": scores["frechet_distance"],
             "confident_share": scores["confident_share"],
             "seconds": seconds,
