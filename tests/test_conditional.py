@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import CLASSIFIER_TEST_EPOCHS
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
@@ -27,6 +28,7 @@ from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 from ddpm_lightning.sampling import cycle_labels, iter_samples, load_module, proportional_labels
 
+DEMO_COND = Path(__file__).resolve().parents[1] / "configs" / "demo_cond.yaml"
 K = 3  # classes of the tiny networks; label K is the null class
 TINY = dict(in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=8)
 TINY_NET = {**TINY, "num_groups": 4}
@@ -445,3 +447,38 @@ def test_guidance_sweep_writes_a_table_and_a_grid_per_scale(
     assert Image.open(out / "grid_s2.png").size == (2 * 18 + 2, 10 * 18 + 2)
     md = (out / "table.md").read_text()
     assert "| 1 |" in md and "| 2 |" in md
+
+
+@pytest.mark.integration
+def test_the_conditional_demo_config_writes_a_grid_by_class_and_the_requested_class_accuracy(
+    tmp_path: Path, classifier_cache: Path
+) -> None:
+    config = yaml.safe_load(DEMO_COND.read_text())
+    assert config["model"]["num_classes"] == 10
+    sizes = {
+        "SamplingCallback": {
+            "every_n_steps": 2, "num_samples": 20, "chain_samples": 2, "sampler": {"name": "ddim", "steps": 2},
+        },
+        "DemoReport": {
+            "num_samples": 20, "num_eval_samples": 20, "sampler": {"name": "ddim", "steps": 2},
+            "classifier_epochs": CLASSIFIER_TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache),
+        },
+    }  # fmt: skip
+    for callback in config["trainer"]["callbacks"]:
+        callback.setdefault("init_args", {}).update(sizes.get(callback["class_path"].rsplit(".", 1)[-1], {}))
+    override = tmp_path / "small.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": config["trainer"]["callbacks"]}}))
+    run = tmp_path / "demo_cond"
+    main(
+        ["fit", "-c", str(DEMO_COND), "-c", str(override), f"--trainer.default_root_dir={run}",
+         "--trainer.enable_progress_bar=false", "--model.ch_mult=[1, 2]", "--model.attn_resolutions=[]",
+         "--model.num_timesteps=100", "--trainer.max_steps=2"]
+    )  # fmt: skip
+    module = load_module(run / "demo.ckpt", "cpu")
+    assert module.num_classes == 10 and module.net.num_classes == 10
+    assert Image.open(run / "samples.png").size == (2 * 30 + 2, 10 * 30 + 2)  # 10 rows (classes) of 2 digits of 28 px
+    metrics = json.loads((run / "metrics.json").read_text())
+    for row in ("trained", "untrained"):
+        assert 0.0 <= metrics[row]["requested_class_accuracy"] <= 1.0
+    (grid,) = run.rglob("step_0000002_ddim2_grid.png")
+    assert Image.open(grid).size == (2 * 30 + 2, 10 * 30 + 2)
