@@ -127,10 +127,11 @@ def iter_samples(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     config = module.sampler_config_for(sampler)
-    if module.num_classes is None and labels is not None:
+    num_classes = getattr(module, "num_classes", None)  # a module of another class may have no classes at all
+    if num_classes is None and labels is not None:
         raise ValueError("class labels were given for an unconditional model (num_classes=None)")
-    if module.num_classes is not None and labels is None:
-        labels = cycle_labels(range(module.num_classes))
+    if num_classes is not None and labels is None:
+        labels = cycle_labels(range(num_classes))
     indices = [int(i) for i in indices]
     for first in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = indices[first : first + batch_size]
