@@ -397,6 +397,8 @@ def test_guidance_and_classes_on_an_unconditional_checkpoint_are_clear_errors(tm
             main([*base, *extra])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="unconditional model"):
+        guidance_sweep(ckpt, tmp_path / "guidance", device="cpu")
 
 
 @pytest.mark.integration
