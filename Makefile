@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install test test-slow test-all lint format demo train ablation sweep bench clean
+.PHONY: install test test-slow test-all lint format demo demo-cond train ablation sweep guidance bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ DEMO_TIME ?=
 demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_STEPS optimizer steps (or DEMO_TIME=dd:hh:mm:ss): runs/demo/
 	$(BIN)/ddpm fit -c configs/demo.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
 
+demo-cond: install  ## the demo, class-conditional (classifier-free guidance), DEMO_STEPS or DEMO_TIME: runs/demo_cond/
+	$(BIN)/ddpm fit -c configs/demo_cond.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
+
 train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)
 
@@ -47,6 +50,9 @@ ablation: install  ## linear vs cosine on the embedded digits (CPU, ~15 min; ARG
 
 sweep: install  ## each sampler's quality and images/s at 1000..10 network evaluations on the demo model: results/samplers/
 	$(BIN)/ddpm sampler-sweep --ckpt runs/demo/demo.ckpt $(ARGS)
+
+guidance: install  ## accuracy of the requested class and Frechet distance at guidance scales 1 2 3 5: results/guidance/
+	$(BIN)/ddpm guidance-sweep --ckpt runs/demo_cond/demo.ckpt $(ARGS)
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -57,5 +63,5 @@ bench: $(BENCH_STAMP)  ## our U-Net vs diffusers and denoising-diffusion-pytorch
 	$(BIN)/python benchmarks/hot_path.py
 
 clean:
-	rm -rf runs results/ablation .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf runs results/ablation results/guidance .pytest_cache .ruff_cache build src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

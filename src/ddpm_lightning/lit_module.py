@@ -1,15 +1,18 @@
 """``DiffusionModule``: an injected noise-prediction network, the diffusion maths and the optimizer; nothing else.
 
 The network is any ``nn.Module`` called as ``net(x_t, t)`` that returns a tensor shaped like ``x_t`` (the paper's
-U-Net when none is given). Callbacks (EMA, resilience, tracking, sampling, FID) live in :mod:`ddpm_lightning.callbacks`
-and are added by the CLI, visibly in its config, or by :func:`ddpm_lightning.callbacks.default_callbacks`.
+U-Net when none is given); a class-conditional one (``num_classes``) is called as ``net(x_t, t, y=labels)``.
+Callbacks (EMA, resilience, tracking, sampling, FID) live in :mod:`ddpm_lightning.callbacks` and are added by the
+CLI, visibly in its config, or by :func:`ddpm_lightning.callbacks.default_callbacks`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -44,6 +47,23 @@ class NonFiniteLossError(ValueError):
 def _images(batch: Any) -> torch.Tensor:
     """The image tensor of a batch: datasets yield (image, label) pairs or bare images."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _labels(batch: Any, num_classes: int) -> torch.Tensor:
+    """The class labels (B,) of an (image, label) batch (not range-checked here: that would read them on the host at
+    every step; the class embedding refuses labels out of range)."""
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError(
+            f"a class-conditional model (num_classes={num_classes}) trains on (image, label) batches, but the data "
+            "yield bare images: use a data set with labels, or set model.num_classes=null"
+        )
+    return torch.as_tensor(batch[1], device=batch[0].device).long()
+
+
+def accepts_labels(net: nn.Module) -> bool:
+    """Whether ``net.forward`` takes the labels keyword ``y`` (or any keyword)."""
+    parameters = inspect.signature(net.forward).parameters.values()
+    return any(p.name == "y" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def net_spec(net: nn.Module) -> dict[str, Any]:
@@ -103,7 +123,8 @@ class DiffusionModule(L.LightningModule):
             parameter of the module.
         ema_decay: decay of the weights' EMA (the EMA callback reads it); 0 turns the EMA off.
         sampler: the default :class:`SamplerConfig` of :meth:`sample` and of the commands, e.g.
-            ``{name: ddim, steps: 50}``; a bare name means that sampler on all T steps.
+            ``{name: ddim, steps: 50}``; a bare name means that sampler on all T steps. A class-conditional model
+            may set its ``guidance_scale``.
         nonfinite_loss: a NaN/inf loss makes NaN/inf gradients, whose optimizer step is always skipped on the device
             (counted in ``train/nonfinite_skips``). ``"stop"`` then ends the run at the next logging step with an
             error naming the step; ``"skip"`` carries on. Checking on the device keeps the step free of host syncs.
@@ -111,6 +132,11 @@ class DiffusionModule(L.LightningModule):
         channels_last: keep the network (and its EMA copy) in the channels-last memory format: 1.1x faster training
             on a CPU (``make bench``) and the layout tensor-core convolutions want on GPUs.
         matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``"high"``: TF32); None keeps it.
+        num_classes: None: unconditional (the paper). K: class-conditional on labels 0..K-1 (the data's), with the
+            null class K for classifier-free guidance (Ho & Salimans 2021); the network must accept ``y``. None also
+            takes the network's own ``num_classes`` attribute; a default U-Net (or a preset without it) gets it.
+        p_uncond: label dropout of a conditional model: the share of training labels replaced by the null class,
+            so that one network learns the conditional and the unconditional model (Ho & Salimans use 0.1 or 0.2).
         ch, ch_mult, num_res_blocks, attn_resolutions, dropout: deprecated aliases of the default U-Net's settings
             (``model.net.init_args.*``), kept so that older configs and checkpoints load.
         sample_steps, eta, sample_spacing: deprecated aliases of ``sampler.steps``, ``.eta`` and ``.spacing``.
@@ -141,6 +167,8 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         channels_last: bool = True,
         matmul_precision: Literal["highest", "high", "medium"] | None = None,
+        num_classes: int | None = None,
+        p_uncond: float = 0.1,
         ch: int | None = None,
         ch_mult: Sequence[int] | None = None,
         num_res_blocks: int | None = None,
@@ -161,6 +189,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
         if timestep_sampling not in ("uniform", "loss_second_moment"):
             raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; allowed: uniform, loss_second_moment")
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
         given = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions)
         unet_aliases = {k: v for k, v in {**given, "dropout": dropout}.items() if v is not None}
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
@@ -176,11 +206,12 @@ class DiffusionModule(L.LightningModule):
             LossSecondMomentSampler(num_timesteps) if timestep_sampling == "loss_second_moment" else None
         )
         out_factor = self.diffusion.output_channels_factor
-        self.net = self._make_net(net, image_size, in_channels, unet_aliases, out_factor)
+        self.net = self._make_net(net, image_size, in_channels, unet_aliases, out_factor, num_classes)
         self.image_shape = self._image_shape(self.net, image_size, in_channels)
+        self.num_classes = self._num_classes(self.net, num_classes)
         # fail at construction, not at the first sampling callback
         self.sampler_config = SamplerConfig.parse(sampler, steps=sample_steps, eta=eta, spacing=sample_spacing)
-        self.sampler_config.timesteps(num_timesteps)
+        self.sampler_config = self.sampler_config_for(self.sampler_config)
         self._check_output_shape()
         if channels_last:
             # before any callback copies the module (EMA), so that the copies run in the same format
@@ -196,6 +227,7 @@ class DiffusionModule(L.LightningModule):
         if spec["init_args"] is None and isinstance(given, Mapping) and given.get("init_args") is not None:
             spec = {"class_path": given["class_path"], "init_args": dict(given["init_args"])}
         canonical = {"net": spec, "image_size": self.image_shape[-1], "in_channels": self.image_shape[0]}
+        canonical["num_classes"] = self.num_classes
         # load_from_checkpoint then calls DiffusionModule(**hparams), which rebuilds the network from its spec,
         # rather than LightningCLI's instantiator, which would hand over a network built without its arguments
         self.hparams.pop("_instantiator", None)
@@ -217,14 +249,16 @@ class DiffusionModule(L.LightningModule):
         in_channels: int | None,
         unet_aliases: dict[str, Any],
         out_factor: int = 1,
+        num_classes: int | None = None,
     ) -> nn.Module:
         if isinstance(net, Mapping):  # a checkpoint's {"class_path", "init_args"} outside the CLI
             net = build_net(net)
+        classes = {} if num_classes is None else {"num_classes": num_classes}
         if net is None:
             shape = {"image_size": 32 if image_size is None else image_size}
             shape["in_channels"] = 3 if in_channels is None else in_channels
             out = {"out_channels": out_factor * shape["in_channels"]} if out_factor > 1 else {}
-            return UNet(**shape, **out, **unet_aliases)
+            return UNet(**shape, **out, **unet_aliases, **classes)
         if type(net) is UNet:
             # flat keys (model.ch, model.image_size, ...) composed over a U-Net preset win over it
             shape = {"image_size": image_size, "in_channels": in_channels}
@@ -232,7 +266,9 @@ class DiffusionModule(L.LightningModule):
             if out_factor > 1 and net.init_args.get("out_channels") is None:
                 # a learned variance: the preset's U-Net with twice the image channels out
                 changes["out_channels"] = out_factor * changes.get("in_channels", net.init_args["in_channels"])
-            if any(net.init_args[k] != v for k, v in changes.items()):
+            if num_classes is not None and net.num_classes is None:
+                changes["num_classes"] = num_classes  # an unconditional preset made conditional
+            if any(net.init_args.get(k) != v for k, v in changes.items()):
                 net = UNet(**{**net.init_args, **changes})
         elif unet_aliases:
             raise ValueError(
@@ -242,6 +278,29 @@ class DiffusionModule(L.LightningModule):
         if not isinstance(net, nn.Module):
             raise ValueError(f"model.net must be a torch.nn.Module, got {type(net).__name__}")
         return net
+
+    @staticmethod
+    def _num_classes(net: nn.Module, num_classes: int | None) -> int | None:
+        """The model's number of classes: the argument, else the network's ``num_classes`` attribute; a clear error
+        when they disagree or when a conditional model's network does not take labels."""
+        own = getattr(net, "num_classes", None)
+        if num_classes is not None and own is not None and num_classes != own:
+            raise ValueError(
+                f"model.num_classes={num_classes} but the network {type(net).__name__} has num_classes={own}: set one "
+                "of them"
+            )
+        value = num_classes if num_classes is not None else own
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.num_classes must be a positive integer or null (unconditional), got {value!r}")
+        if not accepts_labels(net):
+            raise ValueError(
+                f"model.num_classes={value} makes the model class-conditional, but the network {type(net).__name__} "
+                "does not take labels: its forward must accept net(x_t, t, y=labels) (the U-Net does with "
+                "num_classes), or set model.num_classes=null"
+            )
+        return value
 
     @staticmethod
     def _image_shape(net: nn.Module, image_size: int | None, in_channels: int | None) -> tuple[int, int, int]:
@@ -271,7 +330,8 @@ class DiffusionModule(L.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            out = self.net(x_t, torch.zeros(1, dtype=torch.long))
+            t = torch.zeros(1, dtype=torch.long)
+            out = self.net(x_t, t, **self._label_kwargs(None if self.num_classes is None else t))
         except Exception as err:
             raise ValueError(
                 f"the network {type(self.net).__name__} fails on x_t of shape {tuple(x_t.shape)} and t of shape (1,): "
@@ -292,8 +352,35 @@ class DiffusionModule(L.LightningModule):
                 "return a tensor shaped like x_t (check its channels against model.in_channels)"
             )
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x_t, t)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x_t, t, **self._label_kwargs(y))
+
+    def _label_kwargs(self, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``{"y": y}`` for a conditional model (y required), ``{}`` for an unconditional one (y refused), so that an
+        unconditional network need not accept ``y``."""
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes=None): it takes no class labels")
+            return {}
+        if y is None:
+            raise ValueError(f"this model is class-conditional (num_classes={self.num_classes}): give class labels y")
+        return {"y": y}
+
+    def denoiser(self, net: nn.Module, y: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+        """``net`` (this module's or its EMA copy's) as the diffusion's ``model(x_t, t)``, with the labels ``y`` bound
+        for a conditional model."""
+        return functools.partial(net, **self._label_kwargs(y)) if self.num_classes is not None else net
+
+    def train_labels(self, batch: Any) -> torch.Tensor | None:
+        """The labels of a training batch with label dropout: each is replaced by the null class (``num_classes``)
+        with probability ``p_uncond`` (Ho & Salimans 2021, Algorithm 1); None for an unconditional model."""
+        if self.num_classes is None:
+            return None
+        y = _labels(batch, self.num_classes)
+        if self.hparams.p_uncond > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.hparams.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return y
 
     # -------------------------------------------------------------------------------------------- checkpoints
     @property
@@ -364,11 +451,12 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = _images(batch)
+        denoiser = self.denoiser(self.net, self.train_labels(batch))
         if self.timestep_sampler is None:
-            loss = self.diffusion.training_loss(self.net, x0)
+            loss = self.diffusion.training_loss(denoiser, x0)
         else:
             t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-            losses = self.diffusion.training_loss(self.net, x0, t=t, reduction="none")
+            losses = self.diffusion.training_loss(denoiser, x0, t=t, reduction="none")
             # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
             self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
             loss = (losses * weights).mean()
@@ -457,10 +545,11 @@ class DiffusionModule(L.LightningModule):
     def _fixed_seed_loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, int]:
         """L_simple with t and eps drawn from a seed fixed per batch, so evaluation losses are comparable."""
         x0 = _images(batch)
+        y = None if self.num_classes is None else _labels(batch, self.num_classes)  # the true labels, none dropped
         generator = torch.Generator().manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
-        return self.diffusion.training_loss(self.net, x0, t=t, noise=noise), x0.shape[0]
+        return self.diffusion.training_loss(self.denoiser(self.net, y), x0, t=t, noise=noise), x0.shape[0]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, n = self._fixed_seed_loss(batch, batch_idx)
@@ -471,9 +560,11 @@ class DiffusionModule(L.LightningModule):
         self.log("test/loss", loss, sync_dist=True, batch_size=n)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Samples for a batch of global sample indices; sample i is seeded by i."""
-        indices = _images(batch)
-        return self.sample(len(indices), seeds=[int(i) for i in indices])
+        """Samples for a batch of global sample indices; sample i is seeded by i (and, for a conditional model, has
+        the class i mod num_classes)."""
+        indices = [int(i) for i in _images(batch)]
+        y = None if self.num_classes is None else [i % self.num_classes for i in indices]
+        return self.sample(len(indices), seeds=indices, y=y)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -502,9 +593,14 @@ class DiffusionModule(L.LightningModule):
 
     def sampler_config_for(self, sampler: SamplerConfig | Mapping | str | None = None, **changes: Any) -> SamplerConfig:
         """The module's sampler setting with ``sampler`` (a setting or a name) and non-None ``changes`` applied,
-        checked against T."""
+        checked against T and, for guidance, against the model being conditional."""
         config = SamplerConfig.parse(sampler, self.sampler_config, **changes)
         config.timesteps(self.diffusion.num_timesteps)
+        if config.guidance_scale != 1 and self.num_classes is None:
+            raise ValueError(
+                f"guidance_scale={config.guidance_scale:g} needs a class-conditional model, but this one is "
+                "unconditional (num_classes=None): use guidance_scale=1"
+            )
         return config
 
     @torch.no_grad()
@@ -518,13 +614,17 @@ class DiffusionModule(L.LightningModule):
         return_steps: Sequence[int] | None = None,
         progress: bool = False,
         use_ema: bool = True,
+        y: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Generate ``num`` images in [-1, 1] with the EMA weights (fixed seed by default; ``seeds`` per sample).
 
         ``sampler``: a :class:`SamplerConfig`, a sampler name (the module's setting with that name) or None (the
-        module's setting).
+        module's setting). ``y``: the class of each image (``num`` labels in 0..num_classes-1, or num_classes for the
+        null class), needed by a class-conditional model and guided with the setting's ``guidance_scale``; the noise
+        does not depend on it.
         """
         config = self.sampler_config_for(sampler)
+        labels = self._sample_labels(num, y)
         module = self.sampling_module() if use_ema else self
         was_training = module.training
         module.eval()
@@ -538,9 +638,27 @@ class DiffusionModule(L.LightningModule):
                 return_steps=return_steps,
                 device=self.device,
                 progress=progress,
+                y=labels,
+                null_label=self.num_classes,
             )
         finally:
             module.train(was_training)
+
+    def _sample_labels(self, num: int, y: torch.Tensor | Sequence[int] | None) -> torch.Tensor | None:
+        """``y`` as a (num,) long tensor checked against 0..num_classes; None for an unconditional model."""
+        if y is None or self.num_classes is None:
+            self._label_kwargs(None if y is None else torch.zeros(num, dtype=torch.long))  # errors when y is wrong
+            return None
+        labels = torch.as_tensor(y, dtype=torch.long).flatten().cpu()
+        if len(labels) != num:
+            raise ValueError(f"got {len(labels)} labels y for {num} samples")
+        bad = sorted({v for v in labels.tolist() if not 0 <= v <= self.num_classes})
+        if bad:
+            raise ValueError(
+                f"class labels {bad} are not classes of this model: allowed 0..{self.num_classes - 1}, or "
+                f"{self.num_classes} for the null class (unconditional)"
+            )
+        return labels
 
 
 def _upgrade_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

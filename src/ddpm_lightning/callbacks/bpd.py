@@ -86,7 +86,7 @@ class BPDCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"val/bpd": value}, step=trainer.global_step)
 
-    def _images(self, trainer: L.Trainer, indices: list[int]) -> torch.Tensor:
+    def _images(self, trainer: L.Trainer, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "real_images_dataset"):
             raise ValueError("BPDCallback needs a datamodule with real_images_dataset(split), e.g. the digits")
@@ -95,7 +95,10 @@ class BPDCallback(Callback):
             raise ValueError(f"BPDCallback: num_images={self.num_images} but the {self.split} split has {len(dataset)}")
         items = [dataset[i] for i in indices]
         images = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
-        return quantize_to_grid(images) if len(images) and off_grid_distance(images) > 1e-3 else images
+        labels = (
+            torch.tensor([int(item[1]) for item in items]) if items and isinstance(items[0], (list, tuple)) else None
+        )
+        return quantize_to_grid(images) if len(images) and off_grid_distance(images) > 1e-3 else images, labels
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
@@ -103,7 +106,7 @@ class BPDCallback(Callback):
         self._last_step = trainer.global_step
         rank, world = trainer.global_rank, trainer.world_size
         indices = list(range(rank, self.num_images, world))
-        images = self._images(trainer, indices)
+        images, labels = self._images(trainer, indices)
         if len(images):
             local = bpd_of_images(
                 pl_module,
@@ -112,6 +115,7 @@ class BPDCallback(Callback):
                 clip_denoised=self.clip_denoised,
                 seeds=[self.seed + i for i in indices],
                 batch_size=self.batch_size,
+                labels=labels if pl_module.num_classes is not None else None,  # a conditional model: log p(x | y)
             )["total"]
         else:
             local = torch.zeros(0, dtype=torch.float64)

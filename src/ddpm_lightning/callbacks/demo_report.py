@@ -3,7 +3,9 @@
 Scores come from :mod:`ddpm_lightning.evaluation.digit_classifier`, for three sets side by side: samples of the trained
 model (EMA weights), samples of the untrained model (its initial weights, sampled the same way) and real held-out
 digits. The held-out (val) digits are split in two halves: the first is the Frechet reference, the second is the
-"real" row, so its distance shows the floor set by the finite sample size.
+"real" row, so its distance shows the floor set by the finite sample size. A class-conditional model samples the
+classes in turn (sample i has class i mod num_classes); its grid has one row per class and its scores add the share
+of samples that the classifier reads as their requested class.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from tqdm.auto import tqdm
 from ddpm_lightning import io
 from ddpm_lightning.callbacks.sampling import callback_sampler, render_samples
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
-from ddpm_lightning.evaluation.digit_classifier import DigitScorer
-from ddpm_lightning.sampling import iter_samples
+from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
+from ddpm_lightning.sampling import class_rows, iter_samples
 
 __all__ = ["DEMO_SAMPLER", "DemoReport"]
 
@@ -172,15 +174,21 @@ class DemoReport(Callback):
         _, _, strip = render_samples(
             pl_module, self.chain_samples, self.chain_samples, self.chain_steps, sampler=self.sampler, seed=self.seed
         )
-        io.save_grid(images[: self.num_samples], root / "samples.png")
+        K = pl_module.num_classes
+        labels = None if K is None else torch.arange(len(images)) % K  # iter_samples' classes: i mod K
+        if labels is None:
+            io.save_grid(images[: self.num_samples], root / "samples.png")
+        else:
+            per_row = max(1, self.num_samples // K)
+            io.save_grid(class_rows(images, labels.tolist(), range(K), per_row), root / "samples.png", nrow=per_row)
         io.save_png(strip, root / "chain.png")
 
-        untrained_scores = None
+        untrained_images = None
         if self.untrained_baseline:
             # the same module with the weights it had before the first step, sampled the same way
             untrained = copy.deepcopy(pl_module)
             untrained.load_state_dict(self._initial_state)
-            untrained_scores = scorer(self._eval_samples(untrained))
+            untrained_images = self._eval_samples(untrained)
             del untrained
 
         steps = trainer.global_step
@@ -193,7 +201,7 @@ class DemoReport(Callback):
         )
         metrics = {
             "trained": scorer(images),
-            **({"untrained": untrained_scores} if untrained_scores is not None else {}),
+            **({"untrained": scorer(untrained_images)} if untrained_images is not None else {}),
             "real_heldout": scorer(scorer.heldout),
             "max_class_entropy": math.log(10),
             "num_eval_samples": self.num_eval_samples,
@@ -207,6 +215,12 @@ class DemoReport(Callback):
             "parameters": sum(p.numel() for p in pl_module.net.parameters()),
             "classifier": {"val_accuracy": scorer.accuracy, "epochs": self.classifier_epochs, "file": str(scorer.path)},
         }
+        if labels is not None:
+            metrics["trained"]["requested_class_accuracy"] = requested_class_accuracy(scorer.classifier, images, labels)
+            if untrained_images is not None:
+                metrics["untrained"]["requested_class_accuracy"] = requested_class_accuracy(
+                    scorer.classifier, untrained_images, labels
+                )
         io.write_json(metrics, root / "metrics.json")
         self._print_summary(root, ckpt, metrics)
         return metrics
@@ -233,4 +247,7 @@ class DemoReport(Callback):
                 f"  {name:<14}{s['confident_share']:>14.3f}{s['class_entropy']:>15.3f}{s['frechet_distance']:>15.2f}"
             )
         lines.append(f"  (class entropy is at most log 10 = {math.log(10):.3f}; {metrics['sampler']} sampling)")
+        if "requested_class_accuracy" in metrics["trained"]:
+            accuracy = metrics["trained"]["requested_class_accuracy"]
+            lines.append(f"  samples classified as their requested class: {accuracy:.3f} (trained)")
         print("\n".join(lines), flush=True)

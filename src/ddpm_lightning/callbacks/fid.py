@@ -79,7 +79,8 @@ class FIDCallback(Callback):
             logged as ``val/fid_ddpm1000``); fewer network evaluations of ``ddpm`` (strided chain), ``ddim`` or
             ``dpmpp_2m`` (default: ``{name: ddim, steps: 50}``) are a cheaper monitoring signal whose values are not
             comparable with the paper's. A bare name runs 50 network evaluations of that sampler.
-        seed: sample ``i`` is drawn with seed ``seed + i``.
+        seed: sample ``i`` is drawn with seed ``seed + i`` (and, for a class-conditional model, with the class
+            ``i mod num_classes``, guided with the setting's ``guidance_scale``).
         feature_extractor: a module mapping uint8 (N, C, H, W) images to (N, num_features) features, with an int
             ``num_features`` attribute; None: the FID Inception-v3 (2048-d pool3) from
             ``feature_extractor_weights_path`` (None: torch hub's cache, see ``ddpm fid-weights``).

@@ -23,6 +23,7 @@ from torchvision.utils import make_grid
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.io import image_grid, save_png
+from ddpm_lightning.sampling import class_rows
 
 __all__ = [
     "MONITORING_SAMPLER",
@@ -83,17 +84,24 @@ def render_samples(
 
     Returns the images in [-1, 1] (B, C, H, W) on the CPU, a uint8 grid (3, H', W') of them, and a uint8 strip
     (3, H'', W'') whose rows are the first ``chain_samples`` samples and whose columns are x_t at ``chain_steps``
-    evenly spaced visited timesteps (x_T first) followed by the final x_0.
+    evenly spaced visited timesteps (x_T first) followed by the final x_0. A class-conditional model gives sample i
+    the class i mod num_classes and its grid one row per class.
     """
     config = pl_module.sampler_config_for(sampler)
     steps = chain_timesteps(config.timesteps(pl_module.diffusion.num_timesteps), chain_steps)
-    x0, chain = pl_module.sample(num_samples, config, seeds=list(range(seed, seed + num_samples)), return_steps=steps)
+    K = pl_module.num_classes
+    y = None if K is None else [i % K for i in range(num_samples)]
+    seeds = list(range(seed, seed + num_samples))
+    x0, chain = pl_module.sample(num_samples, config, seeds=seeds, return_steps=steps, y=y)
     x0 = x0.cpu()
     rows = min(chain_samples, num_samples)
     columns = [chain[t][:rows] for t in steps] + [x0[:rows]]  # each (rows, C, H, W)
     strip = torch.stack(columns, dim=1).flatten(0, 1)  # (rows * columns, C, H, W), one row per sample
     strip = make_grid(to_uint8(strip), nrow=len(columns), padding=2, pad_value=255)
-    return x0, image_grid(x0), strip
+    if y is None:
+        return x0, image_grid(x0), strip
+    per_row = max(1, num_samples // K)
+    return x0, image_grid(class_rows(x0, y, range(K), per_row), nrow=per_row), strip
 
 
 def log_image(logger: Logger, tag: str, image: torch.Tensor, step: int) -> bool:
@@ -114,7 +122,8 @@ class SamplingCallback(Callback):
 
     ``<run>`` is ``trainer.log_dir`` (the logger's version folder, or ``default_root_dir`` without a logger). The
     same images go to TensorBoard (``add_image``) and W&B (``log_image``) as ``samples/<sampler>_grid`` and
-    ``samples/<sampler>_chain``, where ``<sampler>`` reads e.g. ``ddim50`` (:meth:`SamplerConfig.label`).
+    ``samples/<sampler>_chain``, where ``<sampler>`` reads e.g. ``ddim50`` (:meth:`SamplerConfig.label`). The grid of
+    a class-conditional model has one row per class (sample i has the class i mod num_classes).
 
     Args:
         every_n_steps: sampling period in optimizer steps.

@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the checkpoint's)")
     parser.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the checkpoint's")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale of a class-conditional model (default: the checkpoint's); its classes "
+        "are drawn in the reference data's proportions",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
     parser.add_argument("--weights", default=None, help="Inception weights file (feature_extractor_weights_path)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="default: all")

@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{report['num_images']} {args.data} {args.split} images; clip x0: {report['clip_denoised']})"
     )
     print(f"terms (bits/dim): {terms}")
+    if report["num_classes"] is not None:
+        print(f"a class-conditional model: the bound of the likelihood {report['likelihood']}")
     write_json(report, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -48,6 +48,7 @@ SAFE_SETTINGS = (
     "compile",
     "channels_last",
     "matmul_precision",
+    "p_uncond",
 )
 _UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 _SHAPE = ("image_size", "in_channels")

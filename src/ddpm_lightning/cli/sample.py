@@ -25,13 +25,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--spacing", choices=SPACINGS, default=None, help="of the timesteps (default: the checkpoint's)"
     )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale s of a class-conditional model: 1 conditional, 0 unconditional, > 1 "
+        "guided (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        type=int,
+        default=None,
+        help="class of a conditional model; repeat it for several: image i gets the i-th, cycling (default: all)",
+    )
+    parser.add_argument("--grid-by-class", action="store_true", help="grid.png with one row per class")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``ddpm sample --ckpt PATH --num N --out DIR [--seed S] [--sampler NAME --steps NFE]``."""
+    """``ddpm sample --ckpt PATH --num N --out DIR [--seed S] [--sampler NAME --steps NFE] [--class K ...
+    --guidance-scale S --grid-by-class]``."""
     args = build_parser().parse_args(argv)
     grid = sample_to_folder(**vars(args))
     print(f"wrote {args.num} samples to {args.out} and the grid {grid}")

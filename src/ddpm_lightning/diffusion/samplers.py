@@ -9,6 +9,11 @@ network evaluation per visited timestep, so ``steps`` is the number of network e
 A sampler is one entry of :data:`_SAMPLERS` (how it steps, and whether its last step lands on the clean data): adding
 one means adding its step function there and its name to :data:`Sampler`, in this file alone.
 
+Classifier-free guidance (Ho & Salimans 2021) works with every sampler: with class labels y and a guidance scale s
+the network is evaluated on the conditional and the null ("unconditional") labels in one batched forward, and the
+samplers step with eps~ = eps(x_t, null) + s (eps(x_t, y) - eps(x_t, null)) (diffusers' convention: s = 1 is plain
+conditional sampling, s = 0 unconditional); see :func:`guided`.
+
 All noise is drawn on the CPU from explicit generators and then moved to the model's device, so a seed gives the
 same samples on any device, and sample i of an evaluation can be seeded by i whatever the number of processes.
 """
@@ -42,6 +47,8 @@ class SamplerConfig:
         eta: DDIM's noise scale (0: deterministic; 1 on the full chain: the DDPM posterior variance).
         spacing: how fewer than T timesteps are spread: ``"uniform"`` over [0, T-1] or ``"quadratic"`` over
             [0, 0.8 T] (Song et al. 2021's CIFAR-10 choice).
+        guidance_scale: classifier-free guidance scale s >= 0 of a class-conditional model (:func:`guided`); 1:
+            plain conditional sampling (one network evaluation per step, the only value for an unconditional model).
 
     Names, eta and the spacing are checked at construction; ``steps`` against a model's T by :meth:`timesteps`.
     In YAML: ``sampler: {name: ddim, steps: 50}``.
@@ -51,6 +58,7 @@ class SamplerConfig:
     steps: int | None = None
     eta: float = 0.0
     spacing: Spacing = "uniform"
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
@@ -65,6 +73,9 @@ class SamplerConfig:
             )
         if not self.eta >= 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {scale!r}")
 
     @classmethod
     def parse(
@@ -100,14 +111,19 @@ class SamplerConfig:
 
     def label(self, num_timesteps: int) -> str:
         """A short name for tags and file names: ``ddim50``, ``ddim50_eta1``, ``dpmpp_2m20``, ``ddpm1000`` (the full
-        chain of T = 1000), ``ddim50_quad`` (quadratic spacing)."""
+        chain of T = 1000), ``ddim50_quad`` (quadratic spacing), ``ddim50-s3`` (guidance scale 3)."""
         nfe = self.nfe(num_timesteps)
         label = f"{self.name}{nfe}" + (f"_eta{self.eta:g}" if self.name == "ddim" and self.eta > 0 else "")
-        return label + ("_quad" if self.spacing == "quadratic" and nfe < num_timesteps else "")
+        label += "_quad" if self.spacing == "quadratic" and nfe < num_timesteps else ""
+        return label + (f"-s{self.guidance_scale:g}" if self.guidance_scale != 1 else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types, for hyper-parameters and reports."""
-        return dataclasses.asdict(self)
+        """Plain types, for hyper-parameters and reports; ``guidance_scale`` only when it is not 1, so that the
+        settings of unconditional models read as they always have."""
+        fields = dataclasses.asdict(self)
+        if self.guidance_scale == 1:
+            del fields["guidance_scale"]
+        return fields
 
 
 def sampling_timesteps(
@@ -239,6 +255,32 @@ def _dpmpp_2m(chain: Chain) -> Step:
     return step
 
 
+def guided(
+    diffusion: GaussianDiffusion, model: Callable[..., torch.Tensor], y: torch.Tensor, null_label: int, scale: float
+) -> Denoiser:
+    """The denoiser ``(x_t, t) -> output`` of a class-conditional ``model(x_t, t, y=...)`` for labels y (B,), guided
+    with scale s (Ho & Salimans 2021, Eq. 6, in diffusers' convention).
+
+    s = 1: the conditional output, one forward. Otherwise the conditional and the unconditional (``null_label``)
+    halves run in one batched forward and the mean channels become out(null) + s (out(y) - out(null)). This is
+    guidance in the network's output space, whatever the objective: eps, x_0 and v are affine in the output with
+    coefficients of (x_t, t) alone (:meth:`GaussianDiffusion.model_output_to_eps`), so it is the same as guiding
+    eps~ = eps(null) + s (eps(y) - eps(null)). A learned variance keeps the conditional output's variance channels.
+    """
+    if scale == 1:
+        return lambda x_t, t: model(x_t, t, y=y)
+    null = torch.full_like(y, null_label)
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        output = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, null])).float()  # (2B, C', H, W)
+        mean_cond, var_values = diffusion.split_output(output[: len(y)])
+        mean_uncond, _ = diffusion.split_output(output[len(y) :])
+        mean = mean_uncond + scale * (mean_cond - mean_uncond)
+        return mean if var_values is None else torch.cat([mean, var_values], dim=1)
+
+    return denoise
+
+
 class _Entry(NamedTuple):
     make_step: Callable[[Chain], Step]
     to_clean_data: bool  # the last step goes to the clean data, so t = 0 needs no evaluation
@@ -266,16 +308,21 @@ def sample(
     clip_denoised: bool = True,
     device: torch.device | str | None = None,
     progress: bool = False,
+    y: torch.Tensor | None = None,
+    null_label: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run the reverse chain from x_T ~ N(0, I) to x_0 with the ``sampler`` setting (default: the full ancestral
     chain; a name means that sampler on all T steps).
 
     Args:
+        model: ``model(x_t, t)``, or ``model(x_t, t, y=...)`` when labels ``y`` are given.
         shape: (B, C, H, W) of the batch.
         seed / seeds / generator: reproducibility: one seed for the batch, one seed per sample, or a CPU generator.
         return_steps: timesteps t at which to record the current x_t (only the visited ones are recorded).
         clip_denoised: clip every x_0 prediction to [-1, 1].
         device: where the model runs; defaults to the device of the diffusion buffers.
+        y, null_label: class labels (B,) of a class-conditional model and its null class, guided with the setting's
+            ``guidance_scale`` (:func:`guided`); x_T and the noise do not depend on them.
 
     Returns:
         x_0 in the model's range, float32; with ``return_steps`` also a dict {t: x_t} on the CPU.
@@ -283,6 +330,15 @@ def sample(
     config = SamplerConfig.parse(sampler)
     device = torch.device(device) if device is not None else diffusion.betas.device
     timesteps = config.timesteps(diffusion.num_timesteps)
+    if y is not None:
+        if null_label is None or tuple(y.shape) != (shape[0],):
+            raise ValueError(f"labels y need a null_label and the shape ({shape[0]},), got {tuple(y.shape)}")
+        model = guided(diffusion, model, y.to(device), null_label, config.guidance_scale)
+    elif config.guidance_scale != 1:
+        raise ValueError(
+            f"guidance_scale={config.guidance_scale:g} needs class labels y (a class-conditional model); "
+            "an unconditional model samples with guidance_scale=1"
+        )
     noise = NoiseSource(tuple(shape), seed=seed, seeds=seeds, generator=generator)
     record = set(return_steps or ())
     chain: dict[int, torch.Tensor] = {}

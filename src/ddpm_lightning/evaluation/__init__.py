@@ -5,6 +5,7 @@
   module's function, not exported here so that the module keeps its name) is ``ddpm nll``.
 - :func:`evaluate`: FID / IS / KID (torch-fidelity) of a checkpoint's samples or a PNG folder; :func:`fid_of_images`.
 - :func:`sweep`: sample quality and speed of each sampler setting against the number of network evaluations.
+- :func:`guidance_sweep`: a class-conditional digits model's accuracy of the requested class at each guidance scale.
 - :func:`collect`, :func:`load_runs`: the schedule ablation's table and curves.
 - :class:`DigitScorer`: the demo's digit-classifier figures; the offline FID Inception weights (``inception_weights``).
 
@@ -15,6 +16,7 @@
 from ddpm_lightning.evaluation.ablation import collect, load_runs, read_metrics, run_dir
 from ddpm_lightning.evaluation.digit_classifier import DigitClassifier, DigitScorer, frechet_distance, score_digits
 from ddpm_lightning.evaluation.evaluate import METRICS, PAPER_NUM_SAMPLES, evaluate, fid_of_images
+from ddpm_lightning.evaluation.guidance import guidance_sweep
 from ddpm_lightning.evaluation.inception_weights import (
     FID_WEIGHTS_FILENAME,
     build_fid_extractor,
@@ -45,6 +47,7 @@ __all__ = [
     "fid_of_images",
     "find_cached_weights",
     "frechet_distance",
+    "guidance_sweep",
     "load_runs",
     "missing_weights_message",
     "prepare_fid_weights",

@@ -28,6 +28,7 @@ __all__ = [
     "frechet_distance",
     "load_or_train_digit_classifier",
     "reference_statistics",
+    "requested_class_accuracy",
     "score_digits",
     "train_digit_classifier",
 ]
@@ -218,6 +219,16 @@ def score_digits(
         "class_entropy": class_entropy(predicted, probs.shape[1]),
         "frechet_distance": frechet_distance(features, reference),
     }
+
+
+@torch.no_grad()
+def requested_class_accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of images (N, 1, S, S) in [-1, 1] (:func:`to_classifier_size`) that the classifier assigns to their
+    requested class ``labels`` (N,): how well a class-conditional model follows its labels."""
+    classifier.eval()
+    x = to_classifier_size(images.clamp(-1, 1))
+    predicted = torch.cat([classifier(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    return float((predicted == labels.to(predicted.device)).float().mean())
 
 
 @dataclass

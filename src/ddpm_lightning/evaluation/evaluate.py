@@ -2,7 +2,9 @@
 
 The paper's protocol (Ho et al. 2020, Table 1): 50,000 samples from the EMA weights with the full 1000-step chain,
 quantised to uint8, against the statistics of the 50,000 CIFAR-10 **training** images, with TF's Inception
-(2015-12-05). The reference images are read from the local data set, so nothing is downloaded.
+(2015-12-05). The reference images are read from the local data set, so nothing is downloaded. A class-conditional
+model is sampled with its classes in the reference data's proportions, deterministically by sample index
+(:func:`~ddpm_lightning.sampling.proportional_labels`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,18 @@ from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, to_
 from ddpm_lightning.diffusion import SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import missing_weights_message, resolve_fid_weights
 from ddpm_lightning.evaluation.real_stats import file_digest, real_stats_key, real_stats_name
-from ddpm_lightning.sampling import default_device, iter_samples, load_module
+from ddpm_lightning.sampling import default_device, iter_samples, load_module, proportional_labels
 
-__all__ = ["DATASETS", "METRICS", "PAPER_NUM_SAMPLES", "PngFolder", "Uint8Images", "evaluate", "fid_of_images"]
+__all__ = [
+    "DATASETS",
+    "METRICS",
+    "PAPER_NUM_SAMPLES",
+    "PngFolder",
+    "Uint8Images",
+    "class_proportions",
+    "evaluate",
+    "fid_of_images",
+]
 
 Metric = Literal["fid", "isc", "kid"]
 METRICS: tuple[Metric, ...] = ("fid", "isc", "kid")
@@ -70,6 +81,17 @@ class PngFolder(Dataset):
             return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
+def class_proportions(dataset: Dataset) -> list[float]:
+    """The share of each class 0..K-1 among the labels of an (image, label) data set."""
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long).flatten())
+    return (counts.double() / counts.sum()).tolist()
+
+
 def generate(
     ckpt: str | Path,
     num: int,
@@ -78,19 +100,36 @@ def generate(
     steps: int | None = None,
     eta: float | None = None,
     spacing: Spacing | None = None,
+    guidance_scale: float | None = None,
+    proportions: Sequence[float] | None = None,
     seed: int = 0,
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``num`` uint8 samples (N, C, H, W) from the checkpoint's EMA weights (sample i seeded by ``seed + i``) and
-    how they were drawn. ``sampler``, ``steps``, ``eta`` and ``spacing`` change the checkpoint's own setting."""
+    how they were drawn. ``sampler``, ``steps``, ``eta``, ``spacing`` and ``guidance_scale`` change the checkpoint's
+    own setting. A class-conditional model draws its classes in ``proportions`` (one per class; default: equal)."""
     module = load_module(ckpt, device)
-    config = module.sampler_config_for(sampler, steps=steps, eta=eta, spacing=spacing)
+    config = module.sampler_config_for(sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale)
     T = module.diffusion.num_timesteps
     nfe = config.nfe(T)  # checks the step count against T before any sampling
+    labels, classes = None, None
+    if module.num_classes is not None:
+        proportions = [1.0] * module.num_classes if proportions is None else list(proportions)
+        if len(proportions) != module.num_classes:
+            raise ValueError(
+                f"the reference data have {len(proportions)} classes but the model {ckpt} has "
+                f"num_classes={module.num_classes}"
+            )
+        labels = proportional_labels(proportions)
+        classes = {
+            "num_classes": module.num_classes,
+            "proportions": proportions,
+            "guidance_scale": config.guidance_scale,
+        }
     images = torch.empty(num, *module.image_shape, dtype=torch.uint8)
     for indices, batch in iter_samples(module, range(num), sampler=config, seed=seed, batch_size=batch_size,
-                                       progress=True):  # fmt: skip
+                                       progress=True, labels=labels):  # fmt: skip
         images[indices] = to_uint8(batch.float().cpu())
     return images, {
         "sampler": config.name,
@@ -100,6 +139,7 @@ def generate(
         "label": config.label(T),
         "seed": seed,
         "num_timesteps": T,
+        "classes": classes,
     }
 
 
@@ -201,6 +241,7 @@ def evaluate(
     steps: int | None = None,
     eta: float | None = None,
     spacing: Spacing | None = None,
+    guidance_scale: float | None = None,
     seed: int = 0,
     weights: str | Path | None = None,
     metrics: Sequence[Metric] = METRICS,
@@ -211,8 +252,9 @@ def evaluate(
     or of a folder of PNG files (``samples``), against the local real images of ``data`` / ``split``.
 
     Args:
-        sampler, steps, eta, spacing: how the checkpoint is sampled: a :class:`SamplerConfig`, a sampler name or
-            None (the checkpoint's own setting), with ``steps``/``eta``/``spacing`` changed when given.
+        sampler, steps, eta, spacing, guidance_scale: how the checkpoint is sampled: a :class:`SamplerConfig`, a
+            sampler name or None (the checkpoint's own setting), with the others changed when given. A
+            class-conditional checkpoint samples its classes in the proportions of the reference images.
         seed: sample i is seeded by ``seed + i``.
         num_real: the first ``num_real`` real images (default: all).
         weights: the Inception weights file (``ddpm fid-weights``); default: torch hub's cache, else a download.
@@ -246,10 +288,11 @@ def evaluate(
     if not wanted:
         raise ValueError(f"nothing to compute: metrics {' '.join(metrics)} with these weights")
 
+    real = reference_images(data, data_dir, split)
     if ckpt is not None:
         images, sampling = generate(
-            ckpt, num, sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
-            device=device,
+            ckpt, num, sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
+            proportions=class_proportions(real), seed=seed, batch_size=batch_size, device=device,
         )  # fmt: skip
         generated = Uint8Images(images)
         source = {"checkpoint": str(ckpt), "num": len(generated), **sampling}
@@ -258,7 +301,7 @@ def evaluate(
         source = {"samples": str(samples), "num": len(generated)}
 
     need_reference = bool(wanted & {"fid", "kid"})
-    reference = Uint8Images(reference_images(data, data_dir, split), num_real)
+    reference = Uint8Images(real, num_real)
     kid_subset_size = min(kid_subset_size, len(generated), len(reference))
     # the reference's features are cached (torch-fidelity's cache, in io.cache_dir("fid-stats")) under the key the
     # FID callback uses: data set, split, resolution, number of images and the extractor's weights

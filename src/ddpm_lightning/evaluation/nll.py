@@ -2,7 +2,8 @@
 column) over real images, with its standard error and the per-term breakdown.
 
 The bound holds for data on the 256-level grid of 8-bit images (its decoder L_0 is discrete): images off the grid are
-quantized to it (``off_grid="quantize"``, reported) or refused (``"refuse"``).
+quantized to it (``off_grid="quantize"``, reported) or refused (``"refuse"``). A class-conditional model is scored
+with the images' true labels: the bound of the conditional likelihood log p(x | y).
 """
 
 from __future__ import annotations
@@ -48,11 +49,18 @@ def bpd_of_images(
     batch_size: int = 64,
     use_ema: bool = True,
     progress: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image bits/dim of ``images`` (N, C, H, W) on the 8-bit grid: float64 tensors (N,) ``total``, ``prior``
     (L_T), ``decoder`` (L_0) and ``rest`` (L_1..L_{T-1}); image i is seeded by ``seeds[i]`` (default i), so the
-    figures do not depend on the batching or the number of processes. See ``GaussianDiffusion.calc_bpd_loop``."""
+    figures do not depend on the batching or the number of processes. See ``GaussianDiffusion.calc_bpd_loop``.
+    ``labels`` (N,): the classes a class-conditional model is conditioned on (the bound of log p(x | y))."""
     seeds = list(range(len(images))) if seeds is None else list(seeds)
+    if (labels is None) != (module.num_classes is None):
+        raise ValueError(
+            "a class-conditional model needs the images' labels, an unconditional one takes none: "
+            f"num_classes={module.num_classes}, labels {'given' if labels is not None else 'not given'}"
+        )
     source = module.sampling_module() if use_ema else module
     net, diffusion = source.net, module.diffusion
     was_training = net.training
@@ -62,8 +70,13 @@ def bpd_of_images(
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="bits/dim", leave=False, disable=not progress):
             x0 = images[start : start + batch_size].to(module.device)
+            y = None if labels is None else labels[start : start + batch_size].to(module.device)
             result = diffusion.calc_bpd_loop(
-                net, x0, clip_denoised=clip_denoised, t_samples=t_samples, seeds=seeds[start : start + batch_size]
+                module.denoiser(net, y),
+                x0,
+                clip_denoised=clip_denoised,
+                t_samples=t_samples,
+                seeds=seeds[start : start + batch_size],
             )
             for name in TERMS:
                 out[name].append(result[f"{name}_bpd"].cpu())
@@ -110,7 +123,9 @@ def nll(
     module = load_module(ckpt, device)
     dataset = real_images(data, data_dir, split, module.image_shape[-1])
     count = len(dataset) if num is None else min(num, len(dataset))  # type: ignore[arg-type]
-    images = torch.stack([_image(dataset[i]) for i in range(count)])
+    items = [dataset[i] for i in range(count)]
+    images = torch.stack([_image(item) for item in items])
+    labels = None if module.num_classes is None else torch.tensor([int(item[1]) for item in items])
     if tuple(images.shape[1:]) != tuple(module.image_shape):
         raise ValueError(
             f"the {data} images are {tuple(images.shape[1:])} but the model {ckpt} expects {tuple(module.image_shape)}"
@@ -132,6 +147,7 @@ def nll(
         seeds=[seed + i for i in range(count)],
         batch_size=batch_size,
         progress=progress,
+        labels=labels,
     )
     summary = summarize(per_image)
     T = module.diffusion.num_timesteps
@@ -152,6 +168,8 @@ def nll(
         "seed": seed,
         "variance": module.diffusion.variance,
         "objective": module.diffusion.objective,
+        "num_classes": module.num_classes,
+        "likelihood": "unconditional, log p(x)" if labels is None else "conditional on the true labels, log p(x | y)",
     }
 
 

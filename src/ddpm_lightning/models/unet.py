@@ -1,6 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, Appendix B), a PixelCNN++-style backbone with a sinusoidal time embedding.
 
-The default configuration is the CIFAR-10 network of the paper: 35,746,307 parameters.
+The default configuration is the CIFAR-10 network of the paper: 35,746,307 parameters. With ``num_classes`` it is
+class-conditional: a learned class embedding is added to the time embedding (as in improved-diffusion / ADM).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Noise-prediction U-Net: ``UNet()(x_t, t) -> eps`` with x_t (B, C, H, W) and integer t (B,).
+    """Noise-prediction U-Net: ``UNet()(x_t, t) -> eps`` with x_t (B, C, H, W) and integer t (B,); a conditional one
+    is called as ``UNet(num_classes=K)(x_t, t, y=labels)``.
 
     Args:
         in_channels: image channels (3 for CIFAR-10, 1 for digits); ``out_channels`` defaults to the same.
@@ -129,6 +131,9 @@ class UNet(nn.Module):
         dropout: dropout rate inside the residual blocks (0.1 for CIFAR-10).
         image_size: input height and width, needed to place attention and to check the down-sampling.
         num_groups: GroupNorm groups (32 in the paper); ``ch * mult`` must be divisible by it.
+        num_classes: None: unconditional (the paper). K: labels y in 0..K-1 select a learned embedding added to the
+            time embedding; y = K is the "null" class of classifier-free guidance (Ho & Salimans 2021), whose
+            embedding starts at zero, so that the untrained null class is the unconditional network.
     """
 
     def __init__(
@@ -142,11 +147,15 @@ class UNet(nn.Module):
         image_size: int = 32,
         out_channels: int | None = None,
         num_groups: int = 32,
+        num_classes: int | None = None,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
         self._check(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, num_groups)
+        bad_classes = isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        if num_classes is not None and bad_classes:
+            raise ValueError(f"num_classes must be a positive integer or None (unconditional), got {num_classes!r}")
         # what rebuilds this network: checkpoints store it as the class_path and these init_args
         self.init_args = {
             "in_channels": in_channels,
@@ -159,6 +168,10 @@ class UNet(nn.Module):
             "out_channels": out_channels,
             "num_groups": num_groups,
         }
+        if num_classes is not None:
+            # absent for an unconditional network, so that its init_args (and checkpoints) stay as they were
+            self.init_args["num_classes"] = num_classes
+        self.num_classes = num_classes
         self.in_channels = in_channels
         self.image_size = image_size
         self.out_channels = out_channels or in_channels
@@ -209,6 +222,11 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(num_groups, c)
         self.conv_out = _conv3x3(c, self.out_channels, scale=0.0)
+        if num_classes is not None:
+            # made last, so that every other weight is drawn as for the unconditional network of the same seed
+            self.class_emb = nn.Embedding(num_classes + 1, temb_dim)  # (K + 1, 4ch); row K: the null class
+            with torch.no_grad():
+                self.class_emb.weight[num_classes].zero_()
 
     @staticmethod
     def _check(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, num_groups) -> None:
@@ -236,7 +254,9 @@ class UNet(nn.Module):
                 f"attn_resolutions {unknown} are not feature-map sizes of this U-Net; allowed: {resolutions}"
             )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps (or the objective's output) for x_t (B, C, H, W), t (B,) and, for a conditional network, labels y
+        (B,) in 0..num_classes (num_classes: the null class)."""
         if x.shape[1] != self.in_channels or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not match the U-Net's "
@@ -246,6 +266,17 @@ class UNet(nn.Module):
             # a U-Net moved to channels_last (faster convolutions) runs in that format whatever the input's layout
             x = x.contiguous(memory_format=torch.channels_last)
         temb = self.temb(timestep_embedding(t, self.ch).to(self.temb[0].weight.dtype))  # (B, 4ch)
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("this U-Net is unconditional (num_classes=None): it takes no labels y")
+        else:
+            if y is None or y.shape != (x.shape[0],):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(
+                    f"this U-Net is conditional (num_classes={self.num_classes}): give labels y of shape "
+                    f"({x.shape[0]},), got {got}"
+                )
+            temb = temb + self.class_emb(y)  # (B, 4ch), as in ADM: the class embedding joins the time embedding
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
