@@ -5,9 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ddpm_lightning.models import UNet
-from ddpm_lightning.models.unet import Upsample, timestep_embedding
+from ddpm_lightning.models.unet import Downsample, Upsample, timestep_embedding
 
 pytestmark = pytest.mark.unit
 SMALL = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,)}
@@ -92,3 +94,41 @@ def test_channels_last_unet_computes_the_same_function():
     out = net(x, t)  # a plain NCHW input is moved to the weights' format
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_same_downsampling_pads_the_bottom_row_and_right_column_only():
+    torch.manual_seed(0)
+    down = Downsample(4, "same")
+    x = torch.randn(2, 4, 8, 8)
+    # TF 'SAME' for a 3x3 kernel of stride 2 on an even size: output (i, j) reads input rows 2i..2i+2 and columns
+    # 2j..2j+2, the row and column past the edge being zeros
+    padded = torch.zeros(2, 4, 9, 9)
+    padded[:, :, :8, :8] = x
+    expected = torch.empty(2, 4, 4, 4)
+    for i in range(4):
+        for j in range(4):
+            patch = padded[:, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3]  # (B, C_in, 3, 3)
+            expected[:, :, i, j] = torch.einsum("bckl,ockl->bo", patch, down.conv.weight) + down.conv.bias
+    torch.testing.assert_close(down(x), expected)
+    symmetric = Downsample(4, "symmetric")
+    symmetric.load_state_dict(down.state_dict())
+    torch.testing.assert_close(symmetric(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1))
+    assert not torch.allclose(symmetric(x), down(x))
+
+
+def test_the_papers_padding_and_groupnorm_eps_are_the_defaults_and_recorded():
+    net = UNet(**SMALL)
+    assert (net.init_args["downsample_padding"], net.init_args["norm_eps"]) == ("same", 1e-6)
+    assert {m.eps for m in net.modules() if isinstance(m, nn.GroupNorm)} == {1e-6}
+    old = UNet(**SMALL, downsample_padding="symmetric", norm_eps=1e-5)
+    assert {m.eps for m in old.modules() if isinstance(m, nn.GroupNorm)} == {1e-5}
+    assert [m.padding for m in old.modules() if isinstance(m, Downsample)] == ["symmetric"]
+
+
+BAD_SETTINGS = [({"downsample_padding": "valid"}, "allowed: same, symmetric"), ({"norm_eps": 0.0}, "norm_eps must be")]
+
+
+@pytest.mark.parametrize(("setting", "message"), BAD_SETTINGS)
+def test_bad_padding_or_eps_is_rejected(setting, message):
+    with pytest.raises(ValueError, match=message):
+        UNet(**SMALL, **setting)

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, default_callbacks
 from ddpm_lightning.callbacks.tracking import read_wandb_run_id
-from ddpm_lightning.checkpoint import read_checkpoint, use_atomic_checkpoints
+from ddpm_lightning.checkpoint import read_checkpoint, upgrade_hyperparameters, use_atomic_checkpoints
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
 from ddpm_lightning.lit_module import DiffusionModule
 
@@ -251,7 +251,8 @@ class DDPMCLI(LightningCLI):
         if spent is not None:
             _print(spent)
             raise BudgetSpent(0)
-        stored = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        # a U-Net stored before a setting was recorded: the value it was trained with
+        stored = upgrade_hyperparameters(read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {})
         if not stored:
             return
         given = self.given_config[subcommand].model

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,15 @@ def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
     nn.init.zeros_(module.bias)
 
 
-def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1) -> nn.Conv2d:
-    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+DownsamplePadding = Literal["same", "symmetric"]
+DOWNSAMPLE_PADDINGS: tuple[DownsamplePadding, ...] = ("same", "symmetric")
+#: the settings of U-Nets stored before they were recorded: symmetric down-sampling padding and torch's GroupNorm eps
+#: (:func:`ddpm_lightning.checkpoint.upgrade_net_spec` gives them to such checkpoints)
+LEGACY_SETTINGS = {"downsample_padding": "symmetric", "norm_eps": 1e-5}
+
+
+def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1, padding: int = 1) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=padding)
     _init(conv, scale)
     return conv
 
@@ -42,13 +50,13 @@ def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1) -> nn.C
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the projected time embedding, then GroupNorm -> SiLU -> dropout -> conv."""
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = _conv3x3(c_in, c_out)
         self.temb_proj = nn.Linear(temb_dim, c_out)
         _init(self.temb_proj)
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(c_out, c_out, scale=0.0)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -65,9 +73,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         _init(self.qkv)
@@ -81,13 +89,20 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Learned 2x down-sampling: a stride-2 3x3 convolution."""
+    """Learned 2x down-sampling: a stride-2 3x3 convolution.
 
-    def __init__(self, channels: int):
+    ``padding="same"`` pads one row and column at the bottom and right only, as TensorFlow's 'SAME' padding of Ho et
+    al.'s code (and diffusers' ``downsample_padding=0``) does for an even size; ``"symmetric"`` pads one on every side.
+    """
+
+    def __init__(self, channels: int, padding: DownsamplePadding = "same"):
         super().__init__()
-        self.conv = _conv3x3(channels, channels, stride=2)
+        self.padding = padding
+        self.conv = _conv3x3(channels, channels, stride=2, padding=1 if padding == "symmetric" else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == "same":
+            x = F.pad(x, (0, 1, 0, 1))  # (left, right, top, bottom)
         return self.conv(x)
 
 
@@ -129,6 +144,10 @@ class UNet(nn.Module):
         dropout: dropout rate inside the residual blocks (0.1 for CIFAR-10).
         image_size: input height and width, needed to place attention and to check the down-sampling.
         num_groups: GroupNorm groups (32 in the paper); ``ch * mult`` must be divisible by it.
+        downsample_padding: ``"same"`` (the paper's TensorFlow padding: bottom and right only) or ``"symmetric"``
+            (one pixel on every side, the setting of checkpoints written before it was recorded).
+        norm_eps: GroupNorm's epsilon (1e-6 in the paper's code and diffusers; 1e-5, torch's default, in checkpoints
+            written before it was recorded).
     """
 
     def __init__(
@@ -142,11 +161,19 @@ class UNet(nn.Module):
         image_size: int = 32,
         out_channels: int | None = None,
         num_groups: int = 32,
+        downsample_padding: DownsamplePadding = "same",
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
         self._check(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, num_groups)
+        if downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(
+                f"unknown downsample_padding {downsample_padding!r}; allowed: {', '.join(DOWNSAMPLE_PADDINGS)}"
+            )
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
         # what rebuilds this network: checkpoints store it as the class_path and these init_args
         self.init_args = {
             "in_channels": in_channels,
@@ -158,6 +185,8 @@ class UNet(nn.Module):
             "image_size": image_size,
             "out_channels": out_channels,
             "num_groups": num_groups,
+            "downsample_padding": downsample_padding,
+            "norm_eps": float(norm_eps),
         }
         self.in_channels = in_channels
         self.image_size = image_size
@@ -176,38 +205,40 @@ class UNet(nn.Module):
         c, res = ch, image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(c, ch * mult, temb_dim, dropout, num_groups)])
+                block = nn.ModuleList([ResBlock(c, ch * mult, temb_dim, dropout, num_groups, norm_eps)])
                 c = ch * mult
                 if res in attn_resolutions:
-                    block.append(AttnBlock(c, num_groups))
+                    block.append(AttnBlock(c, num_groups, norm_eps))
                 self.down.append(block)
                 skip_channels.append(c)
             if level != len(ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(c)]))
+                self.down.append(nn.ModuleList([Downsample(c, downsample_padding)]))
                 skip_channels.append(c)
                 res //= 2
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(c, c, temb_dim, dropout, num_groups),
-                AttnBlock(c, num_groups),
-                ResBlock(c, c, temb_dim, dropout, num_groups),
+                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps),
+                AttnBlock(c, num_groups, norm_eps),
+                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps),
             ]
         )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(c + skip_channels.pop(), ch * mult, temb_dim, dropout, num_groups)])
+                block = nn.ModuleList(
+                    [ResBlock(c + skip_channels.pop(), ch * mult, temb_dim, dropout, num_groups, norm_eps)]
+                )
                 c = ch * mult
                 if res in attn_resolutions:
-                    block.append(AttnBlock(c, num_groups))
+                    block.append(AttnBlock(c, num_groups, norm_eps))
                 self.up.append(block)
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(c)]))
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(num_groups, c)
+        self.norm_out = nn.GroupNorm(num_groups, c, eps=norm_eps)
         self.conv_out = _conv3x3(c, self.out_channels, scale=0.0)
 
     @staticmethod
