@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "check_state_dict_shapes",
     "read_checkpoint",
+    "read_net_weights",
     "upgrade_hyperparameters",
     "upgrade_net_spec",
     "upgrade_state_dict",
@@ -110,6 +111,27 @@ def check_state_dict_shapes(module: torch.nn.Module, state_dict: dict[str, torch
                 f"checkpoint {source} is from another model shape: {name} has shape {tuple(tensor.shape)} there "
                 f"but {tuple(own[name].shape)} in the model; use the model settings the checkpoint was trained with"
             )
+
+
+def read_net_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The network's weights in a checkpoint, for a weights-only start (``ddpm fit --init_from``): (the trained
+    weights, their EMA or None).
+
+    A checkpoint written with an EMA keeps the average in ``state_dict`` and the trained weights in
+    ``current_model_state``; one without (or converted from diffusers) has one set, returned as the trained weights.
+    """
+    checkpoint = read_checkpoint(path)
+    states = [checkpoint.get("current_model_state"), checkpoint["state_dict"]]
+    weights = []
+    for state in states:
+        if state is None:
+            continue
+        state = dict(state)
+        upgrade_state_dict(state)
+        weights.append({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    if not weights[0]:
+        raise CheckpointError(f"checkpoint {path} holds no network weights (net.*)")
+    return weights[0], weights[1] if len(weights) > 1 else None
 
 
 def _save_synced(checkpoint: dict[str, Any], tmp: Path) -> None:

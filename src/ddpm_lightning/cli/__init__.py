@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ddpm_lightning.cli import ablate, evaluate, fid_weights, nll, sample, sampler_sweep
+from ddpm_lightning.cli import ablate, convert, evaluate, fid_weights, nll, sample, sampler_sweep
 from ddpm_lightning.cli.fit import run_cli
 
 __all__ = ["COMMANDS", "EXTRA_HELP", "main"]
@@ -19,6 +19,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "ablate": ablate.main,
     "sampler-sweep": sampler_sweep.main,
     "nll": nll.main,
+    "convert": convert.main,
 }
 EXTRA_HELP = """more commands (each takes --help):
   sample         PNG samples and a grid from a checkpoint's EMA weights
@@ -27,6 +28,7 @@ EXTRA_HELP = """more commands (each takes --help):
   ablate         train and compare the linear and cosine schedules
   sampler-sweep  quality and speed of each sampler against the number of network evaluations
   nll            negative log-likelihood bound in bits/dim (the paper's NLL column)
+  convert        to and from diffusers (UNet2DModel + DDPMScheduler), e.g. the paper's google/ddpm-* weights
 """
 
 
