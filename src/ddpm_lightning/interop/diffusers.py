@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from ddpm_lightning.io import atomic_folder, atomic_write
 from ddpm_lightning.lit_module import DiffusionModule
@@ -339,16 +340,16 @@ def from_diffusers(
     return module
 
 
-def to_diffusers(ckpt: str | Path, out: str | Path) -> Path:
+def to_diffusers(ckpt: str | Path, out: str | Path, *, net: nn.Module | None = None) -> Path:
     """Write the checkpoint's network (its sampling weights: the EMA when the run had one) and schedule as a
-    ``DDPMPipeline`` folder ``out``; LayoutError for what diffusers cannot express. Returns ``out``."""
+    ``DDPMPipeline`` folder ``out``; LayoutError for what diffusers cannot express. Returns ``out``.
+
+    ``net``: the network, for a checkpoint whose network was built in Python (as :func:`load_module`).
+    """
     diffusers = import_diffusers()
-    module = load_module(ckpt, "cpu")
+    module = load_module(ckpt, "cpu", net=net)
     net = module.net
     if isinstance(net, DiffusersUNet):
-        config = net.init_args["config"]
-        if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
-            raise LayoutError("a class-conditional network does not fit DDPMPipeline (it samples unconditionally)")
         unet = net.unet
     elif type(net) is UNet:
         unet = diffusers.UNet2DModel(**_config_of(net))
