@@ -132,3 +132,21 @@ BAD_SETTINGS = [({"downsample_padding": "valid"}, "allowed: same, symmetric"), (
 def test_bad_padding_or_eps_is_rejected(setting, message):
     with pytest.raises(ValueError, match=message):
         UNet(**SMALL, **setting)
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = UNet(**SMALL, dropout=0.0)
+    with torch.no_grad():  # the output layer starts at zero, which would leave every other gradient zero
+        plain.conv_out.weight.normal_()
+    checkpointed = UNet(**SMALL, dropout=0.0, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x_t, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 700])
+    grads = []
+    for net in (plain, checkpointed):
+        net(x_t, t).square().mean().backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert checkpointed.init_args["grad_checkpointing"] is True

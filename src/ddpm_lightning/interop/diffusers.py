@@ -126,7 +126,7 @@ def _config_of(net: UNet) -> dict[str, Any]:
     """The ``UNet2DModel`` config of our U-Net; LayoutError for a setting it cannot express."""
     args = dict(net.init_args)
     known = {"in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "image_size",
-             "out_channels", "num_groups", "downsample_padding", "norm_eps"}  # fmt: skip
+             "out_channels", "num_groups", "downsample_padding", "norm_eps", "grad_checkpointing"}  # fmt: skip
     unknown = sorted(args.keys() - known)
     if unknown:
         raise LayoutError(f"the U-Net setting {unknown[0]}={args[unknown[0]]!r} has no UNet2DModel counterpart")
