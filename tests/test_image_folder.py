@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import ImageFolderDataModule, UnreadableImageError
+from ddpm_lightning.models import UNet
 
 REPO = Path(__file__).parents[1]
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -132,13 +134,41 @@ def test_bad_settings_are_refused(folder, setting, message):
 @pytest.mark.integration
 def test_fit_with_the_debug_config_on_an_image_folder(folder, tmp_path):
     run = tmp_path / "run"
-    main(["fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data=ddpm_lightning.data.ImageFolderDataModule",
+    main(["fit", "-c", str(REPO / "configs" / "celebahq256.yaml"), "-c", str(REPO / "configs" / "debug.yaml"),
           f"--data.root={folder}", "--data.image_size=32", "--data.val_fraction=0.25", "--data.batch_size=2",
-          "--data.num_workers=0", "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+          "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
           "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}"])  # fmt: skip
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert checkpoint["datamodule_hyper_parameters"]["root"] == str(folder)
+
+
+PAPER_256 = {"celebahq256": True, "lsun_church256": True, "lsun_bedroom256": False, "lsun_cat256": True}
+
+
+@pytest.mark.unit
+def test_the_256_configs_build_the_papers_113673219_parameter_network():
+    net = yaml.safe_load((REPO / "configs" / "model" / "unet_256.yaml").read_text())
+    unet = UNet(**net["init_args"])
+    assert sum(p.numel() for p in unet.parameters()) == 113_673_219
+    assert (unet.init_args["downsample_padding"], unet.init_args["norm_eps"], unet.init_args["dropout"]) == (
+        "same", 1e-6, 0.0)  # fmt: skip
+    for name, flips in PAPER_256.items():
+        config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+        assert config["model"]["net"] == "model/unet_256.yaml" and config["model"]["lr"] == 2e-5
+        assert config["data"]["class_path"] == "ddpm_lightning.data.ImageFolderDataModule"
+        assert (config["data"]["init_args"]["image_size"], config["data"]["init_args"]["batch_size"]) == (256, 64)
+        assert config["data"]["init_args"]["random_flip"] is flips  # the paper: flips except on LSUN bedroom
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(PAPER_256))
+def test_the_256_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as status:
+        main(["fit", "-c", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
+    assert status.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["net"]["init_args"]["ch_mult"] == [1, 1, 2, 2, 4, 4]
 
 
 @pytest.mark.integration
