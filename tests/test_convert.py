@@ -227,6 +227,15 @@ def test_a_converted_pipeline_folder_samples_with_the_commands(tmp_path, capsys)
     assert status.value.code == 0 and len(list((tmp_path / "s").glob("0*.png"))) == 2
 
 
+@pytest.mark.unit
+def test_the_fixed_variance_can_be_chosen_when_converting(tmp_path):
+    folder = _pipeline_folder(tmp_path / "pipe", TINY, variance_type="fixed_small")
+    assert from_diffusers(folder, tmp_path / "a.ckpt", variance="fixed_large").hparams.variance == "fixed_large"
+    learned = _pipeline_folder(tmp_path / "learned", TINY | {"out_channels": 6}, variance_type="learned_range")
+    with pytest.raises(LayoutError, match="the scheduler's is 'learned_range'"):
+        from_diffusers(learned, tmp_path / "b.ckpt", variance="fixed_large")
+
+
 @pytest.mark.integration
 def test_ours_to_diffusers_and_back_is_bit_identical(tmp_path):
     module = _tiny_module(schedule="cosine", objective="v", variance="learned_range")

@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ema-decay", type=float, default=0.9999, help="EMA decay of a fine-tuning run (default 0.9999)"
     )
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="the checkpoint's default sampler")
+    parser.add_argument(
+        "--variance",
+        choices=("fixed_large", "fixed_small"),
+        default=None,
+        help="replace the scheduler's fixed variance (default: the scheduler's; the paper's CIFAR-10 FID: fixed_large)",
+    )
     return parser
 
 
@@ -38,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.from_diffusers is not None:
-            module = from_diffusers(args.from_diffusers, args.out, ema_decay=args.ema_decay, sampler=args.sampler)
+            module = from_diffusers(
+                args.from_diffusers, args.out, ema_decay=args.ema_decay, sampler=args.sampler, variance=args.variance
+            )
             hp, size = module.hparams, sum(p.numel() for p in module.net.parameters())
             print(
                 f"wrote {args.out}: {size:,} parameters, T={hp.num_timesteps} {hp.schedule} betas, variance "

@@ -311,21 +311,36 @@ def _pretrained(cls: Any, source: str, subfolder: str, method: str = "from_pretr
 
 
 def from_diffusers(
-    source: str | Path, out: str | Path, *, ema_decay: float = 0.9999, sampler: str = "ddpm"
+    source: str | Path,
+    out: str | Path,
+    *,
+    ema_decay: float = 0.9999,
+    sampler: str = "ddpm",
+    variance: str | None = None,
 ) -> DiffusionModule:
     """Write a checkpoint of the ``UNet2DModel`` and ``DDPMScheduler`` at ``source`` (a ``save_pretrained`` folder
     or pipeline folder, or a hub id) to ``out``; returns the module written.
 
     The weights are the checkpoint's sampling weights (``state_dict``: where the EMA callback keeps the average);
-    ``ema_decay`` and ``sampler`` are the module's settings for a fine-tuning run and for the commands.
+    ``ema_decay`` and ``sampler`` are the module's settings for a fine-tuning run and for the commands; ``variance``
+    (``"fixed_large"`` or ``"fixed_small"``) replaces the scheduler's fixed variance, a sampling choice.
     """
     diffusers = import_diffusers()
     source = str(source)
     model = _pretrained(diffusers.UNet2DModel, source, "unet")
     scheduler_config = _pretrained(diffusers.DDPMScheduler, source, "scheduler", "load_config")
+    settings = scheduler_settings(scheduler_config)
+    if variance is not None:
+        fixed = ("fixed_large", "fixed_small")
+        if variance not in fixed or settings["variance"] not in fixed:
+            raise LayoutError(
+                f"variance={variance!r} can only replace a fixed variance by another ({', '.join(fixed)}); the "
+                f"scheduler's is {settings['variance']!r}"
+            )
+        settings["variance"] = variance
     net = unet_from_config(model.config)
     net.load_state_dict(unet_state_dict(net, model.state_dict()))
-    module = DiffusionModule(net, **scheduler_settings(scheduler_config), ema_decay=ema_decay, sampler=sampler)
+    module = DiffusionModule(net, **settings, ema_decay=ema_decay, sampler=sampler)
     checkpoint = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
