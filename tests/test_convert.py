@@ -305,6 +305,18 @@ def test_a_diffusers_unet_is_an_injected_network_that_checkpoints_rebuild(tmp_pa
 
 
 @pytest.mark.unit
+def test_the_adapter_loads_a_saved_unet2dmodel(tmp_path):
+    model = _unet2d(TINY)
+    model.save_pretrained(tmp_path / "unet")
+    net = DiffusersUNet.from_pretrained(tmp_path / "unet")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in net.unet.state_dict().items())
+    assert net.init_args["config"]["block_out_channels"] == [32, 64] and net.image_size == 32
+    # a bare UNet2DModel folder has no schedule to convert
+    with pytest.raises(FileNotFoundError, match="cannot read a diffusers DDPMScheduler from .*unet, a local folder"):
+        from_diffusers(tmp_path / "unet", tmp_path / "m.ckpt")
+
+
+@pytest.mark.unit
 def test_the_adapter_passes_labels_as_class_labels():
     torch.manual_seed(0)
     net = DiffusersUNet(TINY | {"num_class_embeds": 3}).eval()

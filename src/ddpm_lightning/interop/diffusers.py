@@ -297,14 +297,14 @@ def _scheduler_config(module: DiffusionModule) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ conversions
-def _pretrained(cls: Any, source: str, subfolder: str, method: str = "from_pretrained") -> Any:
+def _pretrained(cls: Any, source: str, subfolder: str, method: str = "from_pretrained", **options: Any) -> Any:
     """``cls.from_pretrained(source, subfolder=...)`` for a pipeline folder, else from the folder itself."""
     load = getattr(cls, method)
     try:
-        return load(source, subfolder=subfolder)
+        return load(source, subfolder=subfolder, **options)
     except OSError:
         try:
-            return load(source)
+            return load(source, **options)
         except OSError as err:
             where = "a local folder" if Path(source).is_dir() else "a hub id (fetched only when online)"
             raise FileNotFoundError(f"cannot read a diffusers {cls.__name__} from {source}, {where}: {err}") from err
@@ -327,7 +327,8 @@ def from_diffusers(
     """
     diffusers = import_diffusers()
     source = str(source)
-    model = _pretrained(diffusers.UNet2DModel, source, "unet")
+    # low_cpu_mem_usage=False: the plain load, without asking for the accelerate package
+    model = _pretrained(diffusers.UNet2DModel, source, "unet", low_cpu_mem_usage=False)
     scheduler_config = _pretrained(diffusers.DDPMScheduler, source, "scheduler", "load_config")
     settings = scheduler_settings(scheduler_config)
     if variance is not None:

@@ -68,7 +68,7 @@ class DiffusersUNet(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | Path, subfolder: str | None = None) -> DiffusersUNet:
         """The ``UNet2DModel`` saved in a folder or hub id (``subfolder``: e.g. ``"unet"`` of a pipeline folder)."""
-        unet = import_diffusers().UNet2DModel.from_pretrained(str(source), subfolder=subfolder)
+        unet = import_diffusers().UNet2DModel.from_pretrained(str(source), subfolder=subfolder, low_cpu_mem_usage=False)
         net = cls(unet.config)
         net.unet.load_state_dict(unet.state_dict())
         return net
