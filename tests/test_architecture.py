@@ -17,6 +17,7 @@ from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
+from ddpm_lightning.models.unet import LEGACY_SETTINGS as LEGACY
 from ddpm_lightning.sampling import load_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -172,6 +173,49 @@ def test_a_checkpoint_written_before_the_network_was_injected_resumes_training(t
     assert checkpoint["global_step"] == 5
     assert all(key.startswith(("net.", "diffusion.")) for key in checkpoint["state_dict"])
     assert checkpoint["hyper_parameters"]["net"]["init_args"]["ch_mult"] == [1]
+    # the U-Net of that version: symmetric down-sampling padding and torch's GroupNorm eps, now recorded
+    assert (
+        checkpoint["hyper_parameters"]["net"]["init_args"] | LEGACY
+        == checkpoint["hyper_parameters"]["net"]["init_args"]
+    )
+
+
+def _unet_checkpoint(path: Path, drop: tuple[str, ...] = ()) -> DiffusionModule:
+    """A checkpoint of a small U-Net (paper settings) whose stored init_args lack ``drop``, as earlier versions
+    wrote them."""
+    torch.manual_seed(0)
+    module = DiffusionModule(UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                  image_size=8), num_timesteps=100, ema_decay=0.0)  # fmt: skip
+    hparams = dict(module.hparams)
+    init_args = {k: v for k, v in hparams["net"]["init_args"].items() if k not in drop}
+    hparams["net"] = {**hparams["net"], "init_args": init_args}
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": hparams}
+    torch.save(checkpoint | {"pytorch-lightning_version": L.__version__}, path)
+    return module
+
+
+@pytest.mark.unit
+def test_a_checkpoint_whose_unet_does_not_record_padding_and_eps_loads_with_the_old_ones(tmp_path):
+    _unet_checkpoint(tmp_path / "old.ckpt", drop=tuple(LEGACY))
+    module = load_module(tmp_path / "old.ckpt", "cpu")
+    assert module.net.init_args | LEGACY == module.net.init_args
+    assert {m.eps for m in module.net.modules() if isinstance(m, nn.GroupNorm)} == {1e-5}
+    # the function of that version: a stride-2 convolution padded by one pixel on every side
+    down = module.net.down[1][0]
+    x = torch.randn(1, 32, 8, 8)
+    torch.testing.assert_close(down(x), torch.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1))
+    assert module.hparams["net"]["init_args"]["norm_eps"] == 1e-5  # a checkpoint written now records them
+
+
+@pytest.mark.unit
+def test_a_checkpoint_that_records_padding_and_eps_loads_with_them(tmp_path):
+    written = _unet_checkpoint(tmp_path / "new.ckpt")
+    stored = torch.load(tmp_path / "new.ckpt", weights_only=True)["hyper_parameters"]["net"]["init_args"]
+    assert (stored["downsample_padding"], stored["norm_eps"]) == ("same", 1e-6)
+    module = load_module(tmp_path / "new.ckpt", "cpu")
+    assert {m.eps for m in module.net.modules() if isinstance(m, nn.GroupNorm)} == {1e-6}
+    x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 99])
+    torch.testing.assert_close(module.net(x_t, t), written.net.eval()(x_t, t), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ imports

@@ -123,6 +123,15 @@ def test_global_batch_size_is_split_over_the_world_size(cifar10_dir: Path) -> No
     assert dm.train_dataloader().batch_size == 32
 
 
+def test_gradient_accumulation_keeps_the_global_batch(cifar10_dir: Path) -> None:
+    dm = CIFAR10DataModule(str(cifar10_dir), batch_size=128, num_workers=0)
+    dm.trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=4)
+    dm.setup("fit")
+    assert dm.train_dataloader().batch_size == 16  # 2 processes x 4 micro-batches x 16 = 128 per optimizer step
+    with pytest.raises(ValueError, match=r"batch_size=100 .*\(2 processes\) x 3 accumulated micro-batches.*of 6"):
+        per_process_batch_size(100, 2, 3)
+
+
 def test_batch_size_not_divisible_by_world_size_names_both() -> None:
     with pytest.raises(ValueError, match=r"batch_size=128.*divisible.*3 processes"):
         per_process_batch_size(128, 3)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_lightning.checkpoint import read_checkpoint
+from ddpm_lightning.checkpoint import read_checkpoint, upgrade_hyperparameters
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.resume import parse_max_time, reconcile_model_settings
 
@@ -125,6 +125,25 @@ def test_settings_left_at_their_defaults_take_the_checkpoints() -> None:
     assert changed == []
     assert from_checkpoint["schedule"] == "cosine" and from_checkpoint["lr"] == 1e-3
     assert from_checkpoint["net"] == stored["net"] and from_checkpoint["image_size"] == 8
+
+
+def test_a_checkpoint_without_padding_and_eps_resumes_only_with_its_own() -> None:
+    args = {"in_channels": 1, "ch": 32, "ch_mult": [1, 2], "image_size": 8}
+    stored = upgrade_hyperparameters({"net": {"class_path": "ddpm_lightning.models.unet.UNet", "init_args": args}})
+    preset = {"class_path": "ddpm_lightning.models.UNet", "init_args": {**args, "downsample_padding": "same",
+                                                                          "norm_eps": 1e-6}}  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        reconcile_model_settings({"net": preset}, stored, "old.ckpt")
+    assert "model.net.init_args.downsample_padding: checkpoint symmetric, given same" in str(error.value)
+    assert "model.net.init_args.norm_eps: checkpoint 1e-05, given 1e-06" in str(error.value)
+    own = {**preset, "init_args": {**preset["init_args"], "downsample_padding": "symmetric", "norm_eps": 1e-5}}
+    assert reconcile_model_settings({"net": own}, stored, "old.ckpt")[1] == []
+
+
+def test_activation_checkpointing_may_change_on_resume() -> None:
+    spec = {"class_path": "ddpm_lightning.models.UNet", "init_args": {"ch": 32, "grad_checkpointing": False}}
+    given = {**spec, "init_args": {"ch": 32, "grad_checkpointing": True}}
+    assert reconcile_model_settings({"net": given}, {"net": spec}, "x.ckpt") == ({}, [])
 
 
 # ------------------------------------------------------------------------------------------------ time budget

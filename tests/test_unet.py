@@ -5,9 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ddpm_lightning.models import UNet
-from ddpm_lightning.models.unet import Upsample, timestep_embedding
+from ddpm_lightning.models.unet import Downsample, Upsample, timestep_embedding
 
 pytestmark = pytest.mark.unit
 SMALL = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,)}
@@ -92,3 +94,60 @@ def test_channels_last_unet_computes_the_same_function():
     out = net(x, t)  # a plain NCHW input is moved to the weights' format
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_same_downsampling_pads_the_bottom_row_and_right_column_only():
+    torch.manual_seed(0)
+    down = Downsample(4, "same")
+    x = torch.randn(2, 4, 8, 8)
+    # TF 'SAME' for a 3x3 kernel of stride 2 on an even size: output (i, j) reads input rows 2i..2i+2 and columns
+    # 2j..2j+2, the row and column past the edge being zeros
+    padded = torch.zeros(2, 4, 9, 9)
+    padded[:, :, :8, :8] = x
+    expected = torch.empty(2, 4, 4, 4)
+    for i in range(4):
+        for j in range(4):
+            patch = padded[:, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3]  # (B, C_in, 3, 3)
+            expected[:, :, i, j] = torch.einsum("bckl,ockl->bo", patch, down.conv.weight) + down.conv.bias
+    torch.testing.assert_close(down(x), expected)
+    symmetric = Downsample(4, "symmetric")
+    symmetric.load_state_dict(down.state_dict())
+    torch.testing.assert_close(symmetric(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1))
+    assert not torch.allclose(symmetric(x), down(x))
+
+
+def test_the_papers_padding_and_groupnorm_eps_are_the_defaults_and_recorded():
+    net = UNet(**SMALL)
+    assert (net.init_args["downsample_padding"], net.init_args["norm_eps"]) == ("same", 1e-6)
+    assert {m.eps for m in net.modules() if isinstance(m, nn.GroupNorm)} == {1e-6}
+    old = UNet(**SMALL, downsample_padding="symmetric", norm_eps=1e-5)
+    assert {m.eps for m in old.modules() if isinstance(m, nn.GroupNorm)} == {1e-5}
+    assert [m.padding for m in old.modules() if isinstance(m, Downsample)] == ["symmetric"]
+
+
+BAD_SETTINGS = [({"downsample_padding": "valid"}, "allowed: same, symmetric"), ({"norm_eps": 0.0}, "norm_eps must be")]
+
+
+@pytest.mark.parametrize(("setting", "message"), BAD_SETTINGS)
+def test_bad_padding_or_eps_is_rejected(setting, message):
+    with pytest.raises(ValueError, match=message):
+        UNet(**SMALL, **setting)
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = UNet(**SMALL, dropout=0.0)
+    with torch.no_grad():  # the zero-initialised output layers would leave the gradients before them zero
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    checkpointed = UNet(**SMALL, dropout=0.0, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x_t, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 700])
+    grads = []
+    for net in (plain, checkpointed):
+        net(x_t, t).square().mean().backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert checkpointed.init_args["grad_checkpointing"] is True

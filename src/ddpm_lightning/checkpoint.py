@@ -5,6 +5,8 @@
 - :func:`upgrade_state_dict` renames the weights of checkpoints written before the network was injected
   (``unet.*`` -> ``net.*``); their flat hyper-parameters (``ch``, ``sample_steps``, ...) are read by
   :class:`~ddpm_lightning.lit_module.DiffusionModule`'s deprecated aliases.
+- :func:`upgrade_net_spec` gives a stored U-Net the settings it ran with before they were recorded
+  (:data:`~ddpm_lightning.models.unet.LEGACY_SETTINGS`: symmetric down-sampling padding, GroupNorm eps 1e-5).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +23,25 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ddpm_lightning.io import atomic_write
+from ddpm_lightning.models import UNet
+from ddpm_lightning.models.unet import LEGACY_SETTINGS
 
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
     "check_state_dict_shapes",
     "read_checkpoint",
+    "read_net_weights",
+    "upgrade_hyperparameters",
+    "upgrade_net_spec",
     "upgrade_state_dict",
     "use_atomic_checkpoints",
 ]
 
 # prefix of the network's weights in checkpoints of earlier versions -> today's
 _LEGACY_PREFIXES = {"unet.": "net."}
+# the class paths a stored U-Net may have
+_UNET_PATHS = ("ddpm_lightning.models.UNet", f"{UNet.__module__}.{UNet.__qualname__}")
 
 
 class CheckpointError(ValueError):
@@ -67,6 +77,26 @@ def upgrade_state_dict(state_dict: dict[str, Any], prefix: str = "") -> None:
                 state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
 
 
+def upgrade_net_spec(spec: Any) -> Any:
+    """A ``{"class_path", "init_args"}`` network spec whose U-Net ``init_args`` lack a setting added later, with that
+    setting at the value the network was trained with (:data:`~ddpm_lightning.models.unet.LEGACY_SETTINGS`);
+    anything else unchanged."""
+    if not isinstance(spec, Mapping) or spec.get("class_path") not in _UNET_PATHS:
+        return spec
+    init_args = spec.get("init_args")
+    if not isinstance(init_args, Mapping) or LEGACY_SETTINGS.keys() <= init_args.keys():
+        return spec
+    return {**spec, "init_args": {**LEGACY_SETTINGS, **init_args}}
+
+
+def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a checkpoint's hyper-parameters with its network spec upgraded (:func:`upgrade_net_spec`)."""
+    hparams = dict(hparams)
+    if "net" in hparams:
+        hparams["net"] = upgrade_net_spec(hparams["net"])
+    return hparams
+
+
 def check_state_dict_shapes(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError naming the first parameter whose shape (or presence) differs from ``module``'s."""
     own = module.state_dict()
@@ -81,6 +111,27 @@ def check_state_dict_shapes(module: torch.nn.Module, state_dict: dict[str, torch
                 f"checkpoint {source} is from another model shape: {name} has shape {tuple(tensor.shape)} there "
                 f"but {tuple(own[name].shape)} in the model; use the model settings the checkpoint was trained with"
             )
+
+
+def read_net_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The network's weights in a checkpoint, for a weights-only start (``ddpm fit --init_from``): (the trained
+    weights, their EMA or None).
+
+    A checkpoint written with an EMA keeps the average in ``state_dict`` and the trained weights in
+    ``current_model_state``; one without (or converted from diffusers) has one set, returned as the trained weights.
+    """
+    checkpoint = read_checkpoint(path)
+    states = [checkpoint.get("current_model_state"), checkpoint["state_dict"]]
+    weights = []
+    for state in states:
+        if state is None:
+            continue
+        state = dict(state)
+        upgrade_state_dict(state)
+        weights.append({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    if not weights[0]:
+        raise CheckpointError(f"checkpoint {path} holds no network weights (net.*)")
+    return weights[0], weights[1] if len(weights) > 1 else None
 
 
 def _save_synced(checkpoint: dict[str, Any], tmp: Path) -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from ddpm_lightning import compat
-from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_state_dict
+from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_net_spec, upgrade_state_dict
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
     LossSecondMomentSampler,
@@ -31,6 +31,7 @@ from ddpm_lightning.diffusion import (
     make_betas,
 )
 from ddpm_lightning.models import UNet
+from ddpm_lightning.models.unet import LEGACY_SETTINGS
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
 
@@ -78,7 +79,9 @@ def net_spec(net: nn.Module) -> dict[str, Any]:
 
 
 def build_net(spec: Mapping[str, Any]) -> nn.Module:
-    """The network of a ``{"class_path", "init_args"}`` mapping (:func:`net_spec`)."""
+    """The network of a ``{"class_path", "init_args"}`` mapping (:func:`net_spec`); a U-Net stored before a setting
+    was recorded gets the value it was trained with (:func:`~ddpm_lightning.checkpoint.upgrade_net_spec`)."""
+    spec = upgrade_net_spec(spec)
     class_path, init_args = spec.get("class_path"), spec.get("init_args")
     if not class_path or init_args is None:
         raise ValueError(
@@ -138,7 +141,8 @@ class DiffusionModule(L.LightningModule):
         p_uncond: label dropout of a conditional model: the share of training labels replaced by the null class,
             so that one network learns the conditional and the unconditional model (Ho & Salimans use 0.1 or 0.2).
         ch, ch_mult, num_res_blocks, attn_resolutions, dropout: deprecated aliases of the default U-Net's settings
-            (``model.net.init_args.*``), kept so that older configs and checkpoints load.
+            (``model.net.init_args.*``), kept so that older configs and checkpoints load; without a network they
+            build the U-Net of those versions (symmetric down-sampling padding, GroupNorm eps 1e-5).
         sample_steps, eta, sample_spacing: deprecated aliases of ``sampler.steps``, ``.eta`` and ``.spacing``.
     """
 
@@ -258,7 +262,10 @@ class DiffusionModule(L.LightningModule):
             shape = {"image_size": 32 if image_size is None else image_size}
             shape["in_channels"] = 3 if in_channels is None else in_channels
             out = {"out_channels": out_factor * shape["in_channels"]} if out_factor > 1 else {}
-            return UNet(**shape, **out, **unet_aliases, **classes)
+            # the flat aliases are the settings of checkpoints and configs written before the network was injected,
+            # whose U-Net had the legacy padding and GroupNorm eps
+            legacy = LEGACY_SETTINGS if unet_aliases else {}
+            return UNet(**shape, **out, **legacy, **unet_aliases, **classes)
         if type(net) is UNet:
             # flat keys (model.ch, model.image_size, ...) composed over a U-Net preset win over it
             shape = {"image_size": image_size, "in_channels": in_channels}

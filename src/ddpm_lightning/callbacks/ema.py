@@ -35,12 +35,21 @@ class EMA(WeightAveraging):
         self.decay = decay
         self.update_starting_at_step = update_starting_at_step
         self._pairs: tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]] | None = None
+        self._initial_net: dict[str, torch.Tensor] | None = None
+
+    def start_from(self, net_weights: dict[str, torch.Tensor]) -> None:
+        """Start the average of the network at ``net_weights`` (a state dict of ``pl_module.net``) instead of the
+        module's weights: the EMA of a checkpoint that a new run starts from (``ddpm fit --init_from``)."""
+        self._initial_net = net_weights
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # keep the average where training runs: the model may still be on the CPU when setup is called
         compat.set_ema_device(self, trainer.strategy.root_device)
         super().setup(trainer, pl_module, stage)
         self._pairs = None
+        if self._initial_net is not None and stage == "fit":
+            compat.averaged_model(self).module.net.load_state_dict(self._initial_net)
+            self._initial_net = None
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """After every optimizer step (``step_idx``: its index) from ``update_starting_at_step`` on; never per epoch."""

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ddpm_lightning.cli import ablate, evaluate, fid_weights, guidance_sweep, nll, sample, sampler_sweep
+from ddpm_lightning.cli import ablate, convert, evaluate, fid_weights, guidance_sweep, nll, sample, sampler_sweep
 from ddpm_lightning.cli.fit import run_cli
 
 __all__ = ["COMMANDS", "EXTRA_HELP", "main"]
@@ -20,6 +20,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "sampler-sweep": sampler_sweep.main,
     "nll": nll.main,
     "guidance-sweep": guidance_sweep.main,
+    "convert": convert.main,
 }
 EXTRA_HELP = """more commands (each takes --help):
   sample         PNG samples and a grid from a checkpoint's EMA weights
@@ -29,6 +30,7 @@ EXTRA_HELP = """more commands (each takes --help):
   sampler-sweep  quality and speed of each sampler against the number of network evaluations
   nll            negative log-likelihood bound in bits/dim (the paper's NLL column)
   guidance-sweep accuracy of the requested class at each guidance scale (class-conditional digits)
+  convert        to and from diffusers (UNet2DModel + DDPMScheduler), e.g. the paper's google/ddpm-* weights
 """
 
 

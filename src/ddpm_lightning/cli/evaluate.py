@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ckpt", type=Path, help="checkpoint written by `ddpm fit` (its EMA weights are sampled)")
     source.add_argument("--samples", type=Path, help="folder of PNG samples, e.g. written by `ddpm sample`")
     parser.add_argument("--num", type=int, default=PAPER_NUM_SAMPLES, help="samples from --ckpt (default 50000)")
-    parser.add_argument("--data", choices=DATASETS, default="cifar10", help="reference data set (default cifar10)")
+    parser.add_argument(
+        "--data",
+        default="cifar10",
+        help=f"reference data set: {', '.join(DATASETS)} or a folder of PNG/JPEG/WebP images (default cifar10)",
+    )
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default data)")
     parser.add_argument("--split", choices=("train", "test"), default="train", help="reference split (default train)")
     parser.add_argument("--num-real", type=int, default=None, help="first N reference images (default: all)")

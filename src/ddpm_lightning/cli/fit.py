@@ -35,9 +35,15 @@ from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, default_callbacks
+from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, EMA, default_callbacks
 from ddpm_lightning.callbacks.tracking import read_wandb_run_id
-from ddpm_lightning.checkpoint import read_checkpoint, use_atomic_checkpoints
+from ddpm_lightning.checkpoint import (
+    check_state_dict_shapes,
+    read_checkpoint,
+    read_net_weights,
+    upgrade_hyperparameters,
+    use_atomic_checkpoints,
+)
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
 from ddpm_lightning.lit_module import DiffusionModule
 
@@ -50,6 +56,7 @@ __all__ = [
     "fit",
     "follow_run_dir",
     "git_commit",
+    "init_from",
     "package_versions",
     "resolve_ckpt_path",
     "resume_wandb_run",
@@ -233,6 +240,13 @@ class DDPMCLI(LightningCLI):
             help="Callbacks added to trainer.callbacks unless one of their kind is listed there; leave a name out to "
             "go without it (the EMA's decay is model.ema_decay, 0: no EMA).",
         )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="fit only: start from the network weights (and their EMA) of this checkpoint, e.g. one written by "
+            "`ddpm convert`: a new run for fine-tuning, not a resume (that is --ckpt_path)",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -251,7 +265,8 @@ class DDPMCLI(LightningCLI):
         if spent is not None:
             _print(spent)
             raise BudgetSpent(0)
-        stored = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        # a U-Net stored before a setting was recorded: the value it was trained with
+        stored = upgrade_hyperparameters(read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {})
         if not stored:
             return
         given = self.given_config[subcommand].model
@@ -273,6 +288,17 @@ class DDPMCLI(LightningCLI):
             resume_wandb_run(config.trainer, config.get("ckpt_path"))
             self._resume(config.ckpt_path)
 
+    def before_fit(self) -> None:
+        """``--init_from``: the network's weights (and their EMA) from a checkpoint, before the run starts."""
+        config = self.config_init["fit"]
+        if config.get("init_from"):
+            if config.get("ckpt_path") is not None:
+                raise ValueError(
+                    f"--init_from {config.init_from} starts a new run from a checkpoint's weights and --ckpt_path "
+                    f"{config.ckpt_path} resumes one: give one of them"
+                )
+            _print(init_from(self.model, self.trainer, config.init_from))
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self.config_init.get(str(self.subcommand), self.config_init)
         trainer_config = config.get("trainer")
@@ -288,6 +314,28 @@ class DDPMCLI(LightningCLI):
             raise ValueError(f"trainer: {err}") from err
         use_atomic_checkpoints(trainer)
         return trainer
+
+
+def init_from(module: DiffusionModule, trainer: L.Trainer, path: str | Path) -> str:
+    """Load the network weights of the checkpoint ``path`` into ``module`` and their EMA, if it has one, into the
+    trainer's EMA callback (which otherwise starts from the loaded weights); CheckpointError naming the first
+    parameter whose shape differs. Returns what was loaded, in words."""
+    weights, average = read_net_weights(path)
+    check_state_dict_shapes(module.net, weights, str(path))
+    module.net.load_state_dict(weights)
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    if average is not None and ema is not None:
+        check_state_dict_shapes(module.net, average, str(path))
+        ema.start_from(average)
+    stored = upgrade_hyperparameters(read_checkpoint(path, mmap=True).get("hyper_parameters") or {}).get("net") or {}
+    given = getattr(module.net, "init_args", None) or {}
+    differences = [
+        f"{k}: checkpoint {v!r}, this run {given[k]!r}"
+        for k, v in (stored.get("init_args") or {}).items()
+        if k in given and given[k] != v
+    ]
+    message = f"starting from the network weights of {path}" + (" and their EMA" if average is not None else "")
+    return message + "".join(f"\n  network setting {d}" for d in differences)
 
 
 @rank_zero_only

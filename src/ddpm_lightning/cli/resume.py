@@ -51,6 +51,8 @@ SAFE_SETTINGS = (
     "p_uncond",
 )
 _UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
+#: network arguments that change memory and speed, not the function: a resumed run may change them
+_NET_SPEED_SETTINGS = ("grad_checkpointing",)
 _SHAPE = ("image_size", "in_channels")
 
 
@@ -126,7 +128,7 @@ def _net_differences(given: Mapping[str, Any], stored: Mapping[str, Any]) -> tup
         elif value is not None and unet:
             given_args.setdefault(key, (f"model.{key}", value))
     for key, (name, value) in given_args.items():
-        if key in stored_args and not _same(value, stored_args[key]):
+        if key in stored_args and key not in _NET_SPEED_SETTINGS and not _same(value, stored_args[key]):
             differences.append(f"{name}: checkpoint {_plain(stored_args[key])}, given {_plain(value)}")
     return differences, net is None
 

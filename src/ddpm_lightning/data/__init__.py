@@ -3,12 +3,15 @@
 from ddpm_lightning.data.base import per_process_batch_size
 from ddpm_lightning.data.cifar10 import CIFAR10DataModule, DataNotFoundError
 from ddpm_lightning.data.digits import EmbeddedDigitsDataModule, load_digits
+from ddpm_lightning.data.image_folder import ImageFolderDataModule, UnreadableImageError
 from ddpm_lightning.data.transforms import image_transform, to_model_range, to_uint8
 
 __all__ = [
     "CIFAR10DataModule",
     "DataNotFoundError",
     "EmbeddedDigitsDataModule",
+    "ImageFolderDataModule",
+    "UnreadableImageError",
     "image_transform",
     "load_digits",
     "per_process_batch_size",

@@ -11,14 +11,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 __all__ = ["ImageDataModule", "ResumableDataLoader", "ResumableSampler", "per_process_batch_size"]
 
 
-def per_process_batch_size(batch_size: int, world_size: int) -> int:
-    """Split a global batch over `world_size` processes; refuse a split that would change the global batch."""
-    if batch_size % world_size != 0:
+def per_process_batch_size(batch_size: int, world_size: int, accumulate: int = 1) -> int:
+    """Split a global batch over `world_size` processes and, on each, `accumulate` micro-batches (gradient
+    accumulation: ``trainer.accumulate_grad_batches``); refuse a split that would change the global batch."""
+    if batch_size % (world_size * accumulate) != 0:
+        accumulation = f" x {accumulate} accumulated micro-batches" if accumulate > 1 else ""
         raise ValueError(
             f"batch_size={batch_size} is the global batch size and must be divisible by the world size "
-            f"({world_size} processes); choose a multiple of {world_size}."
+            f"({world_size} processes){accumulation}; choose a multiple of {world_size * accumulate}."
         )
-    return batch_size // world_size
+    return batch_size // (world_size * accumulate)
 
 
 class ResumableSampler(DistributedSampler):
@@ -128,7 +130,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def _update_per_process_batch_size(self) -> None:
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        self.per_process_batch_size = per_process_batch_size(self.batch_size, world_size)
+        # an optimizer step sees the global batch whatever the gradient accumulation: each process loads micro-batches
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1) if self.trainer is not None else 1
+        self.per_process_batch_size = per_process_batch_size(self.batch_size, world_size, accumulate)
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

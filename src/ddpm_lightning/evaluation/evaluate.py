@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ddpm_lightning import io
-from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, to_uint8
+from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, ImageFolderDataModule, to_uint8
 from ddpm_lightning.diffusion import SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import missing_weights_message, resolve_fid_weights
 from ddpm_lightning.evaluation.real_stats import file_digest, real_stats_key, real_stats_name
@@ -143,6 +143,16 @@ def generate(
     }
 
 
+def reference_set(dataset: str, data_dir: str | Path, split: str, image_size: int) -> tuple[Dataset, str]:
+    """The real images of ``dataset`` and the name their cached statistics are kept under: ``split`` of a data set in
+    :data:`DATASETS`, or every image of a folder (resized and center-cropped to ``image_size``; the name holds a digest
+    of its files)."""
+    if dataset not in DATASETS and Path(dataset).is_dir():
+        folder = ImageFolderDataModule(dataset, image_size=image_size, channels=3)
+        return folder.real_images_dataset("all"), f"{folder.name}-all"
+    return reference_images(dataset, data_dir, split), dataset
+
+
 def reference_images(dataset: str, data_dir: str | Path, split: str) -> Dataset:
     """The un-augmented real images of ``split`` (items (image in [-1, 1], label)), read locally."""
     if dataset == "cifar10":
@@ -151,7 +161,7 @@ def reference_images(dataset: str, data_dir: str | Path, split: str) -> Dataset:
         return datamodule.real_images_dataset(split)
     if dataset == "digits":
         return EmbeddedDigitsDataModule().real_images_dataset(split)
-    raise ValueError(f"unknown data set {dataset!r}; allowed: {', '.join(DATASETS)}")
+    raise ValueError(f"unknown data set {dataset!r}; allowed: {', '.join(DATASETS)} or a folder of images")
 
 
 def has_classifier(weights: str | None) -> bool:
@@ -215,7 +225,7 @@ def fid_of_images(
     """FID (torch-fidelity) of uint8 images (N, C, H, W) against the local real images of ``data`` / ``split``."""
     if len(images) < 2:
         raise ValueError(f"FID needs at least 2 images, got {len(images)}")
-    reference = Uint8Images(reference_images(data, data_dir, split), num_real)
+    reference = Uint8Images(reference_set(data, data_dir, split, images.shape[-1])[0], num_real)
     result = _calculate_metrics(
         Uint8Images(images),
         reference,
@@ -301,12 +311,13 @@ def evaluate(
         source = {"samples": str(samples), "num": len(generated)}
 
     need_reference = bool(wanted & {"fid", "kid"})
+    real, reference_name = reference_set(data, data_dir, split, generated[0].shape[-1])
     reference = Uint8Images(real, num_real)
     kid_subset_size = min(kid_subset_size, len(generated), len(reference))
     # the reference's features are cached (torch-fidelity's cache, in io.cache_dir("fid-stats")) under the key the
     # FID callback uses: data set, split, resolution, number of images and the extractor's weights
     key = real_stats_key(
-        dataset=data,
+        dataset=reference_name,
         split=split,
         resolution="x".join(str(n) for n in reference[0].shape[-2:]),
         num_images=len(reference),
@@ -346,7 +357,7 @@ def evaluate(
         "kid_std": _finite_or_none(result.get("kernel_inception_distance_std")),
         "kid_subset_size": kid_subset_size if "kid" in wanted else None,
         "generated": source,
-        "reference": {"dataset": data, "split": split, "num": len(reference)},
+        "reference": {"dataset": data, "cache_name": reference_name, "split": split, "num": len(reference)},
         "feature_extractor": {"name": "inception-v3-compat", "weights": weights or "torch-fidelity download"},
         "paper_protocol": paper,
         "notes": notes,

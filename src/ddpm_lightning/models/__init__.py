@@ -1,5 +1,6 @@
-"""Networks: the DDPM U-Net."""
+"""Networks: the DDPM U-Net, and a diffusers ``UNet2DModel`` adapter (needs ``pip install diffusers``)."""
 
+from ddpm_lightning.models.diffusers_unet import DiffusersUNet
 from ddpm_lightning.models.unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["DiffusersUNet", "UNet"]

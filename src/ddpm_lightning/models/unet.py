@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -34,8 +36,15 @@ def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
     nn.init.zeros_(module.bias)
 
 
-def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1) -> nn.Conv2d:
-    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+DownsamplePadding = Literal["same", "symmetric"]
+DOWNSAMPLE_PADDINGS: tuple[DownsamplePadding, ...] = ("same", "symmetric")
+#: the settings of U-Nets stored before they were recorded: symmetric down-sampling padding and torch's GroupNorm eps
+#: (:func:`ddpm_lightning.checkpoint.upgrade_net_spec` gives them to such checkpoints)
+LEGACY_SETTINGS = {"downsample_padding": "symmetric", "norm_eps": 1e-5}
+
+
+def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1, padding: int = 1) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=padding)
     _init(conv, scale)
     return conv
 
@@ -43,13 +52,13 @@ def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1) -> nn.C
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the projected time embedding, then GroupNorm -> SiLU -> dropout -> conv."""
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = _conv3x3(c_in, c_out)
         self.temb_proj = nn.Linear(temb_dim, c_out)
         _init(self.temb_proj)
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(c_out, c_out, scale=0.0)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -66,9 +75,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         _init(self.qkv)
@@ -82,13 +91,20 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Learned 2x down-sampling: a stride-2 3x3 convolution."""
+    """Learned 2x down-sampling: a stride-2 3x3 convolution.
 
-    def __init__(self, channels: int):
+    ``padding="same"`` pads one row and column at the bottom and right only, as TensorFlow's 'SAME' padding of Ho et
+    al.'s code (and diffusers' ``downsample_padding=0``) does for an even size; ``"symmetric"`` pads one on every side.
+    """
+
+    def __init__(self, channels: int, padding: DownsamplePadding = "same"):
         super().__init__()
-        self.conv = _conv3x3(channels, channels, stride=2)
+        self.padding = padding
+        self.conv = _conv3x3(channels, channels, stride=2, padding=1 if padding == "symmetric" else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == "same":
+            x = F.pad(x, (0, 1, 0, 1))  # (left, right, top, bottom)
         return self.conv(x)
 
 
@@ -134,6 +150,12 @@ class UNet(nn.Module):
         num_classes: None: unconditional (the paper). K: labels y in 0..K-1 select a learned embedding added to the
             time embedding; y = K is the "null" class of classifier-free guidance (Ho & Salimans 2021), whose
             embedding starts at zero, so that the untrained null class is the unconditional network.
+        downsample_padding: ``"same"`` (the paper's TensorFlow padding: bottom and right only) or ``"symmetric"``
+            (one pixel on every side, the setting of checkpoints written before it was recorded).
+        norm_eps: GroupNorm's epsilon (1e-6 in the paper's code and diffusers; 1e-5, torch's default, in checkpoints
+            written before it was recorded).
+        grad_checkpointing: recompute each block's activations during the backward pass instead of keeping them
+            (activation checkpointing): much less memory in training for about a third more compute; same function.
     """
 
     def __init__(
@@ -148,6 +170,9 @@ class UNet(nn.Module):
         out_channels: int | None = None,
         num_groups: int = 32,
         num_classes: int | None = None,
+        downsample_padding: DownsamplePadding = "same",
+        norm_eps: float = 1e-6,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
@@ -156,6 +181,12 @@ class UNet(nn.Module):
         bad_classes = isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         if num_classes is not None and bad_classes:
             raise ValueError(f"num_classes must be a positive integer or None (unconditional), got {num_classes!r}")
+        if downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(
+                f"unknown downsample_padding {downsample_padding!r}; allowed: {', '.join(DOWNSAMPLE_PADDINGS)}"
+            )
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
         # what rebuilds this network: checkpoints store it as the class_path and these init_args
         self.init_args = {
             "in_channels": in_channels,
@@ -167,11 +198,15 @@ class UNet(nn.Module):
             "image_size": image_size,
             "out_channels": out_channels,
             "num_groups": num_groups,
+            "downsample_padding": downsample_padding,
+            "norm_eps": float(norm_eps),
+            "grad_checkpointing": grad_checkpointing,
         }
         if num_classes is not None:
             # absent for an unconditional network, so that its init_args (and checkpoints) stay as they were
             self.init_args["num_classes"] = num_classes
         self.num_classes = num_classes
+        self.grad_checkpointing = grad_checkpointing
         self.in_channels = in_channels
         self.image_size = image_size
         self.out_channels = out_channels or in_channels
@@ -189,38 +224,40 @@ class UNet(nn.Module):
         c, res = ch, image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(c, ch * mult, temb_dim, dropout, num_groups)])
+                block = nn.ModuleList([ResBlock(c, ch * mult, temb_dim, dropout, num_groups, norm_eps)])
                 c = ch * mult
                 if res in attn_resolutions:
-                    block.append(AttnBlock(c, num_groups))
+                    block.append(AttnBlock(c, num_groups, norm_eps))
                 self.down.append(block)
                 skip_channels.append(c)
             if level != len(ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(c)]))
+                self.down.append(nn.ModuleList([Downsample(c, downsample_padding)]))
                 skip_channels.append(c)
                 res //= 2
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(c, c, temb_dim, dropout, num_groups),
-                AttnBlock(c, num_groups),
-                ResBlock(c, c, temb_dim, dropout, num_groups),
+                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps),
+                AttnBlock(c, num_groups, norm_eps),
+                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps),
             ]
         )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(c + skip_channels.pop(), ch * mult, temb_dim, dropout, num_groups)])
+                block = nn.ModuleList(
+                    [ResBlock(c + skip_channels.pop(), ch * mult, temb_dim, dropout, num_groups, norm_eps)]
+                )
                 c = ch * mult
                 if res in attn_resolutions:
-                    block.append(AttnBlock(c, num_groups))
+                    block.append(AttnBlock(c, num_groups, norm_eps))
                 self.up.append(block)
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(c)]))
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(num_groups, c)
+        self.norm_out = nn.GroupNorm(num_groups, c, eps=norm_eps)
         self.conv_out = _conv3x3(c, self.out_channels, scale=0.0)
         if num_classes is not None:
             # made last, so that every other weight is drawn as for the unconditional network of the same seed
@@ -281,15 +318,19 @@ class UNet(nn.Module):
         skips = [h]
         for block in self.down:
             for layer in block:
-                h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+                h = self._run(layer, h, temb)
             skips.append(h)
-        h = self.mid[0](h, temb)
-        h = self.mid[1](h)
-        h = self.mid[2](h, temb)
+        for layer in self.mid:
+            h = self._run(layer, h, temb)
         for block in self.up:
             for layer in block:
-                if isinstance(layer, ResBlock):
-                    h = layer(torch.cat([h, skips.pop()], dim=1), temb)
-                else:
-                    h = layer(h)
+                h = self._run(layer, torch.cat([h, skips.pop()], dim=1) if isinstance(layer, ResBlock) else h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _run(self, layer: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """One block (the residual blocks take the time embedding), recomputed in the backward pass when
+        ``grad_checkpointing`` is on in training."""
+        args = (h, temb) if isinstance(layer, ResBlock) else (h,)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)

@@ -1,0 +1,1 @@
+"""Conversions to and from other libraries' formats (diffusers: needs ``pip install diffusers``)."""
