@@ -34,13 +34,14 @@ format: install
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
 
-DEMO_STEPS ?= 800
+DEMO_STEPS ?= 1100
 DEMO_TIME ?=
 demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_STEPS optimizer steps (or DEMO_TIME=dd:hh:mm:ss): runs/demo/
 	$(BIN)/ddpm fit -c configs/demo.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
 
-demo-cond: install  ## the demo, class-conditional (classifier-free guidance), DEMO_STEPS or DEMO_TIME: runs/demo_cond/
-	$(BIN)/ddpm fit -c configs/demo_cond.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
+DEMO_COND_STEPS ?= 2400
+demo-cond: install  ## the demo, class-conditional (classifier-free guidance), DEMO_COND_STEPS or DEMO_TIME: runs/demo_cond/
+	$(BIN)/ddpm fit -c configs/demo_cond.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_COND_STEPS)) $(ARGS)
 
 train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)

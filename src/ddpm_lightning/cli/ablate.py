@@ -35,10 +35,11 @@ from ddpm_lightning.plots import save_figure, schedule_figure
 
 
 def run_one(
-    out: str | Path, settings: Mapping[str, str] | str, seed: int, fit_args: Sequence[str], position: int = 0
+    out: str | Path, settings: Mapping[str, str] | str, seed: int, fit_args: Sequence[str], position: int | None = None
 ) -> Path:
-    """Train one (settings, seed) with ``ddpm fit FIT_ARGS`` plus the settings; writes ``run.json`` (settings, wall
-    time) into its run folder. A bare string for ``settings`` is a schedule."""
+    """Train one (settings, seed) with ``ddpm fit FIT_ARGS`` plus the settings; writes ``run.json`` (settings, its
+    place in the grid for the table's row order, wall time) into its run folder. A bare string for ``settings`` is a
+    schedule."""
     if isinstance(settings, str):
         settings = {"schedule": settings}
     grid({k: [v] for k, v in settings.items()}, [seed])  # validates
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.only:
         settings, seed = parse_run(args.only)
-        run_one(args.out, settings, seed, fit_args, positions.get(run_name(settings, 0), 0))
+        run_one(args.out, settings, seed, fit_args, positions.get(run_name(settings, 0)))  # outside the grid: last
         return 0
     paths = collect_all(args.out) if args.collect else ablate(fit_args, out=args.out, axes=axes, seeds=args.seeds)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -182,10 +182,12 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _settings_of(folder: Path, info: Mapping[str, Any]) -> tuple[dict[str, str], int, int]:
-    """(settings, seed, grid position) of a run folder: from run.json, or from a ``<schedule>-seed<seed>`` name."""
+def _settings_of(folder: Path, info: Mapping[str, Any]) -> tuple[dict[str, str], int, float]:
+    """(settings, seed, grid position) of a run folder: from run.json, or from a ``<schedule>-seed<seed>`` name; a
+    run trained outside the grid (``--only``) comes last."""
     if "settings" in info:
-        return dict(info["settings"]), int(info["seed"]), int(info.get("position", 0))
+        position = info.get("position")
+        return dict(info["settings"]), int(info["seed"]), math.inf if position is None else int(position)
     if "," in folder.name or folder.name.startswith(tuple(f"{k}=" for k in AXES)):
         settings, seed = parse_run(folder.name)
         return settings, seed, 0

@@ -298,11 +298,12 @@ def evaluate(
     if not wanted:
         raise ValueError(f"nothing to compute: metrics {' '.join(metrics)} with these weights")
 
-    real = reference_images(data, data_dir, split)
     if ckpt is not None:
+        # a conditional model samples the classes in the proportions of the reference's labels
+        labelled = reference_set(data, data_dir, split, 32)[0]
         images, sampling = generate(
             ckpt, num, sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
-            proportions=class_proportions(real), seed=seed, batch_size=batch_size, device=device,
+            proportions=class_proportions(labelled), seed=seed, batch_size=batch_size, device=device,
         )  # fmt: skip
         generated = Uint8Images(images)
         source = {"checkpoint": str(ckpt), "num": len(generated), **sampling}
