@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 		sha256sum pyproject.toml | cut -d' ' -f1 > $(STAMP); \
 	else touch $(STAMP); fi
 
-test: install  ## unit + integration + ddp tiers, minus the slow ones (3.4 min of pytest on 2 AVX2 CPU cores)
+test: install  ## unit + integration + ddp tiers, minus the slow ones (4.2 min of pytest on 2 AVX2 CPU cores)
 	$(PYTEST) -m "not slow" --durations=15
 
 test-slow: install  ## the slow tier only
