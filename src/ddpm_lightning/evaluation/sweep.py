@@ -142,13 +142,9 @@ def sweep(
         raise ValueError(f"need one distinct label per checkpoint: {len(ckpts)} checkpoints, labels {list(labels)}")
     modules = [load_module(c, device) for c in ckpts]
     module = modules[0]
-    T = module.diffusion.num_timesteps
+    T = min(m.diffusion.num_timesteps for m in modules)  # every step count must suit every checkpoint
     for n in steps:
-        if (
-            isinstance(n, bool)
-            or not isinstance(n, int)
-            or not 1 <= n <= min(m.diffusion.num_timesteps for m in modules)
-        ):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
             raise ValueError(f"steps {n}: the number of network evaluations must be in [1, {T}] for this model")
     trained_on, data_kwargs = checkpoint_data(ckpts[0])
     shape = tuple(module.image_shape)
