@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import GaussianDiffusion, SamplerConfig, make_betas, sample, sampling_timesteps
+from ddpm_lightning.diffusion import GaussianDiffusion, SamplerConfig, make_betas, sample, samplers, sampling_timesteps
 
 pytestmark = pytest.mark.unit
 T = 1000
@@ -112,7 +112,7 @@ def test_ddpm_step_by_hand(variance):
     g = torch.Generator().manual_seed(1)
     x_t, eps, z = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
     ti = 437
-    out = diffusion.ddpm_step(eps, x_t, ti, z, clip_denoised=False)
+    out = samplers.ddpm_step(diffusion, eps, x_t, ti, z, clip_denoised=False)
     sigma2 = betas[ti] if variance == "fixed_large" else betas[ti] * (1 - abar[ti - 1]) / (1 - abar[ti])
     expected = (x_t.numpy() - betas[ti] / np.sqrt(1 - abar[ti]) * eps.numpy()) / np.sqrt(1 - betas[ti])
     expected += np.sqrt(sigma2) * z.numpy()
@@ -122,10 +122,10 @@ def test_ddpm_step_by_hand(variance):
 def test_t_zero_adds_no_noise(diffusion):
     g = torch.Generator().manual_seed(2)
     x_t, eps = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
-    a = diffusion.ddpm_step(eps, x_t, 0, torch.randn(3, 3, 8, 8, generator=g))
-    b = diffusion.ddpm_step(eps, x_t, 0, torch.randn(3, 3, 8, 8, generator=g))
+    a = samplers.ddpm_step(diffusion, eps, x_t, 0, torch.randn(3, 3, 8, 8, generator=g))
+    b = samplers.ddpm_step(diffusion, eps, x_t, 0, torch.randn(3, 3, 8, 8, generator=g))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    c = diffusion.ddpm_step(eps, x_t, 1, torch.randn(3, 3, 8, 8, generator=g))
+    c = samplers.ddpm_step(diffusion, eps, x_t, 1, torch.randn(3, 3, 8, 8, generator=g))
     assert not torch.allclose(a, c)
 
 
@@ -137,8 +137,8 @@ def test_ddim_eta_one_has_the_ddpm_posterior_variance(diffusion):
     x_t, eps = (torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     z1, z2 = (torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     for ti in (5, 300, 900):
-        a = diffusion.ddim_step(eps, x_t, ti, ti - 1, eta=1.0, noise=z1, clip_denoised=False)
-        b = diffusion.ddim_step(eps, x_t, ti, ti - 1, eta=1.0, noise=z2, clip_denoised=False)
+        a = samplers.ddim_step(diffusion, eps, x_t, ti, ti - 1, eta=1.0, noise=z1, clip_denoised=False)
+        b = samplers.ddim_step(diffusion, eps, x_t, ti, ti - 1, eta=1.0, noise=z2, clip_denoised=False)
         sigma = ((a - b) / (z1 - z2)).flatten()
         expected = (1 - abar[ti - 1]) / (1 - abar[ti]) * betas[ti]
         np.testing.assert_allclose(sigma.numpy() ** 2, expected, rtol=1e-6)
@@ -153,9 +153,9 @@ def test_ddim_eta_zero_by_hand_and_final_step():
     ti, tp = 800, 600
     x0 = (x_t.numpy() - np.sqrt(1 - abar[ti]) * eps.numpy()) / np.sqrt(abar[ti])
     expected = np.sqrt(abar[tp]) * x0 + np.sqrt(1 - abar[tp]) * eps.numpy()
-    out = diffusion.ddim_step(eps, x_t, ti, tp, clip_denoised=False)
+    out = samplers.ddim_step(diffusion, eps, x_t, ti, tp, clip_denoised=False)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-12)
-    final = diffusion.ddim_step(eps, x_t, ti, -1, clip_denoised=False)
+    final = samplers.ddim_step(diffusion, eps, x_t, ti, -1, clip_denoised=False)
     np.testing.assert_allclose(final.numpy(), x0, rtol=1e-9, atol=1e-12)
 
 

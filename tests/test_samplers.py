@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import SAMPLERS, GaussianDiffusion, SamplerConfig, make_betas, sample, sampling_timesteps
+from ddpm_lightning.diffusion import (
+    SAMPLERS,
+    GaussianDiffusion,
+    SamplerConfig,
+    make_betas,
+    sample,
+    samplers,
+    sampling_timesteps,
+)
 from ddpm_lightning.lit_module import DiffusionModule
 
 pytestmark = pytest.mark.unit
@@ -63,9 +71,11 @@ def test_ddim_eta_one_step_has_the_ancestral_mean_and_variance(step, t):
     mean = (x_t.numpy() - betas[t] / np.sqrt(1 - abar[t]) * eps.numpy()) / np.sqrt(1 - betas[t])
     variance = (1 - abar[t - 1]) / (1 - abar[t]) * betas[t]
     if step == "ddim_eta1":
-        draw = [diffusion.ddim_step(eps, x_t, t, t - 1, eta=1.0, noise=n, clip_denoised=False) for n in (0 * z, z)]
+        draw = [
+            samplers.ddim_step(diffusion, eps, x_t, t, t - 1, eta=1.0, noise=n, clip_denoised=False) for n in (0 * z, z)
+        ]
     else:
-        draw = [diffusion.ddpm_step(eps, x_t, t, n, clip_denoised=False) for n in (0 * z, z)]
+        draw = [samplers.ddpm_step(diffusion, eps, x_t, t, n, clip_denoised=False) for n in (0 * z, z)]
     np.testing.assert_allclose(draw[0].numpy(), mean, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(((draw[1] - draw[0]) / z).numpy() ** 2, variance, rtol=1e-7)
 
@@ -93,7 +103,7 @@ def test_dpmpp_2m_step_by_hand():
     r = h_prev / h
     D = (1 + 1 / (2 * r)) * x0.numpy() - 1 / (2 * r) * x0_prev.numpy()
     expected = sigma[t_next] / sigma[t] * x_t.numpy() - alpha[t_next] * (np.exp(-h) - 1) * D
-    out = diffusion.dpmpp_2m_step(x0, x_t, t, t_next, x0_prev=x0_prev, t_prev=t_prev)
+    out = samplers.dpmpp_2m_step(diffusion, x0, x_t, t, t_next, x0_prev=x0_prev, t_prev=t_prev)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
@@ -102,9 +112,9 @@ def test_dpmpp_first_order_step_is_the_ddim_step_and_the_last_step_returns_x0():
     g = torch.Generator().manual_seed(2)
     x_t, x0 = (torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
     eps = diffusion.predict_eps_from_x0(x_t, torch.full((2,), 800), x0)
-    ddim = diffusion.ddim_step(eps, x_t, 800, 300, clip_denoised=False)
-    torch.testing.assert_close(diffusion.dpmpp_2m_step(x0, x_t, 800, 300), ddim, rtol=1e-9, atol=1e-9)
-    assert diffusion.dpmpp_2m_step(x0, x_t, 5, -1, x0_prev=x_t, t_prev=20) is x0
+    ddim = samplers.ddim_step(diffusion, eps, x_t, 800, 300, clip_denoised=False)
+    torch.testing.assert_close(samplers.dpmpp_2m_step(diffusion, x0, x_t, 800, 300), ddim, rtol=1e-9, atol=1e-9)
+    assert samplers.dpmpp_2m_step(diffusion, x0, x_t, 5, -1, x0_prev=x_t, t_prev=20) is x0
 
 
 # ------------------------------------------------------------------------------------------------ respacing
@@ -156,27 +166,38 @@ def test_deterministic_samplers_recover_x0_from_an_oracle(sampler, num_steps, ob
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_the_model_is_called_once_per_step(sampler):
+def test_each_step_evaluates_the_model_as_often_as_its_setting_counts(sampler):
     diffusion = GaussianDiffusion(make_betas("cosine", 100))
-    calls = []
+    config = SamplerConfig(sampler, 13)
+    calls, per_step = [], []
 
     def model(x_t, t):
         calls.append(int(t[0]))
         return torch.zeros_like(x_t)
 
-    sample(diffusion, model, (2, 3), sampler=SamplerConfig(sampler, 13), seed=0)
-    assert calls == sampling_timesteps(100, sampler, 13)
+    sample(diffusion, model, (2, 3), sampler=config, seed=0, progress=per_step.append)
+    assert len(calls) == sum(per_step) == config.nfe(100) == (25 if sampler == "heun" else 13)
+    assert per_step == ([2] * 12 + [1] if sampler == "heun" else [1] * 13)
+    starts = [calls[i] for i in np.cumsum([0, *per_step[:-1]])]  # the first evaluation of each step
+    assert starts == config.visited(diffusion)
+    if sampler != "heun":
+        assert calls == sampling_timesteps(100, sampler, 13)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_returns_its_chain_and_is_reproducible_per_sample(sampler):
+    # per-sample seeds: the same samples in any batch, so on 1 or N processes
     diffusion = GaussianDiffusion(make_betas("linear", 100))
     model = gaussian_eps_model(diffusion, 0.1, 0.3)
-    visited = sampling_timesteps(100, sampler, 10)
-    kwargs = {"sampler": SamplerConfig(sampler, 10, eta=0.5)}
-    x0, chain = sample(diffusion, model, (4, 1, 2, 2), seeds=[0, 1, 2, 3], return_steps=[*visited, 1234], **kwargs)
-    assert sorted(chain, reverse=True) == visited and chain[visited[-1]].shape == x0.shape
-    torch.testing.assert_close(chain[99][1:2], torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(1)))
+    config = SamplerConfig(
+        sampler, 10, eta=0.5 if sampler == "ddim" else 0.0, S_churn=5.0 if sampler == "heun" else 0.0
+    )
+    kwargs = {"sampler": config}
+    visited = config.visited(diffusion)
+    x0, chain = sample(diffusion, model, (4, 1, 2, 2), seeds=[0, 1, 2, 3], return_steps=visited, **kwargs)
+    assert sorted(chain, reverse=True) == sorted(set(visited), reverse=True) and chain[visited[-1]].shape == x0.shape
+    x_T = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(chain[visited[0]][1:2], x_T)
     part = sample(diffusion, model, (2, 1, 2, 2), seeds=[2, 3], **kwargs)
     torch.testing.assert_close(x0[2:], part, rtol=0, atol=1e-6)
 
@@ -250,7 +271,7 @@ def test_unknown_sampler_and_spacing_list_the_allowed_ones():
 
 def test_lambda_is_the_log_snr():
     diffusion = GaussianDiffusion(make_betas("cosine", T))
-    alpha, sigma, lam = diffusion._alpha_sigma_lambda(400)
+    alpha, sigma, lam = samplers.alpha_sigma_lambda(diffusion, 400)
     abar = float(diffusion.alphas_cumprod[400])
     assert (alpha**2, sigma**2) == pytest.approx((abar, 1 - abar), rel=1e-12)
     assert 2 * lam == pytest.approx(math.log(abar / (1 - abar)), rel=1e-12)
@@ -303,3 +324,208 @@ def test_module_sampler_setting_and_its_deprecated_flat_aliases():
 def test_module_rejects_bad_sampler_settings_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _module(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ sigma view
+def test_sigmas_are_the_variance_exploding_view_of_the_process():
+    # x_t / sqrt(abar_t) = x_0 + sigma_t eps with sigma_t = sqrt(1 / abar_t - 1)
+    diffusion = GaussianDiffusion(make_betas("linear", T))
+    expected = np.sqrt(1 / linear_abar() - 1)
+    assert diffusion.sigmas.dtype == torch.float64
+    np.testing.assert_allclose(diffusion.sigmas.numpy(), expected, rtol=1e-12)
+    grid = torch.tensor(expected[[0, 10, 500, 999]])
+    assert diffusion.timestep_of_sigma(grid).tolist() == [0, 10, 500, 999]
+    np.testing.assert_allclose(diffusion.sigma_to_t(grid).numpy(), [0, 10, 500, 999], atol=1e-9)
+    # between two grid points: the nearest by |sigma - sigma_t| and a t interpolated in log sigma
+    a, b = expected[500], expected[501]
+    for sigma in (a + 0.4 * (b - a), a + 0.6 * (b - a)):
+        t = float(diffusion.sigma_to_t(torch.tensor(sigma)))
+        assert t == pytest.approx(500 + (math.log(sigma) - math.log(a)) / (math.log(b) - math.log(a)), rel=1e-12)
+        assert int(diffusion.timestep_of_sigma(torch.tensor(sigma))) == (500 if sigma - a < b - sigma else 501)
+    assert float(diffusion.round_sigma(torch.tensor(1e6))) == pytest.approx(expected[-1], rel=1e-12)
+    assert float(diffusion.round_sigma(torch.tensor(1e-9))) == pytest.approx(expected[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_karras_sigmas_follow_eq_5_rounded_to_the_schedule_with_sigma_max_capped_at_80(schedule):
+    diffusion = GaussianDiffusion(make_betas(schedule, T))
+    sigmas = np.sqrt(1 / np.cumprod(1 - make_betas(schedule, T).numpy()) - 1)
+    assert sigmas[-1] > 80  # linear ~157, cosine ~2e4: both capped
+    rho, n = 7.0, 18
+    ramp = np.linspace(0, 1, n)
+    raw = (80 ** (1 / rho) + ramp * (sigmas[0] ** (1 / rho) - 80 ** (1 / rho))) ** rho
+    rounded = sigmas[[np.abs(sigmas - s).argmin() for s in raw]]
+    got = samplers.karras_sigmas(diffusion, n, rho)
+    np.testing.assert_allclose(got.numpy(), rounded, rtol=1e-12)
+    assert got[0] == pytest.approx(80, rel=0.02) and got[-1] == sigmas[0]
+    assert samplers.karras_sigmas(diffusion, n, rho, sigma_max=10.0)[0] == pytest.approx(10, rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------------ Heun
+def gaussian_denoiser(mu: float, s: float):
+    """D(x; sigma) = E[x0 | x0 + sigma n = x] for x0 ~ N(mu, s^2): (s^2 x + sigma^2 mu) / (s^2 + sigma^2)."""
+    return lambda x, sigma: (s**2 * x + sigma**2 * mu) / (s**2 + sigma**2)
+
+
+def test_the_first_heun_step_is_algorithm_1_in_float64():
+    # Karras et al. 2022, Algorithm 1, lines 1-8 with the exact denoiser of Gaussian data, written out in float64;
+    # the sampler runs the network at the rounded sigmas' timesteps on x_t = x / sqrt(1 + sigma^2)
+    diffusion = GaussianDiffusion(make_betas("cosine", T))
+    n = 6
+    levels = samplers.karras_sigmas(diffusion, n).numpy()
+    s0, s1 = levels[0], levels[1]
+    z = torch.randn((5, 1), generator=torch.Generator().manual_seed(7), dtype=torch.float64).numpy()
+    D = gaussian_denoiser(MU, S)
+    x = s0 * z  # line 1: x_0 ~ N(0, sigma_0^2 I)
+    d = (x - D(x, s0)) / s0  # line 4
+    x1 = x + (s1 - s0) * d  # line 5
+    d1 = (x1 - D(x1, s1)) / s1  # line 7
+    x1 = x + (s1 - s0) * (0.5 * d + 0.5 * d1)  # line 8
+    config = SamplerConfig("heun", n)
+    visited = config.visited(diffusion)
+    _, chain = sample(diffusion, gaussian_eps_model(diffusion, MU, S), (5, 1), sampler=config, seed=7,
+                      clip_denoised=False, return_steps=visited[:2])  # fmt: skip
+    np.testing.assert_allclose(chain[visited[0]].numpy(), z, rtol=1e-6)
+    np.testing.assert_allclose(chain[visited[1]].double().numpy(), x1 / np.sqrt(1 + s1**2), rtol=1e-5, atol=1e-6)
+
+
+def test_heun_step_is_the_trapezoidal_rule_and_euler_to_sigma_zero():
+    D = gaussian_denoiser(0.1, 0.4)
+    x = torch.tensor([[0.7], [-2.0]], dtype=torch.float64)
+    d, d1 = (x - D(x, 3.0)) / 3.0, None
+    euler = x + (1.5 - 3.0) * d
+    d1 = (euler - D(euler, 1.5)) / 1.5
+    torch.testing.assert_close(samplers.heun_step(D, x, 3.0, 1.5), x - 1.5 * (d + d1) / 2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(samplers.heun_step(D, x, 0.02, 0.0), D(x, 0.02), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+@pytest.mark.parametrize("num_steps", [1, 5, 18])
+def test_heun_recovers_x0_from_an_oracle(num_steps, objective):
+    diffusion = GaussianDiffusion(make_betas("cosine", T), objective=objective)
+    x0 = _x0()
+    config = SamplerConfig("heun", num_steps)
+    out = sample(diffusion, oracle(diffusion, x0), x0.shape, sampler=config, seed=5, clip_denoised=False)
+    torch.testing.assert_close(out, x0, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_heun_is_second_order_on_the_probability_flow_ode(schedule):
+    # in the sigma view Gaussian data x0 ~ N(mu, s^2) flow as x(sigma) = mu + (x(sigma_0) - mu) sqrt((s^2 + sigma^2) /
+    # (s^2 + sigma_0^2)); starting from x = sigma_0 x_T the exact sample is mu + s (sigma_0 x_T - mu) / sqrt(s^2 +
+    # sigma_0^2). Error ~ 1 / N^2: about 4 times smaller when the steps double
+    diffusion = GaussianDiffusion(make_betas(schedule, T))
+    model = gaussian_eps_model(diffusion, MU, S)
+    errors = {}
+    for n in (8, 16, 32):
+        config = SamplerConfig("heun", n)
+        s0 = float(samplers.karras_sigmas(diffusion, n)[0])
+        x0, chain = sample(diffusion, model, (2000, 1), sampler=config, seed=0, clip_denoised=False,
+                           return_steps=config.visited(diffusion)[:1])  # fmt: skip
+        x_T = next(iter(chain.values())).double()
+        exact = MU + S * (s0 * x_T - MU) / math.sqrt(S**2 + s0**2)
+        errors[n] = (x0.double() - exact).abs().max().item()
+    assert 3 < errors[8] / errors[16] < 5.5 and 3 < errors[16] / errors[32] < 5.5
+
+
+def test_heun_without_churn_draws_only_x_T_and_with_churn_is_seeded_per_sample():
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    model = gaussian_eps_model(diffusion, 0.1, 0.3)
+    g = torch.Generator().manual_seed(4)
+    sample(diffusion, model, (3, 1, 4, 4), sampler=SamplerConfig("heun", 8), generator=g)
+    after_x_T = torch.Generator().manual_seed(4)
+    torch.randn((3, 1, 4, 4), generator=after_x_T)
+    assert torch.equal(g.get_state(), after_x_T.get_state())
+    churn = SamplerConfig("heun", 8, S_churn=20.0, S_tmin=0.05, S_tmax=50.0)
+    a = sample(diffusion, model, (4, 1, 4, 4), sampler=churn, seeds=[0, 1, 2, 3])
+    torch.testing.assert_close(sample(diffusion, model, (2, 1, 4, 4), sampler=churn, seeds=[2, 3]), a[2:])
+    assert not torch.allclose(a, sample(diffusion, model, (4, 1, 4, 4), sampler="heun", seeds=[0, 1, 2, 3]))
+
+
+def test_heun_settings_count_evaluations_and_are_checked():
+    config = SamplerConfig("heun", 10)
+    assert config.spacing == "karras" and config.nfe(T) == 19 and config.label(T) == "heun19"
+    assert SamplerConfig("heun", 10, S_churn=40).label(T) == "heun19_churn40"
+    assert SamplerConfig("heun", 1).nfe(T) == 1
+    assert config.to_dict()["S_churn"] == 0.0 and "S_churn" not in SamplerConfig("ddim", 5).to_dict()
+    # a name keeps what applies: heun takes its own spacing, another sampler drops Heun's settings
+    assert SamplerConfig.parse("heun", SamplerConfig("ddim", 20, spacing="quadratic")) == SamplerConfig("heun", 20)
+    assert SamplerConfig.parse("ddim", SamplerConfig("heun", 20, S_churn=3)) == SamplerConfig("ddim", 20)
+    with pytest.raises(ValueError, match="spacing 'uniform' is not one of heun's; allowed: karras"):
+        SamplerConfig("heun", 10, spacing="uniform")
+    with pytest.raises(ValueError, match="spacing 'karras' is not one of ddim's; allowed: uniform, quadratic"):
+        SamplerConfig("ddim", 10, spacing="karras")
+    with pytest.raises(ValueError, match="S_churn apply to the heun sampler only, not to ddpm"):
+        SamplerConfig("ddpm", 10, S_churn=1.0)
+    with pytest.raises(ValueError, match="S_churn >= 0.*got S_churn=-1"):
+        SamplerConfig("heun", 10, S_churn=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------ autoguidance
+def _eps_model(scale: float):
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scale * torch.tanh(x_t) * (1 + t.float().reshape(-1, 1) / 100)
+
+    return model
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_autoguidance_with_w_one_is_the_unguided_model_bit_for_bit(sampler):
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    guide = samplers.Guide(diffusion, _eps_model(0.3))
+    config = SamplerConfig(sampler, 6)
+    plain = sample(diffusion, _eps_model(0.9), (4, 2), sampler=config, seed=1)
+    assert torch.equal(sample(diffusion, _eps_model(0.9), (4, 2), sampler=config, seed=1, guide=guide), plain)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_model_that_guides_itself_is_the_unguided_model(sampler):
+    diffusion = GaussianDiffusion(make_betas("cosine", 100))
+    config = SamplerConfig(sampler, 6)
+    plain = sample(diffusion, _eps_model(0.9), (4, 2), sampler=config, seed=1)
+    guided = SamplerConfig(sampler, 6, autoguidance_scale=2.5)
+    out = sample(
+        diffusion, _eps_model(0.9), (4, 2), sampler=guided, seed=1, guide=samplers.Guide(diffusion, _eps_model(0.9))
+    )
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_autoguidance_combines_eps_whatever_each_model_predicts():
+    # the guide predicts x0, the main model eps: the samplers must step with eps_g + w (eps_m - eps_g), eps_g being the
+    # eps that the guide's x0 implies (Eq. 4), which is D_g + w (D_m - D_g) in x0
+    process = make_betas("linear", 100)
+    main, guide_x0 = GaussianDiffusion(process), GaussianDiffusion(process, objective="x0")
+    eps_main, eps_guide, w = _eps_model(0.9), _eps_model(0.2), 3.0
+
+    def guide_model(x_t, t):  # the x0 whose implied eps is eps_guide
+        return guide_x0.predict_x0_from_eps(x_t, t, eps_guide(x_t, t))
+
+    def combined(x_t, t):
+        return eps_guide(x_t, t) + w * (eps_main(x_t, t) - eps_guide(x_t, t))
+
+    for sampler in ("ddim", "heun"):
+        config = SamplerConfig(sampler, 5)
+        expected = sample(main, combined, (4, 2), sampler=config, seed=2, clip_denoised=False)
+        out = sample(main, eps_main, (4, 2), sampler=SamplerConfig(sampler, 5, autoguidance_scale=w), seed=2,
+                     clip_denoised=False, guide=samplers.Guide(guide_x0, guide_model))  # fmt: skip
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_autoguidance_refuses_another_process_and_a_missing_guide():
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    config = SamplerConfig("ddim", 5, autoguidance_scale=2.0)
+    assert config.nfe(100) == 10 and config.label(100) == "ddim5-ag2"
+    for other, match in [(make_betas("linear", 50), "guide has T = 50, the model T = 100"),
+                         (make_betas("cosine", 100), "another noise schedule")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            sample(
+                diffusion,
+                _eps_model(1),
+                (1, 2),
+                sampler=config,
+                guide=samplers.Guide(GaussianDiffusion(other), _eps_model(1)),
+            )
+    with pytest.raises(ValueError, match="autoguidance_scale=2 needs a guide model"):
+        sample(diffusion, _eps_model(1), (1, 2), sampler=config)
+    with pytest.raises(ValueError, match="use one kind of guidance at a time"):
+        SamplerConfig("ddim", 5, guidance_scale=3.0, autoguidance_scale=2.0)

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from tqdm.auto import tqdm
 
 from ddpm_lightning import compat
 from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_net_spec, upgrade_state_dict
@@ -29,7 +30,9 @@ from ddpm_lightning.diffusion import (
     SamplerConfig,
     Spacing,
     make_betas,
+    samplers,
 )
+from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.models import UNet
 from ddpm_lightning.models.unet import LEGACY_SETTINGS
 
@@ -602,7 +605,7 @@ class DiffusionModule(L.LightningModule):
         """The module's sampler setting with ``sampler`` (a setting or a name) and non-None ``changes`` applied,
         checked against T and, for guidance, against the model being conditional."""
         config = SamplerConfig.parse(sampler, self.sampler_config, **changes)
-        config.timesteps(self.diffusion.num_timesteps)
+        config.num_steps(self.diffusion.num_timesteps)
         if config.guidance_scale != 1 and self.num_classes is None:
             raise ValueError(
                 f"guidance_scale={config.guidance_scale:g} needs a class-conditional model, but this one is "
@@ -622,34 +625,69 @@ class DiffusionModule(L.LightningModule):
         progress: bool = False,
         use_ema: bool = True,
         y: torch.Tensor | Sequence[int] | None = None,
+        guide: DiffusionModule | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Generate ``num`` images in [-1, 1] with the EMA weights (fixed seed by default; ``seeds`` per sample).
 
         ``sampler``: a :class:`SamplerConfig`, a sampler name (the module's setting with that name) or None (the
         module's setting). ``y``: the class of each image (``num`` labels in 0..num_classes-1, or num_classes for the
         null class), needed by a class-conditional model and guided with the setting's ``guidance_scale``; the noise
-        does not depend on it.
+        does not depend on it. ``guide``: the weaker model of autoguidance (an earlier checkpoint or a smaller
+        network of the same process and image shape) used with the setting's ``autoguidance_scale``
+        (:class:`~ddpm_lightning.diffusion.samplers.Guide`); it gets the labels when it is conditional too.
+        ``return_steps``: record x_t at the visited timestep nearest to each of these (the keys of the dict).
         """
         config = self.sampler_config_for(sampler)
         labels = self._sample_labels(num, y)
-        module = self.sampling_module() if use_ema else self
-        was_training = module.training
-        module.eval()
+        modules = [self.sampling_module() if use_ema else self]
+        guide_spec = None
+        if guide is not None:
+            modules.append(guide.sampling_module() if use_ema else guide)
+            guide_spec = Guide(guide.diffusion, self._guide_denoiser(guide, modules[1].net, labels))
+        modes = [m.training for m in modules]
+        T = self.diffusion.num_timesteps
+        bar = tqdm(total=config.nfe(T), desc=f"sampling ({config.label(T)})", unit="eval", leave=False,
+                   disable=not progress)  # fmt: skip
+        for m in modules:
+            m.eval()
         try:
-            return self.diffusion.sample(
-                module.net,
+            return samplers.sample(
+                self.diffusion,
+                modules[0].net,
                 (num, *self.image_shape),
                 sampler=config,
                 seed=None if seeds is not None else seed,
                 seeds=seeds,
                 return_steps=return_steps,
                 device=self.device,
-                progress=progress,
+                progress=bar.update,
                 y=labels,
                 null_label=self.num_classes,
+                guide=guide_spec,
             )
         finally:
-            module.train(was_training)
+            bar.close()
+            for m, mode in zip(modules, modes, strict=True):
+                m.train(mode)
+
+    def _guide_denoiser(
+        self, guide: DiffusionModule, net: nn.Module, labels: torch.Tensor | None
+    ) -> Callable[..., torch.Tensor]:
+        """The guide's network as ``model(x_t, t)``: checked to draw images of this model's shape, and given the
+        labels when both models are conditional on the same classes."""
+        if tuple(guide.image_shape) != tuple(self.image_shape):
+            raise ValueError(
+                f"the autoguidance guide draws images of shape {tuple(guide.image_shape)}, this model "
+                f"{tuple(self.image_shape)}: the guide needs the same shape"
+            )
+        if guide.num_classes is None:
+            return net
+        if guide.num_classes != self.num_classes:
+            raise ValueError(
+                f"the autoguidance guide is conditional on {guide.num_classes} classes and this model on "
+                f"{self.num_classes}: an unconditional guide, or one of the same classes"
+            )
+        return guide.denoiser(net, labels.to(self.device))
 
     def _sample_labels(self, num: int, y: torch.Tensor | Sequence[int] | None) -> torch.Tensor | None:
         """``y`` as a (num,) long tensor checked against 0..num_classes; None for an unconditional model."""

@@ -1,4 +1,5 @@
-"""Diffusion maths in pure torch: schedules, the Gaussian process and samplers (no Lightning here)."""
+"""Diffusion maths in pure torch: schedules, the Gaussian process, timestep samplers and reverse-chain samplers (no
+Lightning, progress bars or files here)."""
 
 from ddpm_lightning.diffusion.gaussian import (
     LOSS_TYPES,
@@ -16,6 +17,7 @@ from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelih
 from ddpm_lightning.diffusion.samplers import (
     SAMPLERS,
     SPACINGS,
+    Guide,
     NoiseSource,
     Sampler,
     SamplerConfig,
@@ -37,6 +39,7 @@ __all__ = [
     "VARIANCES",
     "Denoiser",
     "GaussianDiffusion",
+    "Guide",
     "LossSecondMomentSampler",
     "LossType",
     "LossWeighting",

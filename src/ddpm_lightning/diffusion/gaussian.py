@@ -1,4 +1,5 @@
-"""The Gaussian diffusion process of Ho et al. 2020: forward noising, posterior, loss and one reverse step.
+"""The Gaussian diffusion process of Ho et al. 2020: forward noising, posterior, losses, the bound, and its view as
+noise levels sigma; the reverse steps are in :mod:`ddpm_lightning.diffusion.samplers`.
 
 Buffers are named after the paper's symbols (and Ho et al.'s ``diffusion_utils_2.py``), computed once in float64
 and gathered per batch by :func:`extract`. Equation numbers refer to Ho et al. 2020 unless stated otherwise.
@@ -8,13 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_lightning.diffusion import samplers
 from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Variance = Literal["fixed_large", "fixed_small", "learned_range", "learned"]
@@ -66,7 +66,7 @@ class Prediction(NamedTuple):
 
 
 class GaussianDiffusion(nn.Module):
-    """Forward process q(x_t | x_0), its posterior, L_simple and the reverse steps of DDPM, DDIM and DPM-Solver++.
+    """Forward process q(x_t | x_0), its posterior, L_simple, the variational bound and the sigma view of the process.
 
     Args:
         betas: float64 noise schedule of shape (T,), e.g. from :func:`make_betas`.
@@ -400,65 +400,43 @@ class GaussianDiffusion(nn.Module):
             "timesteps": timesteps,
         }
 
-    # --------------------------------------------------------------------------------------- reverse steps
-    def ddpm_step(
-        self,
-        eps: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-        noise: torch.Tensor,
-        clip_denoised: bool = True,
-        var_values: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One ancestral step x_t -> x_{t-1} of p(x_{t-1} | x_t) (Algorithm 2), given the predicted eps.
-
-        The mean is the posterior mean (Eq. 7) at the predicted x_0, optionally clipped to [-1, 1] as in Ho et al.'s
-        code; without clipping it equals Eq. 11. The variance is beta_t (fixed_large), beta~_t (fixed_small) or the
-        learned one from the network's variance channels ``var_values`` (:meth:`log_variance`); no noise is added
-        where t == 0.
-        """
-        t = _as_timesteps(t, x_t)
-        x0 = self.predict_x0_from_eps(x_t, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        mean, _, _ = self.q_posterior(x0, x_t, t)
-        log_variance = self.log_variance(var_values, x_t, t)
-        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
-        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
-
-    def ddim_step(
-        self,
-        eps: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-        t_prev: torch.Tensor | int,
-        eta: float = 0.0,
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-    ) -> torch.Tensor:
-        """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12); ``t_prev < 0`` means abar_prev = 1.
-
-        sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev) (Eq. 16): eta = 0 is
-        deterministic, eta = 1 with t_prev = t - 1 is the DDPM posterior variance beta~_t.
-        """
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        t = _as_timesteps(t, x_t)
-        t_prev = _as_timesteps(t_prev, x_t)
-        x0 = self.predict_x0_from_eps(x_t, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = self.predict_eps_from_x0(x_t, t, x0)
-        abar_t = extract(self.alphas_cumprod, t, x_t)
+    # ----------------------------------------------------------------------------------- the noise levels
+    def abar(self, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
+        """abar_t for a batch, shaped to broadcast against x; t < 0 is the clean data (abar = 1)."""
+        t = _as_timesteps(t, x)
         padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
-        abar_prev = extract(padded, t_prev.clamp(min=-1) + 1, x_t)
-        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
-        x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            if noise is None:
-                raise ValueError("ddim_step with eta > 0 needs a noise tensor")
-            x_prev = x_prev + sigma * noise
-        return x_prev
+        return extract(padded, t.clamp(min=-1) + 1, x)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """sigma_t = sqrt(1 / abar_t - 1), float64 (T,), increasing: x_t / sqrt(abar_t) = x_0 + sigma_t eps (Eq. 4
+        divided by sqrt(abar_t)), the variance-exploding view of the process in which Karras et al. 2022 write their
+        samplers; x_t = x / sqrt(1 + sigma_t^2) for x = x_0 + sigma_t eps."""
+        return self.sqrt_recipm1_alphas_cumprod
+
+    def timestep_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The integer timestep whose sigma_t is nearest to each ``sigma`` (int64, sigma's shape), for networks that
+        take integer t (Karras et al. 2022's ``iDDPMPrecond.round_sigma``: the nearest by |sigma - sigma_t|)."""
+        sigmas = self.sigmas.to(sigma.device)
+        sigma = sigma.to(torch.float64)
+        upper = torch.searchsorted(sigmas, sigma).clamp(1, self.num_timesteps - 1)  # sigmas[upper - 1] < sigma
+        lower = upper - 1
+        return torch.where((sigma - sigmas[lower]).abs() <= (sigmas[upper] - sigma).abs(), lower, upper)
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The schedule's sigma_t nearest to each ``sigma`` (float64): the noise levels a network of integer t has
+        seen."""
+        return self.sigmas.to(sigma.device)[self.timestep_of_sigma(sigma)]
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The continuous timestep of each ``sigma`` (float64): t interpolated linearly in log sigma between the
+        integer timesteps, clamped to [0, T - 1]; a network that takes real t can visit any noise level."""
+        log_sigmas = self.sigmas.to(sigma.device).log()
+        log_sigma = sigma.to(torch.float64).log().clamp(log_sigmas[0], log_sigmas[-1])
+        upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, self.num_timesteps - 1)
+        lower = upper - 1
+        frac = (log_sigma - log_sigmas[lower]) / (log_sigmas[upper] - log_sigmas[lower])
+        return lower.to(torch.float64) + frac
 
     def respaced(self, timesteps: Sequence[int]) -> GaussianDiffusion:
         """The process on the sub-chain of ``timesteps`` S, indexed 0..len(S)-1 from low to high t.
@@ -481,47 +459,3 @@ class GaussianDiffusion(nn.Module):
             min_snr_gamma=self.min_snr_gamma,
         )
         return respaced.to(self.betas.device)
-
-    def _alpha_sigma_lambda(self, t: int) -> tuple[float, float, float]:
-        """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t), in float64;
-        t < 0 is the clean data: (1, 0, inf)."""
-        if t < 0:
-            return 1.0, 0.0, math.inf
-        alpha, sigma = float(self.sqrt_alphas_cumprod[t]), float(self.sqrt_one_minus_alphas_cumprod[t])
-        return alpha, sigma, math.log(alpha) - math.log(sigma)
-
-    def dpmpp_2m_step(
-        self,
-        x0: torch.Tensor,
-        x_t: torch.Tensor,
-        t: int,
-        t_next: int,
-        x0_prev: torch.Tensor | None = None,
-        t_prev: int | None = None,
-    ) -> torch.Tensor:
-        """One DPM-Solver++(2M) step x_t -> x_{t_next} (Lu et al. 2022, Algorithm 2), from the data prediction x0
-        at t and, for the second order, x0_prev at the previous timestep t_prev (None: first order, = DDIM eta 0).
-
-        x_next = sigma_next / sigma_t x_t - alpha_next (exp(-h) - 1) D with h = lambda_next - lambda_t and
-        D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = (lambda_t - lambda_prev) / h. ``t_next < 0`` is the clean data
-        (sigma = 0, h = inf): that last step is first order and returns x0.
-        """
-        if t_next < 0:
-            return x0
-        alpha_next, sigma_next, lambda_next = self._alpha_sigma_lambda(t_next)
-        _, sigma_t, lambda_t = self._alpha_sigma_lambda(t)
-        h = lambda_next - lambda_t
-        D = x0
-        if x0_prev is not None:
-            if t_prev is None:
-                raise ValueError("dpmpp_2m_step with x0_prev needs its timestep t_prev")
-            r = (lambda_t - self._alpha_sigma_lambda(t_prev)[2]) / h
-            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-        return sigma_next / sigma_t * x_t - alpha_next * math.expm1(-h) * D
-
-    # ------------------------------------------------------------------------------------------ sampling
-    def sample(
-        self, model: Denoiser, shape: tuple[int, ...], **kwargs: Any
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Draw samples with the reverse chain from x_T ~ N(0, I); see :func:`samplers.sample` for the options."""
-        return samplers.sample(self, model, shape, **kwargs)
