@@ -61,9 +61,11 @@ def test_sweep_writes_the_table_csv_and_plot(digits_ckpt: Path, classifier_cache
     rows = read_csv(out / "table.csv")
     assert list(rows[0]) == ["setting", "sampler", "spacing", "eta", "nfe", "frechet_distance", "class_entropy",
                              "confident_share", "seconds", "images_per_s", "same_as"]  # fmt: skip
-    settings = ["ddpm", "ddim", "ddim_quadratic", "dpmpp_2m"]
+    settings = ["ddpm", "ddim", "ddim_quadratic", "dpmpp_2m", "heun"]
     assert list(SETTINGS) == settings and SETTINGS["ddim_quadratic"] == SamplerConfig("ddim", spacing="quadratic")
-    assert [(r["setting"], int(r["nfe"])) for r in rows] == [(s, n) for s in settings for n in (T, 4)]
+    # Heun in the column of its evaluations: (NFE + 1) // 2 steps make 2 steps - 1 evaluations
+    heun = [("heun", 19), ("heun", 3)]
+    assert [(r["setting"], int(r["nfe"])) for r in rows] == [(s, n) for s in settings[:-1] for n in (T, 4)] + heun
     assert all(float(r["images_per_s"]) > 0 and float(r["frechet_distance"]) >= 0 for r in rows)
     # on all T timesteps quadratic spacing is uniform spacing: sampled once, reported twice
     quadratic_full = next(r for r in rows if r["setting"] == "ddim_quadratic" and r["nfe"] == str(T))

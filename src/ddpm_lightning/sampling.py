@@ -118,12 +118,14 @@ def iter_samples(
     progress: bool = False,
     desc: str = "sampling",
     labels: Labels | None = None,
+    guide: DiffusionModule | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """The one seeded batch-sampling loop: yields (batch of ``indices``, their images in [-1, 1]) with sample i seeded
     by ``seed + i``, so a set of samples does not depend on the batch size or the number of processes.
 
     ``labels``: the class of sample i of a class-conditional model, ``labels(i)``; default: the classes cycled
-    (:func:`cycle_labels`). An unconditional model takes none."""
+    (:func:`cycle_labels`). An unconditional model takes none. ``guide``: autoguidance's weaker model
+    (:meth:`DiffusionModule.sample`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     config = module.sampler_config_for(sampler)
@@ -136,7 +138,7 @@ def iter_samples(
     for first in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = indices[first : first + batch_size]
         y = None if labels is None else [labels(i) for i in batch]
-        yield batch, module.sample(len(batch), config, seeds=[seed + i for i in batch], y=y)
+        yield batch, module.sample(len(batch), config, seeds=[seed + i for i in batch], y=y, guide=guide)
 
 
 def sample_to_folder(

@@ -88,7 +88,7 @@ def render_samples(
     the class i mod num_classes and its grid one row per class.
     """
     config = pl_module.sampler_config_for(sampler)
-    steps = chain_timesteps(config.timesteps(pl_module.diffusion.num_timesteps), chain_steps)
+    steps = chain_timesteps(config.visited(pl_module.diffusion), chain_steps)
     K = pl_module.num_classes
     y = None if K is None else [i % K for i in range(num_samples)]
     seeds = list(range(seed, seed + num_samples))

@@ -42,8 +42,9 @@ SETTINGS: dict[str, SamplerConfig] = {
     "ddim": SamplerConfig("ddim"),
     "ddim_quadratic": SamplerConfig("ddim", spacing="quadratic"),
     "dpmpp_2m": SamplerConfig("dpmpp_2m"),
+    "heun": SamplerConfig("heun"),
 }
-#: The step counts (network evaluations) of the table's columns.
+#: The network evaluations (NFE) of the table's columns; Heun takes (NFE + 1) // 2 steps, 2 steps - 1 evaluations.
 STEPS = (1000, 250, 100, 50, 20, 10)
 DATASETS = ("auto", "digits", "cifar10")
 DIGIT_SHAPES = ((1, 28, 28), (1, 32, 32))  # native MNIST pixels, or padded to 32 (the classifier pads 28 to 32)
@@ -67,12 +68,19 @@ def checkpoint_data(ckpt: str | Path) -> tuple[str | None, dict[str, Any]]:
 
 
 def generate(
-    module: DiffusionModule, num: int, *, sampler: SamplerConfig, seed: int, batch_size: int, desc: str = "sampling"
+    module: DiffusionModule,
+    num: int,
+    *,
+    sampler: SamplerConfig,
+    seed: int,
+    batch_size: int,
+    desc: str = "sampling",
+    guide: DiffusionModule | None = None,
 ) -> tuple[torch.Tensor, float]:
     """``num`` samples in [-1, 1] on the CPU (sample i seeded by ``seed + i``) and the seconds they took."""
     start = time.perf_counter()
     samples = iter_samples(module, range(num), sampler=sampler, seed=seed, batch_size=batch_size, progress=True,
-                           desc=desc)  # fmt: skip
+                           desc=desc, guide=guide)  # fmt: skip
     images = torch.cat([batch.cpu() for _, batch in samples])
     return images, time.perf_counter() - start
 
@@ -88,6 +96,13 @@ def _settings(settings: Sequence[str] | Mapping[str, SamplerConfig]) -> dict[str
     if not chosen:
         raise ValueError(f"no sampler settings to sweep; allowed: {', '.join(SETTINGS)}")
     return chosen
+
+
+def at_evaluations(base: SamplerConfig, nfe: int) -> SamplerConfig:
+    """``base`` with the steps that make ``nfe`` network evaluations of the main model, or the nearest below: NFE
+    steps, or (NFE + 1) // 2 Heun steps (2 steps - 1 evaluations)."""
+    steps = (nfe + 1) // 2 if base.name == "heun" else nfe
+    return dataclasses.replace(base, steps=steps)
 
 
 def sweep(
@@ -108,6 +123,8 @@ def sweep(
     classifier_epochs: int = 6,
     classifier_cache_dir: str | Path | None = None,
     device: str | torch.device | None = None,
+    guide_ckpt: str | Path | None = None,
+    autoguidance_scale: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Score every (sampler setting, step count) and write ``out/{table.md, table.csv, quality_vs_nfe.png}``;
@@ -119,11 +136,14 @@ def sweep(
         labels: one name per checkpoint; default: each checkpoint's folder name.
         settings: names of :data:`SETTINGS`, or rows of your own: a mapping name -> :class:`SamplerConfig` (its
             ``steps`` is replaced by each of ``steps``).
-        steps: the step counts (network evaluations), each in [1, T].
+        steps: the network evaluations (NFE) of the columns, each in [1, T]; a Heun row takes (NFE + 1) // 2 steps
+            and shows its 2 steps - 1 evaluations.
         data: ``"digits"`` (the digit classifier's figures), ``"cifar10"`` (FID) or ``"auto"`` (the checkpoint's).
         fid: also FID for a digits model.
         data_dir, num_real, weights: FID's real images and Inception weights (:func:`fid_of_images`).
         classifier_epochs, classifier_cache_dir: the digit classifier (trained once, then cached).
+        guide_ckpt, autoguidance_scale: autoguidance of every row by this weaker checkpoint of the same process
+            (:class:`~ddpm_lightning.diffusion.samplers.Guide`); the NFE column counts the main model's evaluations.
         log: called with one line per row.
     """
     configs = _settings(settings)
@@ -142,6 +162,9 @@ def sweep(
         raise ValueError(f"need one distinct label per checkpoint: {len(ckpts)} checkpoints, labels {list(labels)}")
     modules = [load_module(c, device) for c in ckpts]
     module = modules[0]
+    guide = load_module(guide_ckpt, device) if guide_ckpt is not None else None
+    if guide is None and autoguidance_scale != 1:
+        raise ValueError(f"autoguidance_scale={autoguidance_scale:g} needs a guide checkpoint (guide_ckpt)")
     T = min(m.diffusion.num_timesteps for m in modules)  # every step count must suit every checkpoint
     for n in steps:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
@@ -196,15 +219,17 @@ def sweep(
     for label, module in zip(labels, modules, strict=True):
         T = module.diffusion.num_timesteps
         for name, base, n in [(name, base, n) for name, base in configs.items() for n in steps]:
-            config = dataclasses.replace(base, steps=n)
-            key = (label, config.name, config.eta, tuple(config.timesteps(T)))
+            config = dataclasses.replace(at_evaluations(base, n), autoguidance_scale=autoguidance_scale)
+            nfe = SamplerConfig.parse(config, autoguidance_scale=1.0).nfe(T)
+            key = (label, config.name, config.eta, config.S_churn, tuple(config.visited(module.diffusion)))
             setting = f"{label} {name}" if label else name
-            row = {"setting": setting, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": n}
+            row = {"setting": setting, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": nfe}
+            row["column"] = n  # the pivot's column: Heun's 2 steps - 1 evaluations sit in the column of NFE n
             if key in done:
                 row.update({k: v for k, v in done[key].items() if k not in row} | {"same_as": done[key]["setting"]})
             else:
                 images, seconds = generate(
-                    module, num, sampler=config, seed=seed, batch_size=batch_size, desc=f"{setting} {n}"
+                    module, num, sampler=config, seed=seed, batch_size=batch_size, desc=f"{setting} {nfe}", guide=guide
                 )
                 scores = scorer(images) if scorer is not None else {}
                 if use_fid:
@@ -244,7 +269,7 @@ def table_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def table_md(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     """A pivot (setting x NFE) of each distance, then every figure per (setting, NFE)."""
-    nfes = sorted({row["nfe"] for row in rows}, reverse=True)
+    nfes = sorted({row["column"] for row in rows}, reverse=True)
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     metrics = _metrics(rows)
     lines = [
@@ -257,8 +282,10 @@ def table_md(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
         lines += [f"**{METRIC_NAMES[metric]}** (lower is better) by network evaluations (NFE):", ""]
         lines += ["| sampler | " + " | ".join(str(n) for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
         for setting in settings:
-            cells = {row["nfe"]: row[metric] for row in rows if row["setting"] == setting}
+            cells = {row["column"]: row[metric] for row in rows if row["setting"] == setting}
             lines.append(f"| {setting} | " + " | ".join(f"{cells[n]:.1f}" if n in cells else "" for n in nfes) + " |")
+        if any(row["nfe"] != row["column"] for row in rows):
+            lines.append("\nHeun makes 2 N - 1 evaluations with N = (NFE + 1) // 2 steps: one less in even columns.")
         if metric in info["floors"]:
             lines.append(
                 f"\n{info['num_heldout']} real held-out digits score {info['floors'][metric]:.1f} against the same "
