@@ -156,12 +156,15 @@ def sample_to_folder(
     grid_by_class: bool = False,
     batch_size: int = 256,
     device: str | None = None,
+    guide_ckpt: str | Path | None = None,
+    autoguidance_scale: float | None = None,
 ) -> Path:
     """Write ``num`` samples as ``out/000000.png ...`` plus ``out/grid.png`` (up to 64 images); returns the grid.
 
     Unset sampler options come from the checkpoint's setting (:meth:`DiffusionModule.sampler_config_for`). A
     class-conditional model: image i has the class ``classes[i % len(classes)]`` (default: all classes), guided with
-    ``guidance_scale``; ``grid_by_class`` makes the grid one row per class (up to 8 images each). The files
+    ``guidance_scale``; ``grid_by_class`` makes the grid one row per class (up to 8 images each). ``guide_ckpt``
+    and ``autoguidance_scale``: autoguidance by that weaker checkpoint of the same process. The files
     are written into a temporary folder and put in ``out`` at the end (:func:`~ddpm_lightning.io.atomic_folder`), so
     an interrupted run leaves no half-filled folder. FileExistsError when ``out`` is an existing file.
     """
@@ -171,7 +174,13 @@ def sample_to_folder(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is an existing file: give a folder (new or existing) for the samples")
     module = load_module(ckpt, device)
-    config = module.sampler_config_for(sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale)
+    config = module.sampler_config_for(
+        sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
+        autoguidance_scale=autoguidance_scale,
+    )  # fmt: skip
+    if guide_ckpt is None and config.autoguidance_scale != 1:
+        raise ValueError(f"--autoguidance-scale {config.autoguidance_scale:g} needs --guide-ckpt (a weaker checkpoint)")
+    guide = load_module(guide_ckpt, device) if guide_ckpt is not None else None
     if module.num_classes is None and (classes or grid_by_class):
         raise ValueError(f"--class and --grid-by-class need a class-conditional model; {ckpt} is unconditional")
     if module.num_classes is not None:
@@ -187,8 +196,9 @@ def sample_to_folder(
     limit = per_row * len(classes) if rows else 64
     with atomic_folder(out) as tmp:
         for batch, images in iter_samples(
-            module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True, labels=labels
-        ):
+            module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True, labels=labels,
+            guide=guide,
+        ):  # fmt: skip
             images = images.cpu()
             for i, image in zip(batch, images, strict=True):
                 save_png(to_uint8(image), tmp / f"{i:06d}.png")

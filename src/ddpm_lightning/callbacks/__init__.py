@@ -1,4 +1,5 @@
-"""Lightning callbacks: EMA of the weights, resilience, tracking, periodic sampling, FID and the demo report.
+"""Lightning callbacks: EMA of the weights, resilience, tracking, periodic sampling, FID, the demo report and the
+autoguidance guide's checkpoint.
 
 :func:`default_callbacks` are the ones every ``ddpm fit`` gets (the CLI adds them, visibly: its ``default_callbacks``
 option lists them); Python code that builds its own Trainer passes them itself.
@@ -12,6 +13,7 @@ from ddpm_lightning.callbacks.bpd import BPDCallback
 from ddpm_lightning.callbacks.demo_report import DemoReport
 from ddpm_lightning.callbacks.ema import EMA
 from ddpm_lightning.callbacks.fid import FIDCallback
+from ddpm_lightning.callbacks.guide import GuideCheckpoint
 from ddpm_lightning.callbacks.resilience import FinalCheckpoint, GracefulStop, RNGStates, last_checkpoint_path
 from ddpm_lightning.callbacks.sampling import SamplingCallback
 from ddpm_lightning.callbacks.tracking import ImagesPerSecond, ProgressBar, WandbRunId
@@ -25,6 +27,7 @@ __all__ = [
     "FIDCallback",
     "FinalCheckpoint",
     "GracefulStop",
+    "GuideCheckpoint",
     "ImagesPerSecond",
     "ProgressBar",
     "RNGStates",
