@@ -137,7 +137,7 @@ def dry_sizes() -> Sizes:
         num_workers=0,
         sample_batch=4,
         sample_steps=2,
-        batches256=(2, 4),
+        batches256=(1, 2),
         steps256=1,
         bf16=False,  # bf16 autocast on a CPU without bf16 units is emulated: seconds a step even for this U-Net
         compile=False,
@@ -307,6 +307,7 @@ def measurements(sizes: Sizes, device: torch.device) -> list[Measurement]:
     """Every measurement, in the issue's priority order; ``run(stop_at)`` takes the ``time.time()`` of the cap."""
     batch = sizes.train_batch
     bf16 = "bf16-mixed" if sizes.bf16 else "32-true"
+    autocast = "bf16" if sizes.bf16 else "fp32"
 
     def compiled(stop_at: float) -> dict:
         if not sizes.compile:
@@ -320,17 +321,17 @@ def measurements(sizes: Sizes, device: torch.device) -> list[Measurement]:
     out = [
         Measurement("training_32", "flops", "FLOPs per image (FlopCounterMode, once)", "flops",
                     lambda s: flops(UNet(**sizes.net32), 32)),
-        Measurement("training_32", "fit_bf16", f"ddpm fit, bf16-mixed + channels_last, batch {batch}", "fit",
+        Measurement("training_32", "fit_bf16", f"ddpm fit, {bf16} + channels_last, batch {batch}", "fit",
                     lambda s: fit_lightning(sizes, device, bf16, False, s)),
-        Measurement("training_32", "plain_bf16", f"plain loop, bf16 + channels_last, batch {batch}", "plain",
+        Measurement("training_32", "plain_bf16", f"plain loop, {autocast} + channels_last, batch {batch}", "plain",
                     lambda s: plain_loop(UNet(**sizes.net32), sizes, 32, batch, sizes.timed_steps, device, s)),
         Measurement("training_32", "fit_fp32", f"ddpm fit, fp32 (TF32 matmuls on a GPU), batch {batch}", "fit",
                     lambda s: fit_lightning(sizes, device, "32-true", False, s)),
-        Measurement("training_32", "fit_bf16_compile", f"ddpm fit, bf16-mixed + torch.compile, batch {batch}",
+        Measurement("training_32", "fit_bf16_compile", f"ddpm fit, {bf16} + torch.compile, batch {batch}",
                     "compile", compiled),
-        Measurement("training_32", "diffusers_bf16", f"diffusers UNet2DModel, plain loop, bf16, batch {batch}",
+        Measurement("training_32", "diffusers_bf16", f"diffusers UNet2DModel, plain loop, {autocast}, batch {batch}",
                     "plain", lambda s: plain_loop(diffusers_net(sizes), sizes, 32, batch, sizes.timed_steps, device, s)),
-        Measurement("sampling_32", "dpmpp_2m", f"DiffusionModule.sample, batch {sizes.sample_batch}, bf16, "
+        Measurement("sampling_32", "dpmpp_2m", f"DiffusionModule.sample, batch {sizes.sample_batch}, {autocast}, "
                     f"dpmpp_2m {sizes.sample_steps} steps", "sample", lambda s: sample_rate(sizes, device)),
         Measurement("memory_256", "flops", "FLOPs per image (FlopCounterMode, once)", "flops",
                     lambda s: flops(UNet(**sizes.net256), sizes.image256)),
@@ -342,7 +343,7 @@ def measurements(sizes: Sizes, device: torch.device) -> list[Measurement]:
                 Measurement(
                     "memory_256",
                     f"batch{b}" + ("_checkpointing" if checkpointing else ""),
-                    f"plain loop, bf16 + channels_last, batch {b}{label}",
+                    f"plain loop, {autocast} + channels_last, batch {b}{label}",
                     "train256",
                     lambda s, b=b, c=checkpointing: train_256(sizes, device, b, c, s),
                 )
@@ -574,9 +575,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available (the CPU for --dry-run)")
     parser.add_argument("--time-cap", type=float, default=300.0, help="seconds for the whole check (default 300)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="the folder of the files")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for --dry-run, else torch's)")
     args = parser.parse_args(argv)
     if args.time_cap < 0:
         parser.error(f"--time-cap must be 0 or more seconds, got {args.time_cap}")
+    if args.threads or args.dry_run:
+        # one thread: a dry run's tiny U-Net gains nothing from more, and threads waiting on busy cores stall it
+        torch.set_num_threads(args.threads or 1)
     device = torch.device(args.device or ("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
