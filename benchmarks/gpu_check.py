@@ -305,7 +305,7 @@ class Measurement:
 
 def measurements(sizes: Sizes, device: torch.device) -> list[Measurement]:
     """Every measurement, in the issue's priority order; ``run(stop_at)`` takes the ``time.time()`` of the cap."""
-    batch = sizes.train_batch
+    batch, steps = sizes.train_batch, sizes.timed_steps
     bf16 = "bf16-mixed" if sizes.bf16 else "32-true"
     autocast = "bf16" if sizes.bf16 else "fp32"
 
@@ -324,13 +324,13 @@ def measurements(sizes: Sizes, device: torch.device) -> list[Measurement]:
         Measurement("training_32", "fit_bf16", f"ddpm fit, {bf16} + channels_last, batch {batch}", "fit",
                     lambda s: fit_lightning(sizes, device, bf16, False, s)),
         Measurement("training_32", "plain_bf16", f"plain loop, {autocast} + channels_last, batch {batch}", "plain",
-                    lambda s: plain_loop(UNet(**sizes.net32), sizes, 32, batch, sizes.timed_steps, device, s)),
+                    lambda s: plain_loop(UNet(**sizes.net32), sizes, 32, batch, steps, device, s)),
         Measurement("training_32", "fit_fp32", f"ddpm fit, fp32 (TF32 matmuls on a GPU), batch {batch}", "fit",
                     lambda s: fit_lightning(sizes, device, "32-true", False, s)),
         Measurement("training_32", "fit_bf16_compile", f"ddpm fit, {bf16} + torch.compile, batch {batch}",
                     "compile", compiled),
         Measurement("training_32", "diffusers_bf16", f"diffusers UNet2DModel, plain loop, {autocast}, batch {batch}",
-                    "plain", lambda s: plain_loop(diffusers_net(sizes), sizes, 32, batch, sizes.timed_steps, device, s)),
+                    "plain", lambda s: plain_loop(diffusers_net(sizes), sizes, 32, batch, steps, device, s)),
         Measurement("sampling_32", "dpmpp_2m", f"DiffusionModule.sample, batch {sizes.sample_batch}, {autocast}, "
                     f"dpmpp_2m {sizes.sample_steps} steps", "sample", lambda s: sample_rate(sizes, device)),
         Measurement("memory_256", "flops", "FLOPs per image (FlopCounterMode, once)", "flops",
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available (the CPU for --dry-run)")
     parser.add_argument("--time-cap", type=float, default=300.0, help="seconds for the whole check (default 300)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="the folder of the files")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for --dry-run, else torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 for --dry-run)")
     args = parser.parse_args(argv)
     if args.time_cap < 0:
         parser.error(f"--time-cap must be 0 or more seconds, got {args.time_cap}")
