@@ -40,6 +40,9 @@ def _rows(report: dict) -> list[dict]:
     return [row for section in SECTIONS for row in report[section].values()]
 
 
+# the whole rehearsal: about 10 s on 2 idle cores (30 s on busy ones), so the slow tier; the tests below cover the
+# time cap and the rewrites in the default tier
+@pytest.mark.slow
 def test_the_dry_run_fills_every_section_and_rewrites_the_files_after_each_measurement(tmp_path, monkeypatch):
     saved = _snapshots(monkeypatch)
     gpu_check.main(["--dry-run", "--out", str(tmp_path)])
@@ -80,6 +83,7 @@ def test_a_time_cap_reached_after_the_first_measurement_leaves_it_and_skips_the_
 
     monkeypatch.setattr(gpu_check, "save", save_then_run_out_of_time)
     sizes, device = gpu_check.dry_sizes(), torch.device("cpu")
+    torch.set_num_threads(1)
     gpu_check.run_check(sizes, device, tmp_path / "x", 300, dry_run=True, command="test", clock=lambda: now[0])
     report = json.loads((tmp_path / "x.json").read_text())
     first = report["training_32"]["flops"]
