@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install test test-slow test-all lint format demo demo-cond train ablation sweep guidance bench clean
+.PHONY: install test test-slow test-all lint format demo demo-cond train ablation sweep guidance bench gpu-check clean
 
 install: $(STAMP)
 
@@ -62,6 +62,9 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)  ## our U-Net vs diffusers and denoising-diffusion-pytorch, then the hot path: benchmarks/results/
 	$(BIN)/python benchmarks/suite.py $(ARGS)
 	$(BIN)/python benchmarks/hot_path.py
+
+gpu-check:  ## on a GPU, at most ~5 min: training, sampling and 256x256 memory figures (docs/gpu_check.md): benchmarks/results/gpu_check.*
+	timeout 330 $(PYTHON) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf runs results/ablation results/guidance .pytest_cache .ruff_cache build src/*.egg-info

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import _header, _row, hardware, versions  # noqa: E402
 
 from ddpm_lightning.callbacks import default_callbacks  # noqa: E402
+from ddpm_lightning.diffusion import GaussianDiffusion  # noqa: E402
 from ddpm_lightning.lit_module import (
     DiffusionModule,  # noqa: E402
     NonFiniteSteps,  # noqa: E402
@@ -152,6 +153,23 @@ def _fit(args: argparse.Namespace, device: torch.device, marks: StepMarks) -> No
         ).fit(module, loader)  # fmt: skip
 
 
+def plain_step(
+    diffusion: GaussianDiffusion,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x0: torch.Tensor,
+    bf16: bool = False,
+) -> None:
+    """One training step without Lightning: L_simple (under bf16 autocast with ``bf16``, as Lightning's bf16-mixed),
+    backward, clipping of the gradient norm at 1, the optimizer step (no EMA)."""
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = diffusion.training_loss(net, x0)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def plain_step_ms(args: argparse.Namespace, device: torch.device) -> float:
     """Median time of the same step without Lightning: L_simple, backward, clipping, fused Adam (no EMA)."""
     torch.manual_seed(0)
@@ -162,10 +180,7 @@ def plain_step_ms(args: argparse.Namespace, device: torch.device) -> float:
     for _ in range(args.steps):
         _sync(device)
         start = time.perf_counter()
-        module.diffusion.training_loss(module.net, x0).backward()
-        torch.nn.utils.clip_grad_norm_(module.net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(module.diffusion, module.net, optimizer, x0)
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]) * 1e3

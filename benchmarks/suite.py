@@ -125,8 +125,14 @@ def make_bench(name: str, flags: frozenset[str], workload: str, batch: int, devi
 # ------------------------------------------------------------------------------------------------------- FLOPs
 def count_flops(name: str, device: torch.device) -> dict[str, float]:
     """FLOPs per image of one forward pass and of one training step (forward + backward), at batch 2."""
-    net = build(name).to(device)
-    x, t = torch.randn(2, 3, 32, 32, device=device), torch.tensor([10, 500], device=device)
+    return net_flops(build(name).to(device), 32)
+
+
+def net_flops(net: torch.nn.Module, image_size: int) -> dict[str, float]:
+    """FLOPs per 3-channel ``image_size`` image of ``net``'s forward pass and training step, at batch 2."""
+    device = next(net.parameters()).device
+    x = torch.randn(2, 3, image_size, image_size, device=device)
+    t = torch.tensor([10, 500], device=device)
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             net.eval()(x, t)
