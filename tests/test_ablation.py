@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+import lightning as L
 import pytest
 import yaml
 from conftest import CLASSIFIER_TEST_EPOCHS
@@ -193,21 +194,17 @@ def test_collect_reads_earlier_folder_names_bits_per_dim_and_the_reports_scores(
 
 
 # ------------------------------------------------------------------------------- equal time, manifest, submit
-class _StopWhenSet:
-    """Ends the fit at the step where the budget has set the run's steps (a Lightning callback, built lazily)."""
+class _StopWhenSet(L.Callback):
+    """Ends the fit at the step where the budget has set the run's steps."""
 
-    def __new__(cls, budget):
-        import lightning as L
+    def __init__(self, budget) -> None:
+        self.budget = budget
 
-        class Stop(L.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                trainer.should_stop = trainer.should_stop or budget.max_steps is not None
-
-        return Stop()
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.should_stop or self.budget.max_steps is not None
 
 
 def _tiny_fit(tmp_path: Path, budget, steps: int = -1, stop_when_set: bool = False):
-    import lightning as L
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
