@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+import lightning as L
 import pytest
 import yaml
 from conftest import CLASSIFIER_TEST_EPOCHS
@@ -190,3 +191,138 @@ def test_collect_reads_earlier_folder_names_bits_per_dim_and_the_reports_scores(
         "| cosine | 0 1 | 2 | 0.5000 ± 0.0000 | n/a | 2.50 ± 0.71 | 50.00 ± 14.14 |"
         in (tmp_path / "table.md").read_text()
     )
+
+
+# ------------------------------------------------------------------------------- equal time, manifest, submit
+class _StopWhenSet(L.Callback):
+    """Ends the fit at the step where the budget has set the run's steps."""
+
+    def __init__(self, budget) -> None:
+        self.budget = budget
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.should_stop or self.budget.max_steps is not None
+
+
+def _tiny_fit(tmp_path: Path, budget, steps: int = -1, stop_when_set: bool = False):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ddpm_lightning.lit_module import DiffusionModule
+
+    module = DiffusionModule(
+        image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_timesteps=10,
+        schedule="cosine", warmup_steps=1, ema_decay=0.0,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[budget, *([_StopWhenSet(budget)] if stop_when_set else [])],
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(torch.zeros(8, 1, 8, 8)), batch_size=4))
+    return trainer
+
+
+@pytest.mark.integration
+def test_a_training_budget_sets_the_steps_from_the_runs_own_measured_rate(tmp_path: Path) -> None:
+    from ddpm_lightning.evaluation.budget import TrainingBudget
+
+    budget = TrainingBudget(1e6, warmup_steps=2, measure_steps=3)  # a budget far longer than the measurement
+    trainer = _tiny_fit(tmp_path, budget, stop_when_set=True)  # stopped once the steps are set, not after 1e6 s
+    info = json.loads((tmp_path / "budget.json").read_text())
+    assert info["measured_steps"] == 3 and info["steps_per_second"] == budget.steps_per_second > 0
+    assert info["max_steps"] == round(1e6 * info["steps_per_second"])  # the steps of 1e6 s at the measured rate
+    assert trainer.fit_loop.epoch_loop.max_steps == info["max_steps"]
+
+
+@pytest.mark.integration
+def test_a_tiny_budget_stops_the_run_where_it_is_spent(tmp_path: Path) -> None:
+    from ddpm_lightning.evaluation.budget import TrainingBudget
+
+    trainer = _tiny_fit(tmp_path, TrainingBudget(1e-9, warmup_steps=2, measure_steps=3))
+    assert trainer.global_step == 1  # the first step spends it
+    assert json.loads((tmp_path / "budget.json").read_text())["max_steps"] == 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seconds", [0, -1.0, float("inf"), True])
+def test_a_bad_budget_is_refused(seconds) -> None:
+    from ddpm_lightning.evaluation.budget import TrainingBudget
+
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        TrainingBudget(seconds)
+
+
+@pytest.mark.unit
+def test_budget_runs_table_the_steps_they_made_and_their_rate(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for schedule, rate, steps in (("linear", 4.0, 40), ("cosine", 2.0, 20)):
+        write_run(out, schedule, 0, [1.0, 0.5], {}, wall=12.0)
+        budget = {"budget_seconds": 10.0, "steps_per_second": rate, "max_steps": steps}
+        (ablation.run_dir(out, schedule, 0) / "budget.json").write_text(json.dumps(budget))
+    ablation.collect(out)
+    with open(out / "table.csv", newline="") as f:
+        rows = {row["schedule"]: row for row in csv.DictReader(f)}
+    assert (rows["linear"]["steps"], rows["cosine"]["steps"]) == ("40", "20")
+    assert float(rows["linear"]["steps_per_second"].split("±")[0]) == 4.0
+    assert "Equal training time: 10 s" in (out / "table.md").read_text()
+
+
+@pytest.mark.unit
+def test_collecting_an_incomplete_grid_names_the_missing_runs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    ablation.write_manifest(out, {"schedule": ["linear", "cosine"]}, [0, 1, 2])
+    write_run(out, "linear", 0, [1.0], {}, wall=1.0)
+    write_run(out, "cosine", 1, [1.0], {}, wall=1.0)
+    missing = ["schedule=cosine,seed=0", "schedule=linear,seed=1", "schedule=linear,seed=2", "schedule=cosine,seed=2"]
+    with pytest.raises(ablation.MissingRunsError) as error:
+        ablate_main(["--collect", "--out", str(out)])
+    assert "4 run(s)" in str(error.value) and all(name in str(error.value) for name in missing)
+    assert ablate_main(["--collect", "--allow-missing", "--out", str(out)]) == 0
+    assert "missing runs (listed under the table): " + ", ".join(missing) in capsys.readouterr().out
+    assert "**Missing runs**" in (out / "table.md").read_text()
+
+
+@pytest.mark.unit
+def test_a_manifest_of_another_grid_is_not_overwritten(tmp_path: Path) -> None:
+    ablation.write_manifest(tmp_path, {"schedule": ["linear", "cosine"]}, [0])
+    ablation.write_manifest(tmp_path, {"schedule": ["linear", "cosine"]}, [0])  # the same grid: fine
+    with pytest.raises(ValueError, match="holds another grid"):
+        ablation.write_manifest(tmp_path, {"schedule": ["linear", "cosine"]}, [0, 1])
+
+
+def _fake(bin_dir: Path, name: str, reply: str) -> Path:
+    """A shell script on PATH that records its argv (one argument a line, runs separated by ---) and prints reply."""
+    log = bin_dir / f"{name}.log"
+    script = bin_dir / name
+    script.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" >> {log}\necho --- >> {log}\necho "{reply}"\n')
+    script.chmod(0o755)
+    return log
+
+
+@pytest.mark.unit
+def test_submit_sizes_the_array_by_the_grid_and_the_script_runs_each_task(tmp_path: Path, monkeypatch, capsys):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch_log, srun_log = _fake(bin_dir, "sbatch", "123;cluster"), _fake(bin_dir, "srun", "")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(root)
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--axis", "schedule=linear,cosine", "--seeds", "0", "1", "2", "-c", "configs/x.yaml"]
+    assert ablate_main(["--submit", *args]) == 0
+    array_call, collect_call = sbatch_log.read_text().split("---\n")[:2]
+    array_argv = array_call.splitlines()
+    assert array_argv[:3] == ["--parsable", "--array=0-5", "scripts/slurm/ablation_array.sbatch"]  # 2 x 3 runs
+    assert array_argv[3:] == args
+    assert "--dependency=afterany:123" in collect_call and f"ddpm ablate --collect --out {out}" in collect_call
+    assert json.loads((out / "manifest.json").read_text())["runs"][5] == "schedule=cosine,seed=2"
+    assert "array job 123 (--array=0-5)" in capsys.readouterr().out
+    # the array script hands its task id and the arguments to `ddpm ablate` through srun
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "5"}
+    subprocess.run(["bash", "scripts/slurm/ablation_array.sbatch", *args], env=env, check=True, cwd=root)
+    assert srun_log.read_text().splitlines()[:-1] == ["ddpm", "ablate", "--task", "5", *args]
+    assert "--array=0-3" not in (root / "scripts/slurm/ablation_array.sbatch").read_text()

@@ -125,9 +125,21 @@ def test_symmetric_padding_maps_to_downsample_padding_1():
 
 
 @pytest.mark.unit
+def test_scale_shift_maps_to_resnet_time_scale_shift_and_computes_unet2dmodels_function():
+    model = _unet2d(TINY | {"resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 32})
+    net = _ours(model)
+    assert net.init_args["time_conditioning"] == "scale_shift"
+    x_t, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x_t, t), model(x_t, t).sample, rtol=0, atol=1e-5)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("change", "named"),
     [
+        ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift='spatial' does not map"),
+        ({"resnet_time_scale_shift": "scale_shift"}, "needs attn_norm_num_groups=32"),
         ({"attention_head_dim": 8}, "attention_head_dim=8"),
         ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
         ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D"]}, "do not mirror"),
@@ -250,6 +262,24 @@ def test_ours_to_diffusers_and_back_is_bit_identical(tmp_path):
     theirs, ours = back.net.state_dict(), module.net.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert (back.hparams.schedule, back.hparams.objective, back.hparams.variance) == ("cosine", "v", "learned_range")
+
+
+@pytest.mark.integration
+def test_a_scale_shift_network_converts_to_diffusers_and_back_with_the_same_function(tmp_path):
+    net = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0,
+               time_conditioning="scale_shift")  # fmt: skip
+    module = _randomised(DiffusionModule(net, ema_decay=0.0))
+    _save(module, tmp_path / "ours.ckpt")
+    to_diffusers(tmp_path / "ours.ckpt", tmp_path / "pipe")
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
+    assert theirs.config.resnet_time_scale_shift == "scale_shift"
+    x_t, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x_t, t).sample, module.net.eval()(x_t, t), rtol=0, atol=1e-5)
+    back = from_diffusers(tmp_path / "pipe", tmp_path / "back.ckpt")
+    assert back.net.init_args == module.net.init_args
+    ours, again = module.net.state_dict(), back.net.state_dict()
+    assert again.keys() == ours.keys() and all(torch.equal(again[k], ours[k]) for k in ours)
 
 
 @pytest.mark.integration

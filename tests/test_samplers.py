@@ -529,3 +529,14 @@ def test_autoguidance_refuses_another_process_and_a_missing_guide():
         sample(diffusion, _eps_model(1), (1, 2), sampler=config)
     with pytest.raises(ValueError, match="use one kind of guidance at a time"):
         SamplerConfig("ddim", 5, guidance_scale=3.0, autoguidance_scale=2.0)
+
+
+def test_return_steps_records_the_nearest_visited_level_under_its_own_key():
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    model = gaussian_eps_model(diffusion, 0.1, 0.3)
+    config = SamplerConfig("dpmpp_2m", 10)  # ends at t = 10 and steps straight to the clean data: t = 0 is not visited
+    visited = config.visited(diffusion)
+    assert 0 not in visited and visited[-1] == 10
+    _, chain = sample(diffusion, model, (2, 1), sampler=config, seed=0, return_steps=[0, 52, 99])
+    assert sorted(chain) == [10, 50, 99]  # the nearest visited timesteps stand for 0, 52 and 99
+    assert samplers.nearest_visited([0, 52, 99], visited) == {10: 0, 50: 52, 99: 99}

@@ -151,3 +151,55 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients():
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert checkpointed.init_args["grad_checkpointing"] is True
+
+
+def test_scale_shift_modulates_the_second_groupnorm_with_the_embedding():
+    from ddpm_lightning.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(8, 16, temb_dim=12, dropout=0.0, groups=4, eps=1e-6, scale_shift=True).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert block.temb_proj.weight.shape == (32, 12)  # 2 C_out: a scale and a shift per channel
+    x, temb = torch.randn(3, 8, 5, 5, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    # Dhariwal & Nichol 2021, Sec. 3: AdaGN(h, y) = y_s GroupNorm(h) + y_b, with y_s = 1 + scale
+    h = F.conv2d(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias, 1e-6)), block.conv1.weight,
+                 block.conv1.bias, padding=1)  # fmt: skip
+    emb = F.linear(F.silu(temb), block.temb_proj.weight, block.temb_proj.bias)
+    scale, shift = emb[:, :16, None, None], emb[:, 16:, None, None]
+    h = F.group_norm(h, 4, block.norm2.weight, block.norm2.bias, 1e-6) * (1 + scale) + shift
+    h = F.conv2d(F.silu(h), block.conv2.weight, block.conv2.bias, padding=1)
+    expected = F.conv2d(x, block.skip.weight, block.skip.bias) + h
+    torch.testing.assert_close(block(x, temb), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_add_conditioning_is_the_default_and_keeps_the_parameters_and_init_args():
+    torch.manual_seed(0)
+    default = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=16)
+    torch.manual_seed(0)
+    add = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=16,
+               time_conditioning="add")  # fmt: skip
+    assert "time_conditioning" not in add.init_args
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), add.state_dict().values(), strict=True))
+    shift = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=16,
+                 time_conditioning="scale_shift")  # fmt: skip
+    assert shift.init_args["time_conditioning"] == "scale_shift"
+    assert shift.state_dict().keys() == add.state_dict().keys()
+    assert shift.down[0][0].temb_proj.out_features == 2 * add.down[0][0].temb_proj.out_features
+
+
+def test_the_class_embedding_reaches_the_scale_and_shift():
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), image_size=8,
+               num_classes=3, time_conditioning="scale_shift").eval()  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
+        assert not torch.allclose(net(x, t, y=torch.tensor([0, 0])), net(x, t, y=torch.tensor([1, 1])))
+
+
+def test_an_unknown_time_conditioning_is_rejected():
+    with pytest.raises(ValueError, match="unknown time_conditioning 'film'; allowed: add, scale_shift"):
+        UNet(time_conditioning="film")

@@ -25,7 +25,6 @@ from ddpm_lightning import compat
 from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_net_spec, upgrade_state_dict
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
-    LossSecondMomentSampler,
     Sampler,
     SamplerConfig,
     Spacing,
@@ -33,6 +32,7 @@ from ddpm_lightning.diffusion import (
     samplers,
 )
 from ddpm_lightning.diffusion.samplers import Guide
+from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
 from ddpm_lightning.models import UNet
 from ddpm_lightning.models.unet import LEGACY_SETTINGS
 
@@ -121,10 +121,13 @@ class DiffusionModule(L.LightningModule):
             (min-SNR-gamma, Hang et al. 2023); see :class:`GaussianDiffusion`.
         loss_type: ``"simple"`` (L_simple, or L_hybrid with a learned variance) or ``"vlb"`` (the bound alone);
             see :class:`GaussianDiffusion`.
-        timestep_sampling: ``"uniform"`` t ~ Uniform{0..T-1} (the paper), or ``"loss_second_moment"``: importance
+        timestep_sampling: how t is drawn (:class:`TimestepSamplingConfig`), a name or a mapping such as
+            ``{name: logit_normal, loc: 0.0, scale: 1.0}``: ``"uniform"`` t ~ Uniform{0..T-1} (the paper);
+            ``"logit_normal"`` (SD3) or ``"laplace"`` on the log-SNR (Hang et al. 2024), whose p_t is the loss
+            weighting (weights 1; ``unbiased: true`` weights by 1 / (T p_t)); or ``"loss_second_moment"``: importance
             sampling by sqrt(E[L_t^2]) over the last 10 losses at each t with weights 1 / (T p_t) (improved DDPM
-            Sec. 3.3, meant for ``loss_type="vlb"``). Its history is gathered from every process (the same on all
-            ranks) and checkpointed.
+            Sec. 3.3, meant for ``loss_type="vlb"``), whose history is gathered from every process (the same on all
+            ranks) and checkpointed. Every process draws its own t (its own seed) from the same p_t.
         lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up, over every trainable
             parameter of the module.
         ema_decay: decay of the weights' EMA (the EMA callback reads it); 0 turns the EMA off.
@@ -163,7 +166,7 @@ class DiffusionModule(L.LightningModule):
         loss_weighting: Literal["none", "min_snr"] = "none",
         min_snr_gamma: float = 5.0,
         loss_type: Literal["simple", "vlb"] = "simple",
-        timestep_sampling: Literal["uniform", "loss_second_moment"] = "uniform",
+        timestep_sampling: TimestepSamplingConfig | TimestepSampling = "uniform",
         lr: float = 2e-4,
         warmup_steps: int = 5000,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -194,8 +197,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
-        if timestep_sampling not in ("uniform", "loss_second_moment"):
-            raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; allowed: uniform, loss_second_moment")
+        timestep_config = TimestepSamplingConfig.parse(timestep_sampling)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
         given = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions)
@@ -209,9 +211,7 @@ class DiffusionModule(L.LightningModule):
             min_snr_gamma=min_snr_gamma,
             loss_type=loss_type,
         )
-        self.timestep_sampler = (
-            LossSecondMomentSampler(num_timesteps) if timestep_sampling == "loss_second_moment" else None
-        )
+        self.timestep_sampler = timestep_config.build(self.diffusion.alphas_cumprod)
         out_factor = self.diffusion.output_channels_factor
         self.net = self._make_net(net, image_size, in_channels, unet_aliases, out_factor, num_classes)
         self.image_shape = self._image_shape(self.net, image_size, in_channels)
@@ -235,6 +235,7 @@ class DiffusionModule(L.LightningModule):
             spec = {"class_path": given["class_path"], "init_args": dict(given["init_args"])}
         canonical = {"net": spec, "image_size": self.image_shape[-1], "in_channels": self.image_shape[0]}
         canonical["num_classes"] = self.num_classes
+        canonical["timestep_sampling"] = timestep_config.to_setting()
         # load_from_checkpoint then calls DiffusionModule(**hparams), which rebuilds the network from its spec,
         # rather than LightningCLI's instantiator, which would hand over a network built without its arguments
         self.hparams.pop("_instantiator", None)
@@ -467,8 +468,9 @@ class DiffusionModule(L.LightningModule):
         else:
             t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
             losses = self.diffusion.training_loss(denoiser, x0, t=t, reduction="none")
-            # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
-            self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
+            if self.timestep_sampler.stateful:
+                # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
+                self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
             loss = (losses * weights).mean()
         self._loss = loss.detach()
         # not prog_bar=True: Lightning would read it on every step (a host-device sync); see callbacks.ProgressBar

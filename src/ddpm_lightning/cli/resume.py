@@ -25,6 +25,7 @@ from jsonargparse import Namespace
 
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.diffusion.timesteps import TimestepSamplingConfig
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 
@@ -93,6 +94,10 @@ def _sampler(value: Any) -> dict[str, Any]:
     return SamplerConfig.parse(_plain(value)).to_dict()
 
 
+def _timesteps(value: Any) -> str | dict[str, Any]:
+    return TimestepSamplingConfig.parse(_plain(value)).to_setting()
+
+
 def _defaults() -> dict[str, Any]:
     return {
         name: p.default
@@ -153,6 +158,8 @@ def reconcile_model_settings(given: Mapping[str, Any], stored: Mapping[str, Any]
             continue
         if key == "sampler":
             mine, theirs, default = _sampler(given.get(key)), _sampler(value), _sampler(defaults.get(key))
+        elif key == "timestep_sampling":  # a bare name (earlier checkpoints) equals its mapping with the defaults
+            mine, theirs, default = (_timesteps(v) for v in (given.get(key), value, defaults.get(key)))
         else:
             mine, theirs, default = given.get(key), value, defaults.get(key, given.get(key))
         if _same(mine, theirs):

@@ -7,7 +7,10 @@ An axis is a setting with the values to compare: a short name (:data:`AXES`: ``s
 the ``--only`` spelling) with a ``run.json`` (its settings and wall time). :func:`collect` reads the runs' CSV logs
 (loss, ``val/fid``, ``val/bpd``) and, when the config has a :class:`~ddpm_lightning.callbacks.DemoReport`, its
 ``metrics.json`` (the digit classifier's scores), and writes ``OUT/table.md``, ``table.csv``, ``runs.csv`` and
-``curves.png``; :func:`load_runs` gives the curves to plot in a notebook.
+``curves.png``; :func:`load_runs` gives the curves to plot in a notebook. A run trained on a time budget
+(``ddpm ablate --budget-seconds``) adds its measured steps/s from ``budget.json``. ``OUT/manifest.json``
+(:func:`write_manifest`, written when the runs are launched) records the grid, so that :func:`collect` names the
+runs that are missing.
 """
 
 from __future__ import annotations
@@ -23,20 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from ddpm_lightning.diffusion import LOSS_WEIGHTINGS, OBJECTIVES, SCHEDULES, VARIANCES
-from ddpm_lightning.io import atomic_write
+from ddpm_lightning.io import atomic_write, write_json
 
 __all__ = [
     "AXES",
     "DEFAULT_AXES",
+    "MANIFEST",
+    "MissingRunsError",
     "collect",
     "fit_overrides",
     "grid",
     "load_runs",
+    "missing_runs",
     "parse_axis",
     "parse_run",
     "read_metrics",
     "run_dir",
     "run_name",
+    "write_manifest",
 ]
 
 #: The short axis names: the config key each sets and the values it allows.
@@ -53,6 +60,8 @@ LOSS_KEY, VAL_LOSS_KEY, FID_KEY, BPD_KEY = "train/loss", "val/loss", "val/fid", 
 FINAL_FRACTION = 0.1  # "final loss" = mean train/loss over the last 10% of logged steps (single steps are noisy)
 #: DemoReport's scores of the trained model (metrics.json), as table columns.
 QUALITY_KEYS = {"frechet_distance": "Frechet dist.", "confident_share": "confident", "class_entropy": "class entropy"}
+MANIFEST = "manifest.json"
+_BUDGET_FILE = "budget.json"  # written by evaluation.budget.TrainingBudget into the run folder
 _VALUE = re.compile(r"[A-Za-z0-9_.+\-]+|\[[A-Za-z0-9_.+\-,]*\]")  # a word, or a flat list such as [1,2,4]
 
 
@@ -155,6 +164,7 @@ def read_metrics(folder: Path) -> dict[str, Any]:
                         values.append(float(row[key]))
     info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     report = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    budget = json.loads((folder / _BUDGET_FILE).read_text()) if (folder / _BUDGET_FILE).is_file() else {}
     return {
         "loss_steps": series[LOSS_KEY][0],
         "loss": series[LOSS_KEY][1],
@@ -166,7 +176,52 @@ def read_metrics(folder: Path) -> dict[str, Any]:
         "report_steps": report.get("steps"),
         "info": info,
         "wall_time_s": info.get("wall_time_s", math.nan),
+        "steps_per_second": budget.get("steps_per_second") or math.nan,
+        "budget_seconds": budget.get("budget_seconds", math.nan),
+        "budget_steps": budget.get("max_steps"),
     }
+
+
+class MissingRunsError(ValueError):
+    """Runs of the manifest's grid that have not finished (no ``run.json``)."""
+
+
+def write_manifest(
+    out: str | Path,
+    axes: Mapping[str, Sequence[str]],
+    seeds: Sequence[int],
+    fit_args: Sequence[str] = (),
+    budget_seconds: float | None = None,
+) -> Path:
+    """Write down the grid being launched, ``OUT/manifest.json``: the axes, seeds, the runs in task order, the
+    ``ddpm fit`` arguments and the time budget. Refuses to overwrite a manifest of another grid in the same folder."""
+    runs = [run_name(settings, seed) for settings, seed in grid(axes, seeds)]
+    path = Path(out) / MANIFEST
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("runs") != runs:
+            raise ValueError(
+                f"{path} holds another grid ({len(earlier.get('runs', []))} runs: {', '.join(earlier.get('runs', []))})"
+                f"; use another --out or remove the folder"
+            )
+    manifest = {
+        "axes": {k: list(v) for k, v in axes.items()},
+        "seeds": list(seeds),
+        "runs": runs,
+        "fit_args": list(fit_args),
+        "budget_seconds": budget_seconds,
+    }
+    return write_json(manifest, path)
+
+
+def missing_runs(out: str | Path) -> list[str]:
+    """The runs of ``OUT/manifest.json`` without a finished run folder (``run.json``), in task order; [] without a
+    manifest (nothing is known of the grid)."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return []
+    runs = json.loads(path.read_text())["runs"]
+    return [name for name in runs if not (Path(out) / "runs" / name / "run.json").is_file()]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -208,6 +263,7 @@ def load_runs(out: str | Path) -> list[dict[str, Any]]:
         settings, seed, position = _settings_of(folder, metrics["info"])
         tail = max(1, math.ceil(FINAL_FRACTION * len(metrics["loss"])))
         steps = metrics["loss_steps"][-1] + 1 if metrics["loss_steps"] else (metrics["report_steps"] or 0)
+        steps = metrics["budget_steps"] or steps  # a budget run ends at the steps its budget set
         runs.append(
             {
                 **settings,
@@ -224,25 +280,33 @@ def load_runs(out: str | Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (r["position"], r["label"], r["seed"]))
 
 
-def collect(out: str | Path, dest: str | Path | None = None) -> dict[str, Path]:
+def collect(out: str | Path, dest: str | Path | None = None, allow_missing: bool = False) -> dict[str, Path]:
     """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds, one row per setting), runs.csv and
-    curves.png, written to ``dest`` (default ``out``); returns their paths."""
+    curves.png, written to ``dest`` (default ``out``); returns their paths. Runs of the manifest's grid that have not
+    finished raise :class:`MissingRunsError` naming them, or with ``allow_missing`` are listed under the table."""
     from ddpm_lightning.plots import curves_figure, save_figure  # matplotlib only once a figure is drawn
 
+    missing = missing_runs(out)
+    if missing and not allow_missing:
+        raise MissingRunsError(
+            f"{len(missing)} run(s) of {Path(out) / MANIFEST} have not finished: {', '.join(missing)} (train them "
+            "with --only NAME or --task K, or pass --allow-missing for a table that lists them as missing)"
+        )
     runs = load_runs(out)
     out = Path(dest if dest is not None else out)
     axes = list(dict.fromkeys(name for run in runs for name in run["settings"]))
     fid_steps = sorted({step for run in runs for step in run["fid_steps"]})
     has_bpd = any(not math.isnan(run["bpd"]) for run in runs)
     quality = [k for k in QUALITY_KEYS if any(k in run["quality"] for run in runs)]
+    has_rate = any(not math.isnan(run["steps_per_second"]) for run in runs)
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault(run["label"], []).append(run)
 
     columns = ["final_loss", "final_val_loss", *(f"fid@{s}" for s in fid_steps)]
-    columns += ["bpd"] * has_bpd + quality
+    columns += ["bpd"] * has_bpd + quality + ["steps_per_second"] * has_rate
     md_names = ["final train loss", "final val loss", *(f"FID @ {s}" for s in fid_steps)]
-    md_names += ["bits/dim"] * has_bpd + [QUALITY_KEYS[k] for k in quality]
+    md_names += ["bits/dim"] * has_bpd + [QUALITY_KEYS[k] for k in quality] + ["steps/s"] * has_rate
     rows_csv, rows_md = [], []
     for group in groups.values():
         cells: list[tuple[float, float]] = [
@@ -254,6 +318,8 @@ def collect(out: str | Path, dest: str | Path | None = None) -> dict[str, Path]:
         if has_bpd:
             cells.append(_mean_std([r["bpd"] for r in group if not math.isnan(r["bpd"])]))
         cells += [_mean_std([r["quality"][k] for r in group if k in r["quality"]]) for k in quality]
+        if has_rate:
+            cells.append(_mean_std([r["steps_per_second"] for r in group if not math.isnan(r["steps_per_second"])]))
         wall = _mean_std([r["wall_time_s"] for r in group])
         settings = [group[0]["settings"].get(name, "") for name in axes]
         seeds = " ".join(str(r["seed"]) for r in group)
@@ -265,6 +331,7 @@ def collect(out: str | Path, dest: str | Path | None = None) -> dict[str, Path]:
     paths = {name: out / name for name in ("table.md", "table.csv", "runs.csv", "curves.png")}
     _write_csv([[*axes, "seeds", "steps", *columns, "wall_time_s"], *rows_csv], paths["table.csv"])
     run_columns = ["seed", "steps", "final_loss", "final_val_loss", "bpd", "wall_time_s"]
+    run_columns += ["budget_seconds", "steps_per_second"] * has_rate
     _write_csv(
         [
             [*axes, *run_columns, *quality],
@@ -285,11 +352,19 @@ def collect(out: str | Path, dest: str | Path | None = None) -> dict[str, Path]:
     )
     if has_bpd:
         note += " Bits/dim: the last `val/bpd` (the bound of Ho et al. Eq. 5 on a fixed subset, EMA weights)."
+    if has_rate:
+        budgets = sorted({r["budget_seconds"] for r in runs if not math.isnan(r["budget_seconds"])})
+        note += (
+            f" Equal training time: {' / '.join(f'{b:g}' for b in budgets)} s of each run's own training steps; "
+            "steps: the steps each run made in it; steps/s: its rate measured inside its fit after a warm-up."
+        )
     if quality:
         note += (
             " Frechet dist., confident (share of samples the digit classifier gives > 0.9) and class entropy: the "
             "DemoReport's scores of the trained model's samples (metrics.json)."
         )
+    if missing:
+        note += f"\n\n**Missing runs** (in the manifest, not finished; not in the table): {', '.join(missing)}."
     text = "\n".join(lines) + "\n" + note + "\n"
     atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
     save_figure(curves_figure(runs), paths["curves.png"])

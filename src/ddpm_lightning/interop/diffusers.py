@@ -42,6 +42,7 @@ OBJECTIVES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 VARIANCES = {"fixed_large": "fixed_large", "fixed_small": "fixed_small", "learned_range": "learned_range"}
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 PADDINGS = {"same": 0, "symmetric": 1}
+TIME_CONDITIONINGS = {"add": "default", "scale_shift": "scale_shift"}  # UNet2DModel's resnet_time_scale_shift
 # UNet2DModel settings that must have these values for the DDPM layout (Ho et al.'s network)
 _FIXED = {
     "time_embedding_type": "positional",
@@ -51,7 +52,6 @@ _FIXED = {
     "act_fn": "silu",
     "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2D",
-    "resnet_time_scale_shift": "default",
     "downsample_type": "conv",
     "upsample_type": "conv",
     "add_attention": True,
@@ -98,6 +98,19 @@ def unet_from_config(config: Mapping[str, Any]) -> UNet:
         raise LayoutError(
             f"attn_norm_num_groups={config['attn_norm_num_groups']} differs from norm_num_groups={groups}"
         )
+    shift = config.get("resnet_time_scale_shift", "default")
+    time_conditioning = {v: k for k, v in TIME_CONDITIONINGS.items()}.get(shift)
+    if time_conditioning is None:
+        raise LayoutError(
+            f"the UNet2DModel setting resnet_time_scale_shift={shift!r} does not map; allowed: "
+            f"{', '.join(TIME_CONDITIONINGS.values())}"
+        )
+    if shift != "default" and config.get("attn_norm_num_groups") is None:
+        # diffusers then builds the middle block's attention without its GroupNorm; the DDPM U-Net has one
+        raise LayoutError(
+            f"resnet_time_scale_shift={shift!r} with attn_norm_num_groups=None has no GroupNorm before the middle "
+            f"attention; the DDPM U-Net needs attn_norm_num_groups={groups}"
+        )
     head_dim = config.get("attention_head_dim")
     # the middle block, at the last level's width, has attention too
     widths = {c for c, a in zip(channels, attention, strict=True) if a} | {channels[-1]}
@@ -119,6 +132,7 @@ def unet_from_config(config: Mapping[str, Any]) -> UNet:
         num_groups=int(groups),
         downsample_padding=padding,
         norm_eps=float(config.get("norm_eps", 1e-5)),
+        time_conditioning=time_conditioning,
     )
 
 
@@ -126,7 +140,8 @@ def _config_of(net: UNet) -> dict[str, Any]:
     """The ``UNet2DModel`` config of our U-Net; LayoutError for a setting it cannot express."""
     args = dict(net.init_args)
     known = {"in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "image_size",
-             "out_channels", "num_groups", "downsample_padding", "norm_eps", "grad_checkpointing"}  # fmt: skip
+             "out_channels", "num_groups", "downsample_padding", "norm_eps", "grad_checkpointing",
+             "time_conditioning"}  # fmt: skip
     unknown = sorted(args.keys() - known)
     if unknown:
         raise LayoutError(f"the U-Net setting {unknown[0]}={args[unknown[0]]!r} has no UNet2DModel counterpart")
@@ -146,6 +161,9 @@ def _config_of(net: UNet) -> dict[str, Any]:
         "downsample_padding": PADDINGS[args["downsample_padding"]],
         "dropout": args["dropout"],
         **_FIXED,
+        "resnet_time_scale_shift": TIME_CONDITIONINGS[args.get("time_conditioning", "add")],
+        # with scale_shift diffusers drops the middle attention's GroupNorm unless its groups are given
+        **({"attn_norm_num_groups": args["num_groups"]} if args.get("time_conditioning", "add") != "add" else {}),
     }
 
 

@@ -1,7 +1,9 @@
 """The DDPM U-Net (Ho et al. 2020, Appendix B), a PixelCNN++-style backbone with a sinusoidal time embedding.
 
 The default configuration is the CIFAR-10 network of the paper: 35,746,307 parameters. With ``num_classes`` it is
-class-conditional: a learned class embedding is added to the time embedding (as in improved-diffusion / ADM).
+class-conditional: a learned class embedding is added to the time embedding (as in improved-diffusion / ADM). The
+residual blocks take the embedding by addition (the paper) or as a per-channel scale and shift of their second
+normalisation (``time_conditioning="scale_shift"``, AdaGN: Dhariwal & Nichol 2021, Sec. 3).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
 
 DownsamplePadding = Literal["same", "symmetric"]
 DOWNSAMPLE_PADDINGS: tuple[DownsamplePadding, ...] = ("same", "symmetric")
+TimeConditioning = Literal["add", "scale_shift"]
+TIME_CONDITIONINGS: tuple[TimeConditioning, ...] = ("add", "scale_shift")
 #: the settings of U-Nets stored before they were recorded: symmetric down-sampling padding and torch's GroupNorm eps
 #: (:func:`ddpm_lightning.checkpoint.upgrade_net_spec` gives them to such checkpoints)
 LEGACY_SETTINGS = {"downsample_padding": "symmetric", "norm_eps": 1e-5}
@@ -50,13 +54,19 @@ def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1, padding
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, plus the projected time embedding, then GroupNorm -> SiLU -> dropout -> conv."""
+    """GroupNorm -> SiLU -> conv, plus the projected time embedding, then GroupNorm -> SiLU -> dropout -> conv.
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, eps: float):
+    ``scale_shift``: the embedding is projected to 2 C_out features (scale, shift) that modulate the second
+    GroupNorm, h = GroupNorm(h) (1 + scale) + shift, before its SiLU (AdaGN, Dhariwal & Nichol 2021, Sec. 3)."""
+
+    def __init__(
+        self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, eps: float, scale_shift: bool = False
+    ):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = _conv3x3(c_in, c_out)
-        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.temb_proj = nn.Linear(temb_dim, 2 * c_out if scale_shift else c_out)
         _init(self.temb_proj)
         self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.dropout = nn.Dropout(dropout)
@@ -67,8 +77,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        emb = self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, C_out or 2 C_out, 1, 1)
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -156,6 +171,9 @@ class UNet(nn.Module):
             written before it was recorded).
         grad_checkpointing: recompute each block's activations during the backward pass instead of keeping them
             (activation checkpointing): much less memory in training for about a third more compute; same function.
+        time_conditioning: how a residual block takes the time (and class) embedding: ``"add"`` (the paper: added
+            to the features after the first convolution) or ``"scale_shift"`` (AdaGN, Dhariwal & Nichol 2021: a
+            per-channel scale and shift of the second GroupNorm; the embedding projections are twice as wide).
     """
 
     def __init__(
@@ -173,6 +191,7 @@ class UNet(nn.Module):
         downsample_padding: DownsamplePadding = "same",
         norm_eps: float = 1e-6,
         grad_checkpointing: bool = False,
+        time_conditioning: TimeConditioning = "add",
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
@@ -184,6 +203,10 @@ class UNet(nn.Module):
         if downsample_padding not in DOWNSAMPLE_PADDINGS:
             raise ValueError(
                 f"unknown downsample_padding {downsample_padding!r}; allowed: {', '.join(DOWNSAMPLE_PADDINGS)}"
+            )
+        if time_conditioning not in TIME_CONDITIONINGS:
+            raise ValueError(
+                f"unknown time_conditioning {time_conditioning!r}; allowed: {', '.join(TIME_CONDITIONINGS)}"
             )
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
             raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
@@ -205,6 +228,8 @@ class UNet(nn.Module):
         if num_classes is not None:
             # absent for an unconditional network, so that its init_args (and checkpoints) stay as they were
             self.init_args["num_classes"] = num_classes
+        if time_conditioning != "add":
+            self.init_args["time_conditioning"] = time_conditioning  # likewise absent for the paper's
         self.num_classes = num_classes
         self.grad_checkpointing = grad_checkpointing
         self.in_channels = in_channels
@@ -212,6 +237,7 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         temb_dim = 4 * ch
         self.ch = ch
+        scale_shift = time_conditioning == "scale_shift"
 
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         _init(self.temb[0])
@@ -224,7 +250,7 @@ class UNet(nn.Module):
         c, res = ch, image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(c, ch * mult, temb_dim, dropout, num_groups, norm_eps)])
+                block = nn.ModuleList([ResBlock(c, ch * mult, temb_dim, dropout, num_groups, norm_eps, scale_shift)])
                 c = ch * mult
                 if res in attn_resolutions:
                     block.append(AttnBlock(c, num_groups, norm_eps))
@@ -237,9 +263,9 @@ class UNet(nn.Module):
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps),
+                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps, scale_shift),
                 AttnBlock(c, num_groups, norm_eps),
-                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps),
+                ResBlock(c, c, temb_dim, dropout, num_groups, norm_eps, scale_shift),
             ]
         )
 
@@ -247,7 +273,7 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
                 block = nn.ModuleList(
-                    [ResBlock(c + skip_channels.pop(), ch * mult, temb_dim, dropout, num_groups, norm_eps)]
+                    [ResBlock(c + skip_channels.pop(), ch * mult, temb_dim, dropout, num_groups, norm_eps, scale_shift)]
                 )
                 c = ch * mult
                 if res in attn_resolutions:
@@ -313,7 +339,8 @@ class UNet(nn.Module):
                     f"this U-Net is conditional (num_classes={self.num_classes}): give labels y of shape "
                     f"({x.shape[0]},), got {got}"
                 )
-            temb = temb + self.class_emb(y)  # (B, 4ch), as in ADM: the class embedding joins the time embedding
+            # (B, 4ch), as in ADM: the class embedding joins the time embedding (and so its scale and shift)
+            temb = temb + self.class_emb(y)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
