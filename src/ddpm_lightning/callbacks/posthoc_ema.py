@@ -37,7 +37,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ddpm_lightning import compat
 from ddpm_lightning.averaging import WeightAverage
-from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.io import atomic_write
 
 __all__ = [
@@ -307,7 +306,7 @@ def reconstruct_posthoc_ema(
     run = Path(run)
     folder = run / "posthoc_ema" if (run / "posthoc_ema").is_dir() else run
     paths = _snapshots(folder)
-    heads = [read_checkpoint(p, mmap=True) for p in paths]
+    heads = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
     if step is None:
         step = max(int(h["step"]) for h in heads)
     chosen = [(p, h) for p, h in zip(paths, heads, strict=True) if int(h["step"]) <= step]
