@@ -203,6 +203,15 @@ def test_a_tracked_sigma_rel_reconstructed_from_the_snapshots_is_the_tracked_ave
         torch.testing.assert_close(value, average[name], rtol=0, atol=1e-6)
     assert loaded.state_dict().keys() == module.state_dict().keys()
 
+    # the command: the other tracked profile, and an untracked one
+    with pytest.raises(SystemExit) as exit_:
+        main(["posthoc-ema", "--run", str(tmp_path), "--sigma-rel", "0.05", "0.2", "--out", str(tmp_path / "cli")])
+    assert exit_.value.code == 0
+    tracked = callback._averages[0].net.state_dict()  # sigma_rel 0.05
+    for name, value in load_module(tmp_path / "cli" / "posthoc_ema_0.05.ckpt", "cpu").net.state_dict().items():
+        torch.testing.assert_close(value, tracked[name], rtol=0, atol=1e-6)
+    assert load_module(tmp_path / "cli" / "posthoc_ema_0.2.ckpt", "cpu").hparams.num_timesteps == 20
+
 
 def _fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
     """A tiny U-Net on the embedded digits with post-hoc EMA snapshots every step, epochs of 3 steps."""
@@ -303,8 +312,21 @@ def test_the_deprecated_model_ema_decay_warns_and_configures_the_ema_callback(tm
 
 
 @pytest.mark.integration
-def test_a_listed_average_wins_over_the_deprecated_decay_and_the_default_ema(tmp_path: Path) -> None:
-    with pytest.warns(FutureWarning, match=r"ema_decay=0.5 is deprecated and ignored: trainer.callbacks lists"):
+def test_the_deprecated_decay_sets_the_listed_ema(tmp_path: Path) -> None:
+    listed = "--trainer.callbacks+=ddpm_lightning.callbacks.EMA"
+    with pytest.warns(FutureWarning, match=r"model.ema_decay=0.5 is deprecated"):
+        trainer, _ = _trainer(tmp_path, listed, "--trainer.callbacks.decay=0.9", "--model.ema_decay=0.5")
+    assert [c.decay for c in trainer.callbacks if isinstance(c, EMA)] == [0.5]  # e.g. an ablation axis
+    with pytest.warns(FutureWarning, match=r"model.ema_decay=0.0 is deprecated"):
+        trainer, _ = _trainer(tmp_path, listed, "--trainer.callbacks.decay=0.9", "--model.ema_decay=0")
+    assert not any(isinstance(c, EMA) for c in trainer.callbacks)
+
+
+@pytest.mark.integration
+def test_a_listed_post_hoc_ema_wins_over_the_deprecated_decay_and_the_default_ema(tmp_path: Path) -> None:
+    with pytest.warns(
+        FutureWarning, match=r"ema_decay=0.5 is deprecated and ignored: trainer.callbacks lists .*PostHocEMA"
+    ):
         trainer, _ = _trainer(
             tmp_path, "--model.ema_decay=0.5", "--trainer.callbacks+=ddpm_lightning.callbacks.PostHocEMA"
         )

@@ -198,8 +198,9 @@ class PostHocEMA(L.Callback, WeightAverage):
         return Path(self.folder) if self.folder is not None else Path(trainer.default_root_dir) / "posthoc_ema"
 
     @rank_zero_only
-    def write_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        """``<folder>/<step>.pt``: every profile's network at this step in ``snapshot_dtype`` (rank 0 alone)."""
+    def write_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """``<folder>/<step>.pt``: every profile's network at this step in ``snapshot_dtype``; rank 0 alone writes it
+        (the other ranks get None)."""
         dtype = SNAPSHOT_DTYPES[self.snapshot_dtype]
         snapshot = {
             "step": self.step,

@@ -11,8 +11,8 @@ needs and the default callbacks, visible in the config.
   lists, unless a callback of the same kind is already there, so a config with its own callbacks never loses the
   EMA, the graceful stop or the final checkpoint; drop one by leaving its name out. A listed weight average
   (``ddpm_lightning.callbacks.EMA`` with its ``decay``, or ``PostHocEMA``) stands in for the default ``EMA(0.9999)``.
-- ``model.ema_decay``, deprecated, becomes that callback in ``trainer.callbacks`` with a warning (0: no EMA), so the
-  run's ``config.yaml`` shows it (:func:`ema_decay_alias`).
+- ``model.ema_decay``, deprecated, sets the decay of that callback in ``trainer.callbacks`` with a warning (0: no EMA),
+  so the run's ``config.yaml`` shows it (:func:`ema_decay_alias`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from ddpm_lightning.averaging import WeightAverage
-from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, default_callbacks
+from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, EMA, default_callbacks
 from ddpm_lightning.callbacks.tracking import read_wandb_run_id
 from ddpm_lightning.checkpoint import (
     check_state_dict_shapes,
@@ -187,42 +187,55 @@ def checkpoints_in_run_dir(trainer_config: Any) -> None:
             entry.init_args.dirpath = str(_run_dir(trainer_config) / "checkpoints")
 
 
-def _is_average(class_path: Any) -> bool:
+def _callback_class(class_path: Any) -> type | None:
     module, _, name = str(class_path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return False  # Lightning names the bad class_path when it instantiates it
-    return isinstance(cls, type) and issubclass(cls, (WeightAveraging, WeightAverage))
+        return None  # Lightning names the bad class_path when it instantiates it
+    return cls if isinstance(cls, type) else None
 
 
 def ema_decay_alias(config: Any) -> float | None:
-    """Turn the deprecated ``model.ema_decay`` of a parsed config into the EMA callback, with a warning: an entry
-    ``ddpm_lightning.callbacks.EMA`` with that ``decay`` in ``trainer.callbacks`` when ``default_callbacks`` names
-    "EMA" (0: "EMA" left out of them), unless a weight average is listed there already (it wins). Sets
-    ``model.ema_decay`` to None and returns the value it had (None: not given)."""
+    """Turn the deprecated ``model.ema_decay`` of a parsed config into the EMA callback, with a warning.
+
+    A listed ``EMA`` gets that ``decay`` (0: it is removed); without one, ``trainer.callbacks`` gets an entry
+    ``ddpm_lightning.callbacks.EMA`` with that ``decay`` when ``default_callbacks`` names "EMA" (0: "EMA" is left out
+    of them); another listed weight average (``PostHocEMA``) wins and the value is ignored. Sets ``model.ema_decay``
+    to None and returns the value it had (None: not given).
+    """
     decay = config.model.get("ema_decay") if config.get("model") is not None else None
     if decay is None:
         return None
     config.model.ema_decay = None
     callbacks = _entries(config.trainer.get("callbacks"))
-    listed = [entry for entry in callbacks if _is_average(getattr(entry, "class_path", None))]
-    if listed:
+    classes = [_callback_class(getattr(entry, "class_path", None)) for entry in callbacks]
+    emas = [entry for entry, cls in zip(callbacks, classes, strict=True) if cls is not None and issubclass(cls, EMA)]
+    others = [
+        entry
+        for entry, cls in zip(callbacks, classes, strict=True)
+        if cls is not None and issubclass(cls, (WeightAveraging, WeightAverage)) and not issubclass(cls, EMA)
+    ]
+    advice = f"`- {{class_path: {_EMA_CLASS_PATH}, init_args: {{decay: {decay}}}}}`"
+    if others:
         rank_zero_warn(
-            f"model.ema_decay={decay} is deprecated and ignored: trainer.callbacks lists {listed[0].class_path}, "
-            "whose settings the run uses",
+            f"model.ema_decay={decay} is deprecated and ignored: trainer.callbacks lists {others[0].class_path}, "
+            "the run's weight average",
             category=FutureWarning,
         )
         return decay
     rank_zero_warn(
-        f"model.ema_decay={decay} is deprecated: list the EMA callback in trainer.callbacks instead, "
-        f"`- {{class_path: {_EMA_CLASS_PATH}, init_args: {{decay: {decay}}}}}`"
-        + (" (0: leave EMA out of default_callbacks)" if decay == 0 else ""),
+        f"model.ema_decay={decay} is deprecated: list the EMA callback in trainer.callbacks instead, {advice}"
+        + (" (0: no EMA; leave EMA out of default_callbacks)" if decay == 0 else ""),
         category=FutureWarning,
     )
     names = config.get("default_callbacks") or []
     if decay == 0:
+        config.trainer.callbacks = [entry for entry in callbacks if all(entry is not ema for ema in emas)]
         config.default_callbacks = [name for name in names if name != "EMA"]
+    elif emas:
+        for entry in emas:
+            entry.init_args.decay = decay
     elif "EMA" in names:  # as before: the decay of the default EMA, which default_callbacks may leave out
         entry = Namespace(class_path=_EMA_CLASS_PATH, init_args=Namespace(decay=decay, update_starting_at_step=None))
         config.trainer.callbacks = [*callbacks, entry]
