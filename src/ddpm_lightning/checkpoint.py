@@ -117,8 +117,9 @@ def read_net_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     """The network's weights in a checkpoint, for a weights-only start (``ddpm fit --init_from``): (the trained
     weights, their EMA or None).
 
-    A checkpoint written with an EMA keeps the average in ``state_dict`` and the trained weights in
-    ``current_model_state``; one without (or converted from diffusers) has one set, returned as the trained weights.
+    A checkpoint written with a weight average (``EMA``, ``PostHocEMA``: the rule of :mod:`ddpm_lightning.averaging`)
+    keeps the average in ``state_dict`` and the trained weights in ``current_model_state``; one without (or converted
+    from diffusers, or reconstructed by ``ddpm posthoc-ema``) has one set, returned as the trained weights.
     """
     checkpoint = read_checkpoint(path)
     states = [checkpoint.get("current_model_state"), checkpoint["state_dict"]]

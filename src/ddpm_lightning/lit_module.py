@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_lightning import compat
+from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_net_spec, upgrade_state_dict
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
@@ -130,7 +131,9 @@ class DiffusionModule(L.LightningModule):
             ranks) and checkpointed. Every process draws its own t (its own seed) from the same p_t.
         lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up, over every trainable
             parameter of the module.
-        ema_decay: decay of the weights' EMA (the EMA callback reads it); 0 turns the EMA off.
+        ema_decay: deprecated: list ``ddpm_lightning.callbacks.EMA`` (``init_args: {decay: ...}``) in
+            ``trainer.callbacks`` instead. ``ddpm fit`` turns a given value into that callback with a warning (0: no
+            EMA); Python code passes it to ``default_callbacks``. None: not given.
         sampler: the default :class:`SamplerConfig` of :meth:`sample` and of the commands, e.g.
             ``{name: ddim, steps: 50}``; a bare name means that sampler on all T steps. A class-conditional model
             may set its ``guidance_scale``.
@@ -171,7 +174,7 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 5000,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
-        ema_decay: float = 0.9999,
+        ema_decay: float | None = None,
         sampler: SamplerConfig | Sampler = PAPER_SAMPLER,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         compile: bool = False,
@@ -193,7 +196,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0.0 <= ema_decay < 1.0:
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
@@ -591,17 +594,18 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- sampling
-    def sampling_module(self) -> DiffusionModule:
-        """The module whose weights sampling uses: the EMA copy during fit when there is one, else this one.
+    def use_average(self, average: WeightAverage | None) -> None:
+        """Sample and validate with ``average``'s weights (a weight-averaging callback registers itself in its
+        ``setup``); None: with this module's own. The rule is in :mod:`ddpm_lightning.averaging`."""
+        self._weight_average = average
 
-        Outside fit a checkpoint written with the EMA already holds the averaged weights in its ``state_dict``.
+    def sampling_module(self) -> DiffusionModule:
+        """The module whose weights sampling uses: the registered average's (:meth:`use_average`) when it has one,
+        else this one. A checkpoint written with an average already holds the averaged weights in its ``state_dict``.
         """
-        if self._trainer is not None:
-            for callback in self.trainer.callbacks:
-                average = getattr(callback, "average_module", None)
-                if callable(average) and average() is not None:
-                    return average()
-        return self
+        average = getattr(self, "_weight_average", None)
+        module = average.average_module() if average is not None else None
+        return self if module is None else module
 
     def sampler_config_for(self, sampler: SamplerConfig | Mapping | str | None = None, **changes: Any) -> SamplerConfig:
         """The module's sampler setting with ``sampler`` (a setting or a name) and non-None ``changes`` applied,

@@ -1,5 +1,5 @@
-"""Lightning callbacks: EMA of the weights, resilience, tracking, periodic sampling, FID, the demo report and the
-autoguidance guide's checkpoint.
+"""Lightning callbacks: EMA and post-hoc EMA of the weights, resilience, tracking, periodic sampling, FID, the demo
+report and the autoguidance guide's checkpoint.
 
 :func:`default_callbacks` are the ones every ``ddpm fit`` gets (the CLI adds them, visibly: its ``default_callbacks``
 option lists them); Python code that builds its own Trainer passes them itself.
@@ -14,6 +14,7 @@ from ddpm_lightning.callbacks.demo_report import DemoReport
 from ddpm_lightning.callbacks.ema import EMA
 from ddpm_lightning.callbacks.fid import FIDCallback
 from ddpm_lightning.callbacks.guide import GuideCheckpoint
+from ddpm_lightning.callbacks.posthoc_ema import PostHocEMA
 from ddpm_lightning.callbacks.resilience import FinalCheckpoint, GracefulStop, RNGStates, last_checkpoint_path
 from ddpm_lightning.callbacks.sampling import SamplingCallback
 from ddpm_lightning.callbacks.tracking import ImagesPerSecond, ProgressBar, WandbRunId
@@ -29,6 +30,7 @@ __all__ = [
     "GracefulStop",
     "GuideCheckpoint",
     "ImagesPerSecond",
+    "PostHocEMA",
     "ProgressBar",
     "RNGStates",
     "SampleWriter",
@@ -50,11 +52,13 @@ DEFAULT_CALLBACKS: tuple[type[Callback], ...] = (
 )
 
 
-def default_callbacks(ema_decay: float = 0.9999, *, progress_bar: bool = True) -> list[Callback]:
-    """The callbacks every fit gets: the EMA of the weights (none when ``ema_decay`` is 0), saved RNG states, a
-    graceful stop on SIGTERM/SIGUSR1, a final ``last.ckpt``, a progress bar without per-step host syncs (leave it out,
-    ``progress_bar=False``, for a Trainer with ``enable_progress_bar=False``), images per second and the W&B run id.
+def default_callbacks(ema_decay: float | None = 0.9999, *, progress_bar: bool = True) -> list[Callback]:
+    """The callbacks every fit gets: the EMA of the weights (``EMA(ema_decay)``; None: 0.9999, Ho et al.'s; 0: no
+    EMA), saved RNG states, a graceful stop on SIGTERM/SIGUSR1, a final ``last.ckpt``, a progress bar without
+    per-step host syncs (leave it out, ``progress_bar=False``, for a Trainer with ``enable_progress_bar=False``),
+    images per second and the W&B run id. A run with another average (:class:`PostHocEMA`) leaves the EMA out.
     """
+    ema_decay = 0.9999 if ema_decay is None else ema_decay
     ema = [EMA(ema_decay)] if ema_decay > 0 else []
     bar = [ProgressBar()] if progress_bar else []
     return [*ema, RNGStates(), GracefulStop(), FinalCheckpoint(), *bar, ImagesPerSecond(), WandbRunId()]

@@ -1,4 +1,5 @@
-"""EMA of the weights through Lightning's own ``WeightAveraging``, with public access to the averaged model."""
+"""EMA of the weights through Lightning's own ``WeightAveraging``, behind the averaging interface
+(:class:`~ddpm_lightning.averaging.WeightAverage`)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
 from ddpm_lightning import compat
+from ddpm_lightning.averaging import WeightAverage
 
 __all__ = ["EMA"]
 
 
-class EMA(WeightAveraging):
-    """Exponential moving average of all weights (Ho et al.: decay 0.9999, updated after every optimizer step).
+class EMA(WeightAveraging, WeightAverage):
+    """Exponential moving average of the weights (Ho et al.: decay 0.9999, updated after every optimizer step).
 
-    Lightning keeps the average on the model's device, swaps it in for validation, writes it to the checkpoint's
-    ``state_dict`` (the raw weights go to ``current_model_state``) and restores both on resume. So a checkpoint loaded
-    with ``DiffusionModule.load_from_checkpoint`` holds the EMA weights.
+    In a config: ``trainer.callbacks: [{class_path: ddpm_lightning.callbacks.EMA, init_args: {decay: 0.9999}}]``; a
+    ``ddpm fit`` without an averaging callback gets ``EMA(0.9999)`` (its ``default_callbacks``). It registers itself
+    with the module (``DiffusionModule.use_average``): sampling and validation use the average (the rule of
+    :mod:`ddpm_lightning.averaging`). Lightning keeps the average on the model's device, swaps it in for
+    validation, writes it to the checkpoint's ``state_dict`` (the raw weights go to ``current_model_state``) and
+    restores both on resume. So a checkpoint loaded with ``DiffusionModule.load_from_checkpoint`` holds the EMA
+    weights.
 
     The update is one foreach lerp (:func:`~ddpm_lightning.compat.foreach_lerp_`) over the parameters, starting from
     the initial weights as in Ho et al.'s code (TensorFlow's ``ExponentialMovingAverage``), instead of
@@ -43,9 +49,14 @@ class EMA(WeightAveraging):
         self._initial_net = net_weights
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        register = getattr(pl_module, "use_average", None)
+        if register is not None:
+            register(None)  # the averaged copy made below must not hold a reference to this callback
         # keep the average where training runs: the model may still be on the CPU when setup is called
         compat.set_ema_device(self, trainer.strategy.root_device)
         super().setup(trainer, pl_module, stage)
+        if register is not None:
+            register(self)
         self._pairs = None
         if self._initial_net is not None and stage == "fit":
             compat.averaged_model(self).module.net.load_state_dict(self._initial_net)

@@ -7,7 +7,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ddpm_lightning.cli import ablate, convert, evaluate, fid_weights, guidance_sweep, nll, sample, sampler_sweep
+from ddpm_lightning.cli import (
+    ablate,
+    convert,
+    evaluate,
+    fid_weights,
+    guidance_sweep,
+    nll,
+    posthoc_ema,
+    sample,
+    sampler_sweep,
+)
 from ddpm_lightning.cli.fit import run_cli
 
 __all__ = ["COMMANDS", "EXTRA_HELP", "main"]
@@ -21,6 +31,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "nll": nll.main,
     "guidance-sweep": guidance_sweep.main,
     "convert": convert.main,
+    "posthoc-ema": posthoc_ema.main,
 }
 EXTRA_HELP = """more commands (each takes --help):
   sample         PNG samples and a grid from a checkpoint's EMA weights
@@ -31,6 +42,7 @@ EXTRA_HELP = """more commands (each takes --help):
   nll            negative log-likelihood bound in bits/dim (the paper's NLL column)
   guidance-sweep accuracy of the requested class at each guidance scale (class-conditional digits)
   convert        to and from diffusers (UNet2DModel + DDPMScheduler), e.g. the paper's google/ddpm-* weights
+  posthoc-ema    sampling checkpoints of any EMA length from a run's post-hoc EMA snapshots (Karras et al. 2024)
 """
 
 

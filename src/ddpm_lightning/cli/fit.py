@@ -9,12 +9,15 @@ needs and the default callbacks, visible in the config.
 - The option ``default_callbacks`` names the callbacks of :func:`ddpm_lightning.callbacks.default_callbacks` the run
   gets (all by default; ``--print_config`` shows them). They are added to whatever ``trainer.callbacks`` a config
   lists, unless a callback of the same kind is already there, so a config with its own callbacks never loses the
-  EMA, the graceful stop or the final checkpoint; drop one by leaving its name out. The EMA's decay is
-  ``model.ema_decay`` (0: no EMA).
+  EMA, the graceful stop or the final checkpoint; drop one by leaving its name out. A listed weight average
+  (``ddpm_lightning.callbacks.EMA`` with its ``decay``, or ``PostHocEMA``) stands in for the default ``EMA(0.9999)``.
+- ``model.ema_decay``, deprecated, sets the decay of that callback in ``trainer.callbacks`` with a warning (0: no EMA),
+  so the run's ``config.yaml`` shows it (:func:`ema_decay_alias`).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import subprocess
@@ -29,12 +32,14 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, EMA, default_callbacks
 from ddpm_lightning.callbacks.tracking import read_wandb_run_id
 from ddpm_lightning.checkpoint import (
@@ -52,6 +57,7 @@ __all__ = [
     "DefaultCallback",
     "LogRunConfig",
     "checkpoints_in_run_dir",
+    "ema_decay_alias",
     "finish_wandb_run",
     "fit",
     "follow_run_dir",
@@ -74,7 +80,11 @@ assert get_args(DefaultCallback) == tuple(cls.__name__ for cls in DEFAULT_CALLBA
 )
 # a callback of one of these kinds in trainer.callbacks stands in for the default of that name (two EMAs would
 # average twice, and Lightning refuses two progress bars)
-_SAME_KIND: dict[str, type[Callback]] = {"EMA": WeightAveraging, "ProgressBar": LightningProgressBar}
+_SAME_KIND: dict[str, tuple[type, ...]] = {
+    "EMA": (WeightAveraging, WeightAverage),
+    "ProgressBar": (LightningProgressBar,),
+}
+_EMA_CLASS_PATH = "ddpm_lightning.callbacks.EMA"
 
 # a logger's save_dir with one of these values follows trainer.default_root_dir (WandbLogger's own default is ".")
 RUN_DIR_PLACEHOLDERS = (None, "", ".", "${trainer.default_root_dir}")
@@ -177,6 +187,61 @@ def checkpoints_in_run_dir(trainer_config: Any) -> None:
             entry.init_args.dirpath = str(_run_dir(trainer_config) / "checkpoints")
 
 
+def _callback_class(class_path: Any) -> type | None:
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None  # Lightning names the bad class_path when it instantiates it
+    return cls if isinstance(cls, type) else None
+
+
+def ema_decay_alias(config: Any) -> float | None:
+    """Turn the deprecated ``model.ema_decay`` of a parsed config into the EMA callback, with a warning.
+
+    A listed ``EMA`` gets that ``decay`` (0: it is removed); without one, ``trainer.callbacks`` gets an entry
+    ``ddpm_lightning.callbacks.EMA`` with that ``decay`` when ``default_callbacks`` names "EMA" (0: "EMA" is left out
+    of them); another listed weight average (``PostHocEMA``) wins and the value is ignored. Sets ``model.ema_decay``
+    to None and returns the value it had (None: not given).
+    """
+    decay = config.model.get("ema_decay") if config.get("model") is not None else None
+    if decay is None:
+        return None
+    config.model.ema_decay = None
+    callbacks = _entries(config.trainer.get("callbacks"))
+    classes = [_callback_class(getattr(entry, "class_path", None)) for entry in callbacks]
+    emas = [entry for entry, cls in zip(callbacks, classes, strict=True) if cls is not None and issubclass(cls, EMA)]
+    others = [
+        entry
+        for entry, cls in zip(callbacks, classes, strict=True)
+        if cls is not None and issubclass(cls, (WeightAveraging, WeightAverage)) and not issubclass(cls, EMA)
+    ]
+    advice = f"`- {{class_path: {_EMA_CLASS_PATH}, init_args: {{decay: {decay}}}}}`"
+    if others:
+        rank_zero_warn(
+            f"model.ema_decay={decay} is deprecated and ignored: trainer.callbacks lists {others[0].class_path}, "
+            "the run's weight average",
+            category=FutureWarning,
+        )
+        return decay
+    rank_zero_warn(
+        f"model.ema_decay={decay} is deprecated: list the EMA callback in trainer.callbacks instead, {advice}"
+        + (" (0: no EMA; leave EMA out of default_callbacks)" if decay == 0 else ""),
+        category=FutureWarning,
+    )
+    names = config.get("default_callbacks") or []
+    if decay == 0:
+        config.trainer.callbacks = [entry for entry in callbacks if all(entry is not ema for ema in emas)]
+        config.default_callbacks = [name for name in names if name != "EMA"]
+    elif emas:
+        for entry in emas:
+            entry.init_args.decay = decay
+    elif "EMA" in names:  # as before: the decay of the default EMA, which default_callbacks may leave out
+        entry = Namespace(class_path=_EMA_CLASS_PATH, init_args=Namespace(decay=decay, update_starting_at_step=None))
+        config.trainer.callbacks = [*callbacks, entry]
+    return decay
+
+
 def resolve_ckpt_path(trainer_config: Any, ckpt_path: str | Path | None) -> str | Path | None:
     """``"last"`` -> the newest ``last*.ckpt`` of the configured checkpoint folders (unchanged when there is none,
     so that Lightning warns and the run starts fresh: the same command starts and continues a run)."""
@@ -216,14 +281,14 @@ def finish_wandb_run() -> None:
 
 # ------------------------------------------------------------------------------------------------ callbacks
 def with_default_callbacks(
-    callbacks: Sequence[Callback], names: Sequence[str], ema_decay: float, progress_bar: bool = True
+    callbacks: Sequence[Callback], names: Sequence[str], ema_decay: float = 0.9999, progress_bar: bool = True
 ) -> list[Callback]:
     """``callbacks`` followed by each default callback (:func:`default_callbacks`) named in ``names`` of which no
     callback of the same kind is there yet; no progress bar when ``progress_bar`` is False."""
     callbacks = list(callbacks)
     for default in default_callbacks(ema_decay, progress_bar=progress_bar):
         name = type(default).__name__
-        kind = _SAME_KIND.get(name, type(default))
+        kind = _SAME_KIND.get(name, (type(default),))
         if name in names and not any(isinstance(callback, kind) for callback in callbacks):
             callbacks.append(default)
     return callbacks
@@ -238,7 +303,8 @@ class DDPMCLI(LightningCLI):
             type=list[DefaultCallback],
             default=[cls.__name__ for cls in DEFAULT_CALLBACKS],
             help="Callbacks added to trainer.callbacks unless one of their kind is listed there; leave a name out to "
-            "go without it (the EMA's decay is model.ema_decay, 0: no EMA).",
+            "go without it (EMA: the EMA of decay 0.9999 unless trainer.callbacks lists a weight average, e.g. "
+            "ddpm_lightning.callbacks.EMA with its decay, or PostHocEMA).",
         )
         parser.add_argument(
             "--init_from",
@@ -287,6 +353,8 @@ class DDPMCLI(LightningCLI):
             config.ckpt_path = resolve_ckpt_path(config.trainer, config.get("ckpt_path"))
             resume_wandb_run(config.trainer, config.get("ckpt_path"))
             self._resume(config.ckpt_path)
+        # after _resume (which may replace self.config): a checkpoint of an earlier version may bring its ema_decay
+        ema_decay_alias(self.config.get(str(self.subcommand), self.config))
 
     def before_fit(self) -> None:
         """``--init_from``: the network's weights (and their EMA) from a checkpoint, before the run starts."""
@@ -305,7 +373,6 @@ class DDPMCLI(LightningCLI):
         callbacks = with_default_callbacks(
             _entries(kwargs.pop("callbacks", trainer_config.get("callbacks"))),
             config.get("default_callbacks") or [],
-            ema_decay=self.model.hparams.get("ema_decay", 0.9999),
             progress_bar=trainer_config.get("enable_progress_bar") is not False,
         )
         try:
@@ -317,16 +384,17 @@ class DDPMCLI(LightningCLI):
 
 
 def init_from(module: DiffusionModule, trainer: L.Trainer, path: str | Path) -> str:
-    """Load the network weights of the checkpoint ``path`` into ``module`` and their EMA, if it has one, into the
-    trainer's EMA callback (which otherwise starts from the loaded weights); CheckpointError naming the first
-    parameter whose shape differs. Returns what was loaded, in words."""
+    """Load the network weights of the checkpoint ``path`` into ``module`` and their average (EMA), if it has one,
+    into the trainer's weight average (:class:`~ddpm_lightning.averaging.WeightAverage`, which otherwise starts from
+    the loaded weights); CheckpointError naming the first parameter whose shape differs. Returns what was loaded, in
+    words."""
     weights, average = read_net_weights(path)
     check_state_dict_shapes(module.net, weights, str(path))
     module.net.load_state_dict(weights)
-    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-    if average is not None and ema is not None:
+    averaging = next((c for c in trainer.callbacks if isinstance(c, WeightAverage)), None)
+    if average is not None and averaging is not None:
         check_state_dict_shapes(module.net, average, str(path))
-        ema.start_from(average)
+        averaging.start_from(average)
     stored = upgrade_hyperparameters(read_checkpoint(path, mmap=True).get("hyper_parameters") or {}).get("net") or {}
     given = getattr(module.net, "init_args", None) or {}
     differences = [

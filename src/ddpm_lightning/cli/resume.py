@@ -43,7 +43,7 @@ SAFE_SETTINGS = (
     "adam_betas",
     "weight_decay",
     "warmup_steps",
-    "ema_decay",
+    "ema_decay",  # deprecated (the EMA callback's decay, which a resume may change): checkpoints of earlier versions
     "sampler",
     "nonfinite_loss",
     "compile",

@@ -332,7 +332,6 @@ def from_diffusers(
     source: str | Path,
     out: str | Path,
     *,
-    ema_decay: float = 0.9999,
     sampler: str = "ddpm",
     variance: str | None = None,
 ) -> DiffusionModule:
@@ -340,7 +339,8 @@ def from_diffusers(
     or pipeline folder, or a hub id) to ``out``; returns the module written.
 
     The weights are the checkpoint's sampling weights (``state_dict``: where the EMA callback keeps the average);
-    ``ema_decay`` and ``sampler`` are the module's settings for a fine-tuning run and for the commands; ``variance``
+    ``sampler`` is the module's setting for the commands (the EMA of a fine-tuning run is its own EMA callback);
+    ``variance``
     (``"fixed_large"`` or ``"fixed_small"``) replaces the scheduler's fixed variance, a sampling choice.
     """
     diffusers = import_diffusers()
@@ -359,7 +359,7 @@ def from_diffusers(
         settings["variance"] = variance
     net = unet_from_config(model.config)
     net.load_state_dict(unet_state_dict(net, model.state_dict()))
-    module = DiffusionModule(net, **settings, ema_decay=ema_decay, sampler=sampler)
+    module = DiffusionModule(net, **settings, sampler=sampler)
     checkpoint = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
