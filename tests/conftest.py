@@ -1,20 +1,34 @@
-"""Shared test setup: offline loggers, 2 threads, a small fake CIFAR-10 in the real on-disk format, and the demo's
-digit classifier briefly trained into a cache folder."""
+"""Shared test setup: offline loggers, 2 threads, a small fake CIFAR-10 in the real on-disk format, the demo's
+digit classifier briefly trained into a cache folder, and the helpers several test files use (tiny models, data and
+runs; ``single_thread``, a fixture a file turns on with ``pytest.mark.usefixtures``)."""
 
+import csv
 import hashlib
+import json
 import os
 import pickle
 import struct
 import tarfile
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
 
+from ddpm_lightning.callbacks import FIDCallback, default_callbacks
+from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.data import EmbeddedDigitsDataModule
+from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.evaluation import ablation
 from ddpm_lightning.evaluation.digit_classifier import load_or_train_digit_classifier
+from ddpm_lightning.lit_module import DiffusionModule
 
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(2)
@@ -138,3 +152,209 @@ def classifier_cache(tmp_path_factory: pytest.TempPathFactory, digits: EmbeddedD
         digits.split_arrays("train"), digits.split_arrays("val"), cache_dir=cache, epochs=CLASSIFIER_TEST_EPOCHS
     )
     return cache
+
+
+# ------------------------------------------------------ FID: tiny images, a tiny feature extractor, a frozen tiny DDPM
+NUM_REAL = 40
+
+
+IMAGE_SIZE = 8
+
+
+class TinyExtractor(nn.Module):
+    """Deterministic features: 4x4 average-pooled pixels through a fixed random projection, then tanh."""
+
+    num_features = 6
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(channels * 16, self.num_features, generator=generator), False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return torch.tanh(F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.proj)  # (N, num_features)
+
+
+def real_images() -> torch.Tensor:
+    """(NUM_REAL, 3, 8, 8) smooth images in [-1, 1]: random 2x2 colours, bilinearly enlarged."""
+    coarse = torch.rand(NUM_REAL, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+
+
+class TinyImages(L.LightningDataModule):
+    """The protocol FIDCallback needs from a datamodule: `name` and `real_images_dataset(split)`."""
+
+    name = "tiny"
+
+    def __init__(self, batch_size: int = 4):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def real_images_dataset(self, split: str = "train") -> TensorDataset:
+        images = real_images()
+        return TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.real_images_dataset(), batch_size=self.batch_size)
+
+
+class FrozenDiffusion(DiffusionModule):
+    """A tiny DDPM whose weights never change (SGD with lr 0), so each fit samples the same images."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def tiny_diffusion() -> DiffusionModule:
+    torch.manual_seed(0)
+    return FrozenDiffusion(
+        image_size=IMAGE_SIZE,
+        ch=32,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        dropout=0.0,
+        num_timesteps=20,
+        beta_end=0.01,  # rescaled by 1000 / T to 0.5
+        warmup_steps=0,
+        ema_decay=0.0,
+        sampler=SamplerConfig("ddim", 5),
+    )
+
+
+def fid_callback(cache_dir: Path, **kwargs: Any) -> FIDCallback:
+    options = {"every_n_steps": None, "num_samples": NUM_REAL, "batch_size": 16, "sampler": SamplerConfig("ddim", 5)}
+    return FIDCallback(feature_extractor=TinyExtractor(), cache_dir=str(cache_dir), **{**options, **kwargs})
+
+
+@pytest.fixture
+def single_thread() -> Any:
+    """One intra-op thread: these models are tiny, and the CPU is shared with other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------- host-device transfers per step, a tiny module and its Trainer
+HOST_TRANSFERS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
+
+
+LOG_EVERY = 5
+
+
+EMA_DECAY = 0.9
+
+
+class _Transfers(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in HOST_TRANSFERS
+        return func(*args, **(kwargs or {}))
+
+
+class TransfersPerStep(L.Callback):
+    """Host-device transfers from one batch start to the next: a whole step with every hook and callback in it."""
+
+    def __init__(self) -> None:
+        self.mode = _Transfers()
+        self.starts: list[tuple[int, int]] = []  # (global step, transfers so far)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.mode.__enter__()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        self.starts.append((trainer.global_step, self.mode.count))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.mode.__exit__(None, None, None)
+
+    def per_step(self) -> dict[int, int]:
+        return {step: b - a for (step, a), (_, b) in zip(self.starts, self.starts[1:], strict=False)}
+
+
+def tiny(cls: type[DiffusionModule] = DiffusionModule, **kwargs: Any) -> DiffusionModule:
+    torch.manual_seed(0)
+    return cls(
+        image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+        num_timesteps=50, warmup_steps=2, ema_decay=EMA_DECAY, **kwargs,
+    )  # fmt: skip
+
+
+def trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """A Trainer with ``callbacks`` and the defaults every fit gets (EMA, graceful stop, progress bar, img/s, ...)."""
+    defaults = default_callbacks(EMA_DECAY, progress_bar=kwargs.get("enable_progress_bar", True))
+    callbacks = [*callbacks, *defaults]
+    return L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, log_every_n_steps=LOG_EVERY,
+        gradient_clip_val=1.0, enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, **kwargs,
+    )  # fmt: skip
+
+
+# ------------------------------------------------- `ddpm fit` arguments of a tiny run and the weights of its last.ckpt
+STEPS_PER_EPOCH = 3
+
+
+def fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
+    """A tiny U-Net on the embedded digits, epochs of 3 steps, with dropout, EMA, warm-up and flips all on."""
+    return [
+        "fit",
+        "--seed_everything=0",
+        "--model.in_channels=1",
+        "--model.ch=32",
+        "--model.ch_mult=[1,2]",
+        "--model.num_res_blocks=1",
+        "--model.image_size=16",
+        "--model.attn_resolutions=[8]",
+        "--model.dropout=0.1",
+        "--model.num_timesteps=50",
+        "--model.warmup_steps=4",
+        "--model.ema_decay=0.9",
+        "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",
+        "--data.batch_size=4",
+        "--data.image_size=16",
+        "--data.random_flip=true",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.limit_train_batches={STEPS_PER_EPOCH}",
+        "--trainer.limit_val_batches=2",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=ModelCheckpoint",
+        f"--trainer.callbacks.every_n_train_steps={STEPS_PER_EPOCH}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+        *extra,
+    ]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """EMA weights (state_dict), raw weights (current_model_state) and Adam moments of the run's last.ckpt."""
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    out = {f"ema.{k}": v for k, v in checkpoint["state_dict"].items()}
+    out |= {f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}
+    for i, state in checkpoint["optimizer_states"][0]["state"].items():
+        out |= {f"adam.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)}
+    return out
+
+
+# ----------------------------------------------------------------------------- a run folder as `ddpm ablate` leaves it
+def write_run(out: Path, schedule: str, seed: int, losses: list[float], fids: dict[int, float], wall: float) -> None:
+    """A run folder as `ddpm ablate` leaves it: a CSVLogger metrics.csv and run.json."""
+    folder = ablation.run_dir(out, schedule, seed) / "csv" / "version_0"
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/loss", "val/fid"])
+        for step, loss in enumerate(losses):
+            writer.writerow([0, step, loss, ""])
+            if step in fids:
+                writer.writerow([0, step, "", fids[step]])
+    (folder.parents[1] / "run.json").write_text(json.dumps({"schedule": schedule, "seed": seed, "wall_time_s": wall}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
-from conftest import CLASSIFIER_TEST_EPOCHS
+from conftest import CLASSIFIER_TEST_EPOCHS, write_run
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.ablate import main as ablate_main
@@ -23,20 +23,6 @@ TINY = [
     "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
     "--trainer.enable_model_summary", "false",
 ]  # fmt: skip
-
-
-def write_run(out: Path, schedule: str, seed: int, losses: list[float], fids: dict[int, float], wall: float) -> None:
-    """A run folder as `ddpm ablate` leaves it: a CSVLogger metrics.csv and run.json."""
-    folder = ablation.run_dir(out, schedule, seed) / "csv" / "version_0"
-    folder.mkdir(parents=True)
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", "step", "train/loss", "val/fid"])
-        for step, loss in enumerate(losses):
-            writer.writerow([0, step, loss, ""])
-            if step in fids:
-                writer.writerow([0, step, "", fids[step]])
-    (folder.parents[1] / "run.json").write_text(json.dumps({"schedule": schedule, "seed": seed, "wall_time_s": wall}))
 
 
 def _small_config(tmp_path: Path, classifier_cache: Path) -> Path:

@@ -3,6 +3,7 @@ under the optimizer and the non-finite guard, checkpoints of earlier versions, a
 
 import ast
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -219,14 +220,14 @@ def test_a_checkpoint_that_records_padding_and_eps_loads_with_them(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ imports
-def _imports(path: Path, module: str) -> set[str]:
+def _imports(path: Path, module: str, type_checking: bool = False) -> set[str]:
     """Every ddpm_lightning module that importing ``module`` runs (imports inside functions included, those under
-    ``if TYPE_CHECKING:`` left out), with the packages whose ``__init__`` runs on the way."""
+    ``if TYPE_CHECKING:`` only with ``type_checking``), with the packages whose ``__init__`` runs on the way."""
     tree = ast.parse(path.read_text())
     skip = {
         id(node)
         for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        if not type_checking and isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
         for stmt in block.body
         for node in ast.walk(stmt)
     }
@@ -286,3 +287,197 @@ def test_the_import_cycle_check_finds_a_cycle(tmp_path):
     b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ddpm_lightning.cli import main\n")
     assert _imports(a, "x") == {"ddpm_lightning.cli"}
     assert _imports(b, "x") == set()
+
+
+# ------------------------------------------------------------------------------------------------ floors
+def contributing_floors(text: str) -> dict[str, int]:
+    """CONTRIBUTING's floors table: each `file.py` or `folder/` it names, with its floor."""
+    section = text.split("## The floors", 1)[1].split("\n## ", 1)[0]
+    floors = {}
+    for row in re.findall(r"^\| (\d+) \|(.*)\|$", section, flags=re.M):
+        for name in re.findall(r"`([\w/.]+)`", row[1]):
+            if name.endswith((".py", "/")):
+                floors[name] = int(row[0])
+    return floors
+
+
+FLOORS = contributing_floors((REPO / "CONTRIBUTING.md").read_text())
+
+
+def floor_of(module: str, floors: dict[str, int] = FLOORS) -> int | None:
+    """The floor of ``ddpm_lightning.x.y``: that of `x/` for a module of the package x, of `x.py` for a module x."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return None
+    return floors.get(f"{parts[0]}/" if len(parts) > 1 or f"{parts[0]}/" in floors else f"{parts[0]}.py")
+
+
+def floor_violations(modules: dict[str, Path], floors: dict[str, int] = FLOORS) -> list[str]:
+    """Each import of a higher floor (imports inside functions and under TYPE_CHECKING included)."""
+    found = []
+    for name, path in sorted(modules.items()):
+        floor = floor_of(name, floors)
+        for imported in sorted(_imports(path, name, type_checking=True)):
+            other = floor_of(imported, floors)
+            if floor is not None and other is not None and other > floor:
+                found.append(f"{name} (floor {floor}) imports {imported} (floor {other})")
+    return found
+
+
+@pytest.mark.unit
+def test_contributing_names_a_floor_for_every_module_of_the_package():
+    assert {"io.py": 0, "compat.py": 0, "diffusion/": 1, "cli/": 5}.items() <= FLOORS.items()
+    assert [name for name in MODULES if name != "ddpm_lightning" and floor_of(name) is None] == []
+
+
+@pytest.mark.unit
+def test_a_module_imports_only_its_floor_or_lower_ones():
+    assert floor_violations(MODULES) == []
+
+
+@pytest.mark.unit
+def test_the_floor_check_finds_an_import_from_a_higher_floor(tmp_path):
+    floors = {"io.py": 0, "diffusion/": 1, "cli/": 5}
+    lazy, typed, fine = tmp_path / "lazy.py", tmp_path / "typed.py", tmp_path / "fine.py"
+    lazy.write_text("def f():\n    from ddpm_lightning.diffusion import samplers\n")
+    typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ddpm_lightning.cli import main\n")
+    fine.write_text("from ddpm_lightning.io import atomic_write\n")
+    modules = {"ddpm_lightning.io": lazy, "ddpm_lightning.diffusion.gaussian": typed, "ddpm_lightning.cli.x": fine}
+    assert floor_violations(modules, floors) == [
+        "ddpm_lightning.diffusion.gaussian (floor 1) imports ddpm_lightning.cli (floor 5)",
+        "ddpm_lightning.io (floor 0) imports ddpm_lightning.diffusion (floor 1)",
+        "ddpm_lightning.io (floor 0) imports ddpm_lightning.diffusion.samplers (floor 1)",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ private APIs
+#: Calls whose first argument is a key, and the builtins whose second argument is an attribute name.
+KEY_METHODS = {"get", "pop", "setdefault"}
+ATTR_BUILTINS = {"getattr", "hasattr", "setattr", "delattr"}
+
+
+def _private(name: object) -> bool:
+    return isinstance(name, str) and name.startswith("_") and not name.startswith("__")
+
+
+def own_names(trees: list[ast.AST]) -> set[str]:
+    """Every name the package itself defines: functions, classes, assigned names and attributes, arguments, imports."""
+    names = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                names.add(node.attr)
+            elif isinstance(node, ast.alias):
+                names.add((node.asname or node.name).split(".")[-1])
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return names
+
+
+def private_uses(tree: ast.AST, own: set[str]) -> list[str]:
+    """Each use of a library's private attribute or key in ``tree``: ``x._name`` (``self._name`` included), a key
+    ``"_name"`` (subscript, ``.get``/``.pop``/``.setdefault``, ``in``) or ``getattr(x, "_name")``, where the package
+    defines no ``_name`` of its own."""
+
+    def foreign(name: object) -> bool:
+        return _private(name) and name not in own
+
+    found = []
+    for node in ast.walk(tree):
+        keys: list[ast.AST] = []
+        if isinstance(node, ast.Attribute) and foreign(node.attr):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Subscript):
+            keys = [node.slice]
+        elif isinstance(node, ast.Call) and node.args:
+            if isinstance(node.func, ast.Attribute) and node.func.attr in KEY_METHODS:
+                keys = node.args[:1]
+            elif isinstance(node.func, ast.Name) and node.func.id in ATTR_BUILTINS and len(node.args) > 1:
+                keys = node.args[1:2]
+        elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+            keys = [node.left]
+        found += [
+            (key.lineno, ast.unparse(node)) for key in keys if isinstance(key, ast.Constant) and foreign(key.value)
+        ]
+    return [f"line {line}: {what}" for line, what in sorted(found)]
+
+
+@pytest.mark.unit
+def test_private_library_attributes_are_touched_in_compat_only():
+    trees = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
+    own = own_names(list(trees.values()))
+    found = {name: private_uses(tree, own) for name, tree in trees.items() if name != "ddpm_lightning.compat"}
+    assert {name: uses for name, uses in found.items() if uses} == {}
+
+
+@pytest.mark.unit
+def test_the_private_attribute_check_finds_library_internals_and_passes_our_own():
+    source = """
+class Module(L.LightningModule):
+    def __init__(self):
+        self._mine = 1
+
+    def f(self, w, hparams):
+        fan = nn.init._calculate_fan_in_and_fan_out(w)
+        if self._trainer is not None and self._mine:
+            hparams.pop("_instantiator", None)
+        return getattr(self, "_mine"), "_instantiator" in hparams, hparams["_class_path"]
+"""
+    tree = ast.parse(source)
+    assert private_uses(tree, own_names([tree])) == [
+        "line 7: nn.init._calculate_fan_in_and_fan_out",
+        "line 8: self._trainer",
+        "line 9: hparams.pop('_instantiator', None)",
+        "line 10: '_instantiator' in hparams",
+        "line 10: hparams['_class_path']",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ diffusion/
+#: What ``diffusion/`` may not use: it is pure torch, without Lightning, progress bars or files.
+IMPURE_MODULES = ("lightning", "pytorch_lightning", "tqdm", "PIL", "logging")
+IMPURE_CALLS = {"open", "print", "torch.save", "torch.load", "np.save", "numpy.save"}
+IMPURE_METHODS = {"write_text", "write_bytes", "read_text", "read_bytes", "mkdir", "open", "unlink"}
+
+
+def impurities(tree: ast.AST) -> list[str]:
+    """Imports of Lightning, progress bars or file helpers, and file I/O calls, in ``tree``."""
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        found += [(node.lineno, f"import {n}") for n in names if n.split(".")[0] in IMPURE_MODULES]
+        if isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            if func in IMPURE_CALLS or (isinstance(node.func, ast.Attribute) and node.func.attr in IMPURE_METHODS):
+                found.append((node.lineno, f"{func}()"))
+    return [f"line {line}: {what}" for line, what in sorted(found)]
+
+
+@pytest.mark.unit
+def test_diffusion_has_no_lightning_progress_bar_or_file_io():
+    found = {
+        name: impurities(ast.parse(path.read_text()))
+        for name, path in MODULES.items()
+        if name.startswith("ddpm_lightning.diffusion")
+    }
+    assert {name: lines for name, lines in found.items() if lines} == {}
+
+
+@pytest.mark.unit
+def test_the_purity_check_finds_a_progress_bar_and_file_io():
+    source = (
+        "from tqdm.auto import tqdm\nimport torch\ntorch.save(x, 'a.pt')\nPath('b').write_text('c')\ntorch.randn(3)\n"
+    )
+    assert impurities(ast.parse(source)) == [
+        "line 1: import tqdm.auto",
+        "line 3: torch.save()",
+        "line 4: Path('b').write_text()",
+    ]

@@ -1,5 +1,6 @@
 """End to end through the ``ddpm`` command, in-process so the fake CIFAR-10's md5 patch applies."""
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from ddpm_lightning.cli import main
+from ddpm_lightning.lit_module import DiffusionModule
 
 pytestmark = pytest.mark.integration
 TINY = [
@@ -99,7 +101,9 @@ def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16: with the config's gradient clipping
-def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tmp_path, precision):
+def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tmp_path, precision, monkeypatch):
+    fitted = []
+    monkeypatch.setattr(DiffusionModule, "on_fit_end", lambda self: fitted.append(self), raising=False)
     main(
         [
             "fit",
@@ -116,6 +120,13 @@ def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tm
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
+    [module] = fitted
+    assert module.trainer.global_step == 1 and module.trainer.precision == precision
+    # Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008
+    T, s = 1000, 0.008
+    f = [math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 for t in range(T + 1)]
+    betas = torch.tensor([min(1 - f[t] / f[t - 1], 0.999) for t in range(1, T + 1)], dtype=torch.float64)
+    torch.testing.assert_close(module.diffusion.betas.cpu(), betas, rtol=1e-10, atol=0)
 
 
 def test_missing_data_is_one_clear_error(tmp_path, capsys):

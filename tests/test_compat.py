@@ -162,3 +162,25 @@ def test_kid_real_features_load_by_state_name() -> None:
     kid.update(features + 1.0, real=False)
     assert float(kid.compute()[0]) > 0
     assert torch.equal(torch.cat(kid.real_features), features)
+
+
+@pytest.mark.unit
+def test_attached_trainer_is_none_before_a_trainer_and_the_trainer_after(tmp_path: Path) -> None:
+    model = BoringModel()
+    assert compat.attached_trainer(model) is None
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model)
+    assert compat.attached_trainer(model) is trainer
+
+
+@pytest.mark.unit
+def test_drop_cli_keys_removes_lightningclis_keys_and_returns_the_class_path() -> None:
+    hparams = {"_instantiator": "lightning.pytorch.cli.instantiate_module", "_class_path": "a.B", "lr": 1.0}
+    assert compat.drop_cli_keys(hparams) == "a.B" and hparams == {"lr": 1.0}
+    assert compat.drop_cli_keys(hparams) == "" and hparams == {"lr": 1.0}
+
+
+@pytest.mark.unit
+def test_fan_in_and_fan_out_of_a_convolution_weight() -> None:
+    weight = torch.empty(8, 4, 3, 3)  # (out, in, kh, kw)
+    assert compat.fan_in_and_fan_out(weight) == (4 * 3 * 3, 8 * 3 * 3)

@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLASSIFIER_TEST_EPOCHS
+from conftest import CLASSIFIER_TEST_EPOCHS, LOG_EVERY, TransfersPerStep, fit_args, tiny, trainer, weights
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
-from test_resume import fit_args, weights
-from test_sync_free import LOG_EVERY, TransfersPerStep, tiny, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -8,21 +8,14 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from test_fid import (
-    IMAGE_SIZE,
-    FrozenDiffusion,
-    TinyExtractor,
-    TinyImages,
-    fid_callback,
-    single_thread,  # noqa: F401 (autouse fixture: one thread here too)
-)
+from conftest import IMAGE_SIZE, FrozenDiffusion, TinyExtractor, TinyImages, fid_callback
 
 from ddpm_lightning.callbacks import FIDCallback, default_callbacks
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 
-pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 NUM_SAMPLES = 7  # ragged on 2 ranks: 4 and 3 samples
 SAMPLER = SamplerConfig("ddim", 4, guidance_scale=2.0)

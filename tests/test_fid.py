@@ -10,55 +10,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn.functional as F
+from conftest import NUM_REAL, TinyExtractor, TinyImages, fid_callback, real_images, tiny_diffusion
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks import FIDCallback, default_callbacks
 from ddpm_lightning.data import to_uint8
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
-
-NUM_REAL = 40
-IMAGE_SIZE = 8
-
-
-class TinyExtractor(nn.Module):
-    """Deterministic features: 4x4 average-pooled pixels through a fixed random projection, then tanh."""
-
-    num_features = 6
-
-    def __init__(self, channels: int = 3):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.proj = nn.Parameter(torch.randn(channels * 16, self.num_features, generator=generator), False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        return torch.tanh(F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.proj)  # (N, num_features)
-
-
-def real_images() -> torch.Tensor:
-    """(NUM_REAL, 3, 8, 8) smooth images in [-1, 1]: random 2x2 colours, bilinearly enlarged."""
-    coarse = torch.rand(NUM_REAL, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
-
-
-class TinyImages(L.LightningDataModule):
-    """The protocol FIDCallback needs from a datamodule: `name` and `real_images_dataset(split)`."""
-
-    name = "tiny"
-
-    def __init__(self, batch_size: int = 4):
-        super().__init__()
-        self.batch_size = batch_size
-
-    def real_images_dataset(self, split: str = "train") -> TensorDataset:
-        images = real_images()
-        return TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.real_images_dataset(), batch_size=self.batch_size)
 
 
 class Replay(L.LightningModule):
@@ -86,35 +44,6 @@ class Replay(L.LightningModule):
     def sample(self, num: int, sampler: SamplerConfig, *, seeds: list[int], **_: Any) -> torch.Tensor:
         assert num == len(seeds)
         return (self.images[seeds] + self.shift).clamp(-1, 1)
-
-
-class FrozenDiffusion(DiffusionModule):
-    """A tiny DDPM whose weights never change (SGD with lr 0), so each fit samples the same images."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def tiny_diffusion() -> DiffusionModule:
-    torch.manual_seed(0)
-    return FrozenDiffusion(
-        image_size=IMAGE_SIZE,
-        ch=32,
-        ch_mult=(1,),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        dropout=0.0,
-        num_timesteps=20,
-        beta_end=0.01,  # rescaled by 1000 / T to 0.5
-        warmup_steps=0,
-        ema_decay=0.0,
-        sampler=SamplerConfig("ddim", 5),
-    )
-
-
-def fid_callback(cache_dir: Path, **kwargs: Any) -> FIDCallback:
-    options = {"every_n_steps": None, "num_samples": NUM_REAL, "batch_size": 16, "sampler": SamplerConfig("ddim", 5)}
-    return FIDCallback(feature_extractor=TinyExtractor(), cache_dir=str(cache_dir), **{**options, **kwargs})
 
 
 def fit(module: L.LightningModule, callback: FIDCallback, root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
@@ -150,16 +79,10 @@ def tiny_features(images: torch.Tensor) -> np.ndarray:
     return TinyExtractor()(to_uint8(images)).double().numpy()
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Any:
-    """One intra-op thread: these models are tiny, and the CPU is shared with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*(does not have many workers|will save all extracted).*")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*(does not have many workers|will save all extracted).*"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 @pytest.mark.integration

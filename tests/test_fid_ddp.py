@@ -7,15 +7,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from test_fid import (
-    TinyExtractor,
-    TinyImages,
-    fid_callback,
-    single_thread,  # noqa: F401 (autouse fixture: one thread here too)
-    tiny_diffusion,
-)
+from conftest import TinyExtractor, TinyImages, fid_callback, tiny_diffusion
 
 from ddpm_lightning.callbacks import FIDCallback, default_callbacks
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # one thread here too: the CPU is shared
 
 NUM_SAMPLES = 5  # ragged on 2 ranks: 3 and 2 samples
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import write_run
 from nbclient import NotebookClient
-from test_ablation import write_run
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_forward_process", "02_sampling", "03_ablation"]

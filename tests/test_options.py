@@ -42,7 +42,7 @@ def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path,
 @pytest.mark.slow
 def test_the_gpu_speed_options_together_train_and_give_a_loadable_checkpoint(tmp_path):
     """README's GPU options (compile, bf16-mixed, TF32, gradient clipping with fused Adam) in one run, on the CPU."""
-    from test_resume import fit_args
+    from conftest import fit_args
 
     from ddpm_lightning.checkpoint import read_checkpoint
     from ddpm_lightning.cli import main

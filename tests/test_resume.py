@@ -5,59 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STEPS_PER_EPOCH, fit_args, weights
 
 from ddpm_lightning.checkpoint import AtomicCheckpointIO, read_checkpoint
 from ddpm_lightning.cli import main
 
 pytestmark = pytest.mark.integration
-
-STEPS_PER_EPOCH = 3
-
-
-def fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
-    """A tiny U-Net on the embedded digits, epochs of 3 steps, with dropout, EMA, warm-up and flips all on."""
-    return [
-        "fit",
-        "--seed_everything=0",
-        "--model.in_channels=1",
-        "--model.ch=32",
-        "--model.ch_mult=[1,2]",
-        "--model.num_res_blocks=1",
-        "--model.image_size=16",
-        "--model.attn_resolutions=[8]",
-        "--model.dropout=0.1",
-        "--model.num_timesteps=50",
-        "--model.warmup_steps=4",
-        "--model.ema_decay=0.9",
-        "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",
-        "--data.batch_size=4",
-        "--data.image_size=16",
-        "--data.random_flip=true",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.max_steps={max_steps}",
-        f"--trainer.limit_train_batches={STEPS_PER_EPOCH}",
-        "--trainer.limit_val_batches=2",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=ModelCheckpoint",
-        f"--trainer.callbacks.every_n_train_steps={STEPS_PER_EPOCH}",
-        "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.save_top_k=0",
-        *extra,
-    ]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """EMA weights (state_dict), raw weights (current_model_state) and Adam moments of the run's last.ckpt."""
-    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    out = {f"ema.{k}": v for k, v in checkpoint["state_dict"].items()}
-    out |= {f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}
-    for i, state in checkpoint["optimizer_states"][0]["state"].items():
-        out |= {f"adam.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)}
-    return out
 
 
 def test_resume_with_ckpt_path_last_matches_an_uninterrupted_run(tmp_path: Path) -> None:

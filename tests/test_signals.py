@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_resume import fit_args
+from conftest import fit_args
 
 from ddpm_lightning.checkpoint import read_checkpoint
 

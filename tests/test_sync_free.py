@@ -16,45 +16,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import EMA_DECAY, LOG_EVERY, TransfersPerStep, tiny, trainer
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpm_lightning.callbacks import EMA, ProgressBar, default_callbacks
+from ddpm_lightning.callbacks import EMA, ProgressBar
 from ddpm_lightning.lit_module import DiffusionModule
-
-HOST_TRANSFERS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
-LOG_EVERY = 5
-EMA_DECAY = 0.9
-
-
-class _Transfers(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in HOST_TRANSFERS
-        return func(*args, **(kwargs or {}))
-
-
-class TransfersPerStep(L.Callback):
-    """Host-device transfers from one batch start to the next: a whole step with every hook and callback in it."""
-
-    def __init__(self) -> None:
-        self.mode = _Transfers()
-        self.starts: list[tuple[int, int]] = []  # (global step, transfers so far)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.mode.__enter__()
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
-        self.starts.append((trainer.global_step, self.mode.count))
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.mode.__exit__(None, None, None)
-
-    def per_step(self) -> dict[int, int]:
-        return {step: b - a for (step, a), (_, b) in zip(self.starts, self.starts[1:], strict=False)}
 
 
 class NaNImages(DiffusionModule):
@@ -68,27 +34,9 @@ class NaNImages(DiffusionModule):
         return super().training_step(batch, batch_idx)
 
 
-def tiny(cls: type[DiffusionModule] = DiffusionModule, **kwargs: Any) -> DiffusionModule:
-    torch.manual_seed(0)
-    return cls(
-        image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-        num_timesteps=50, warmup_steps=2, ema_decay=EMA_DECAY, **kwargs,
-    )  # fmt: skip
-
-
 def images(n: int = 48, batch_size: int = 4) -> torch.utils.data.DataLoader:
     x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=batch_size)
-
-
-def trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
-    """A Trainer with ``callbacks`` and the defaults every fit gets (EMA, graceful stop, progress bar, img/s, ...)."""
-    defaults = default_callbacks(EMA_DECAY, progress_bar=kwargs.get("enable_progress_bar", True))
-    callbacks = [*callbacks, *defaults]
-    return L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, log_every_n_steps=LOG_EVERY,
-        gradient_clip_val=1.0, enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, **kwargs,
-    )  # fmt: skip
 
 
 class WeightsAndAdam(L.Callback):

@@ -6,11 +6,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_fid import TinyImages, single_thread, tiny_diffusion  # noqa: F401 (autouse fixture: one thread here too)
+from conftest import TinyImages, tiny_diffusion
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks import BPDCallback, default_callbacks
 from ddpm_lightning.lit_module import DiffusionModule
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # one thread here too: the CPU is shared
 
 NUM_IMAGES = 5  # ragged on 2 ranks: 3 and 2 images
 

@@ -21,11 +21,14 @@ from torchmetrics import Metric
 __all__ = [
     "VERIFIED",
     "CompatError",
+    "attached_trainer",
     "averaged_model",
     "checkpoint_saved_step",
     "clear_found_inf",
     "disable_sigterm_broadcast",
+    "drop_cli_keys",
     "ema_last_update_step",
+    "fan_in_and_fan_out",
     "foreach_copy_",
     "foreach_lerp_",
     "is_compiled",
@@ -63,6 +66,24 @@ def _require(owner: Any, name: str, library: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ Lightning
+#: The keys LightningCLI adds to the hyper-parameters it saves: how it instantiated a module (``_instantiator``) and a
+#: data module's class path (``_class_path``).
+CLI_KEYS = ("_instantiator", "_class_path")
+
+
+def attached_trainer(module: Any) -> Any:
+    """The trainer ``module`` (a LightningModule) is attached to, or None: ``module.trainer`` raises without one."""
+    _require(module, "_trainer", "lightning")
+    return module._trainer
+
+
+def drop_cli_keys(hparams: Any) -> str:
+    """Remove LightningCLI's own keys (:data:`CLI_KEYS`) from ``hparams`` in place; return the class path it recorded
+    for a data module ("" when none)."""
+    found = {key: hparams.pop(key) for key in CLI_KEYS if key in hparams}
+    return str(found.get("_class_path") or "")
+
+
 def disable_sigterm_broadcast(trainer: Any) -> None:
     """Switch off Lightning's broadcast of its SIGTERM flag before every training step under DDP.
 
@@ -142,6 +163,12 @@ def set_found_inf(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> bool:
 def clear_found_inf(optimizer: torch.optim.Optimizer) -> None:
     """Remove the flag of :func:`set_found_inf` after the step."""
     vars(optimizer).pop("found_inf", None)
+
+
+def fan_in_and_fan_out(weight: torch.Tensor) -> tuple[int, int]:
+    """The fan-in and fan-out ``nn.init`` computes for ``weight`` (``nn.init._calculate_fan_in_and_fan_out``)."""
+    _require(nn.init, "_calculate_fan_in_and_fan_out", "torch")
+    return nn.init._calculate_fan_in_and_fan_out(weight)
 
 
 def _foreach(name: str) -> Callable[..., Any]:

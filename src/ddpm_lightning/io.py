@@ -1,4 +1,4 @@
-"""Files: atomic writes, PNG images and grids, JSON reports and the cache folder (one helper each).
+"""Files: atomic writes, PNG images, grids and their uint8 pixels, JSON reports and the cache folder (one helper each).
 
 Every file the project writes goes through :func:`atomic_write`: a temporary file in the target folder, renamed over
 the target when complete, so a reader (or a run killed mid-write) sees the old file or the new one, never half of one.
@@ -19,9 +19,21 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from ddpm_lightning.data.transforms import to_uint8
+__all__ = [
+    "atomic_folder",
+    "atomic_write",
+    "cache_dir",
+    "image_grid",
+    "save_grid",
+    "save_png",
+    "to_uint8",
+    "write_json",
+]
 
-__all__ = ["atomic_folder", "atomic_write", "cache_dir", "image_grid", "save_grid", "save_png", "write_json"]
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Map model-range images to uint8 in [0, 255]; samples may overshoot [-1, 1], so clamp first."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def _umask() -> int:

@@ -241,7 +241,7 @@ class DiffusionModule(L.LightningModule):
         canonical["timestep_sampling"] = timestep_config.to_setting()
         # load_from_checkpoint then calls DiffusionModule(**hparams), which rebuilds the network from its spec,
         # rather than LightningCLI's instantiator, which would hand over a network built without its arguments
-        self.hparams.pop("_instantiator", None)
+        compat.drop_cli_keys(self.hparams)
         # a second call, so that the hyper-parameters loggers record (hparams_initial) are the canonical ones too
         self.save_hyperparameters({**canonical, "sampler": self.sampler_config.to_dict()})
         self._nonfinite = NonFiniteSteps()
@@ -409,7 +409,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         upgrade_state_dict(checkpoint["state_dict"])
-        source = str(self.trainer.ckpt_path) if self._trainer is not None else "being loaded"
+        source = str(self.trainer.ckpt_path) if compat.attached_trainer(self) is not None else "being loaded"
         check_state_dict_shapes(self, checkpoint["state_dict"], source)
         self._nonfinite = NonFiniteSteps(checkpoint.get("nonfinite_skips", 0))
         if self.timestep_sampler is not None and "timestep_sampler" in checkpoint:
@@ -427,7 +427,7 @@ class DiffusionModule(L.LightningModule):
             # seed_everything gives every process the same seed; offset it so that the processes draw different
             # t and eps for their images (a resumed run then restores each process's own RNG state)
             torch.manual_seed(torch.initial_seed() + self.global_rank)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None) if compat.attached_trainer(self) is not None else None
         if datamodule is None:
             return
         size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
@@ -482,7 +482,7 @@ class DiffusionModule(L.LightningModule):
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` of every process, concatenated in rank order (this process's alone outside DDP)."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if compat.attached_trainer(self) is None or self.trainer.world_size == 1:
             return values
         return self.all_gather(values).reshape(-1)
 

@@ -10,15 +10,14 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ddpm_lightning.io import to_uint8
+
+__all__ = ["SeededFlips", "ToModelRange", "image_transform", "seeded_flip", "to_model_range", "to_uint8"]
+
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
     """Map images in [0, 1] to the model's range [-1, 1]."""
     return x * 2 - 1
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Map model-range images to uint8 in [0, 255]; samples may overshoot [-1, 1], so clamp first."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class ToModelRange:

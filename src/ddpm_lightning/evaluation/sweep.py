@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ddpm_lightning import compat
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.data.transforms import to_uint8
@@ -59,7 +60,7 @@ METRIC_NAMES = {
 def checkpoint_data(ckpt: str | Path) -> tuple[str | None, dict[str, Any]]:
     """The data set a checkpoint was trained on ("digits", "cifar10" or None) and its data module's arguments."""
     hparams = dict(read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {})
-    class_path = str(hparams.pop("_class_path", ""))
+    class_path = compat.drop_cli_keys(hparams)
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     for name, cls in (("digits", "EmbeddedDigitsDataModule"), ("cifar10", "CIFAR10DataModule")):
         if class_path.endswith(cls):

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ddpm_lightning import compat
+
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in Ho et al.'s ``get_timestep_embedding``)."""
@@ -32,7 +34,7 @@ def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
     if scale == 0:
         nn.init.zeros_(module.weight)
     else:
-        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+        fan_in, fan_out = compat.fan_in_and_fan_out(module.weight)
         bound = math.sqrt(3 * scale / ((fan_in + fan_out) / 2))
         nn.init.uniform_(module.weight, -bound, bound)
     nn.init.zeros_(module.bias)

@@ -1,0 +1,199 @@
+"""The README and docs/ stay true: every relative link resolves (files and #anchors), every ``ddpm ...`` command
+quoted in a code block parses, docs/cli.md is the commands' current ``--help``, and the README's Python example
+trains and samples."""
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lightning.sampling import load_module
+
+REPO = Path(__file__).parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FIT_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```(\w*)\s*$")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def _prose_and_code(text: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The lines outside code fences, and each fenced block as (language, lines)."""
+    prose, blocks, block, language = [], [], None, ""
+    for line in text.splitlines():
+        fence = FENCE.match(line)
+        if fence and block is None:
+            block, language = [], fence.group(1)
+        elif line.startswith("```") and block is not None:
+            blocks.append((language, block))
+            block = None
+        elif block is not None:
+            block.append(line)
+        else:
+            prose.append(line)
+    return prose, blocks
+
+
+def _anchors(path: Path) -> set[str]:
+    prose, _ = _prose_and_code(path.read_text())
+    return {_slug(line.lstrip("#")) for line in prose if re.match(r"^#{1,6} ", line)}
+
+
+def broken_links(page: Path) -> list[str]:
+    """Every relative link of ``page`` whose file or #anchor does not exist."""
+    prose, _ = _prose_and_code(page.read_text())
+    broken = []
+    for target in LINK.findall("\n".join(prose)):
+        if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        if not path.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            broken.append(f"{target}: no heading #{anchor} in {path.name}")
+    return broken
+
+
+def quoted_commands(page: Path) -> list[list[str]]:
+    """The ``ddpm ...`` commands of ``page``'s shell code blocks as argument lists (without ``ddpm``): continuation
+    lines joined, comments dropped, optional ``[--flag value]`` unwrapped, commands with an elided ``...`` left out."""
+    _, blocks = _prose_and_code(page.read_text())
+    commands = []
+    for language, lines in blocks:
+        if language not in ("bash", "sh", "shell", ""):
+            continue
+        for line in "\n".join(lines).replace("\\\n", " ").splitlines():
+            if not line.startswith("ddpm "):
+                continue
+            line = re.sub(r"\[(--[^\[\]]*)\]", r"\1", line)
+            words = shlex.split(line, comments=True)[1:]
+            if "..." not in words:
+                commands.append(words)
+    return commands
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def _fit_parser():
+    """LightningCLI's parser of ``ddpm fit | validate | test | predict``, built as ``ddpm`` builds it, without
+    instantiating anything."""
+    from ddpm_lightning.cli import fit
+
+    def stop(self, parser, args):
+        raise _Parsed(parser)
+
+    original = fit.DDPMCLI.parse_arguments
+    fit.DDPMCLI.parse_arguments = stop
+    try:
+        fit.run_cli(["fit"])
+    except _Parsed as parsed:
+        return parsed.parser
+    finally:
+        fit.DDPMCLI.parse_arguments = original
+    raise AssertionError("DDPMCLI did not parse its arguments")
+
+
+def command_errors(commands: list[list[str]]) -> list[str]:
+    """Each command that its parser refuses, with the parser's message."""
+    from ddpm_lightning.cli import COMMANDS
+
+    errors, fit_parser = [], None
+    for words in commands:
+        name, args = words[0], words[1:]
+        try:
+            if name in FIT_SUBCOMMANDS:
+                fit_parser = fit_parser or _fit_parser()
+                fit_parser.parse_args([name, *(a for a in args if a != "--print_config")])
+            elif name in COMMANDS:
+                parser = sys.modules[COMMANDS[name].__module__].build_parser()
+                # ablate hands the arguments it does not know to `ddpm fit`
+                (parser.parse_known_args if name == "ablate" else parser.parse_args)(args)
+            else:
+                errors.append(f"ddpm {shlex.join(words)}: no such command")
+        except SystemExit:
+            errors.append(f"ddpm {shlex.join(words)}: refused by its parser (message above)")
+    return errors
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_relative_link_resolves(page):
+    assert broken_links(page) == []
+
+
+@pytest.mark.unit
+def test_the_link_check_finds_a_missing_file_and_a_missing_anchor(tmp_path):
+    (tmp_path / "other.md").write_text("# A title\n\n## Some `code` (here)\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#some-code-here) [ok](#top) [web](https://example.org/x)\n# Top\n"
+        "[gone](missing.md) [no anchor](other.md#nowhere)\n```\n[in code](ignored.md)\n```\n"
+    )
+    assert broken_links(page) == ["missing.md: no such file", "other.md#nowhere: no heading #nowhere in other.md"]
+
+
+@pytest.mark.integration
+def test_every_quoted_ddpm_command_parses(monkeypatch):
+    monkeypatch.chdir(REPO)  # the commands name configs relative to the repository
+    commands = [words for page in PAGES for words in quoted_commands(page)]
+    assert {"fit", "sample", "evaluate", "nll", "ablate", "convert"} <= {words[0] for words in commands}
+    assert command_errors(commands) == []
+
+
+@pytest.mark.integration
+def test_the_command_check_finds_a_bad_flag_and_a_missing_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```bash\nddpm sample --ckpt a.ckpt --out s/ --nonsense 1\nddpm fit -c configs/no_such.yaml\n"
+        "ddpm fit -c configs/demo.yaml \\\n    --model.lr=1e-3   # a comment\nddpm evaluate ... --num 5\n```\n"
+    )
+    commands = quoted_commands(page)
+    assert commands == [
+        ["sample", "--ckpt", "a.ckpt", "--out", "s/", "--nonsense", "1"],
+        ["fit", "-c", "configs/no_such.yaml"],
+        ["fit", "-c", "configs/demo.yaml", "--model.lr=1e-3"],
+    ]
+    assert len(command_errors(commands)) == 2
+
+
+@pytest.mark.integration
+def test_the_cli_reference_is_the_commands_current_help():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gen_cli_docs
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert (REPO / "docs" / "cli.md").read_text() == gen_cli_docs.render(), "run python scripts/gen_cli_docs.py"
+
+
+@pytest.mark.unit
+def test_the_readme_stays_short():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 300
+
+
+@pytest.mark.integration
+def test_the_readmes_python_example_trains_and_samples(tmp_path, monkeypatch):
+    _, blocks = _prose_and_code((REPO / "README.md").read_text())
+    [example] = ["\n".join(lines) for language, lines in blocks if language == "python"]
+    assert "max_steps=1100" in example
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(example.replace("max_steps=1100", "max_steps=2, limit_val_batches=0"), scope)
+    x0 = scope["x0"]
+    assert x0.shape == (16, 1, 28, 28) and x0.min() >= -1 and x0.max() <= 1
+    loaded = load_module(tmp_path / "runs" / "python" / "digits.ckpt")
+    # the checkpoint holds the weights that drew x0 (the EMA)
+    torch.testing.assert_close(loaded.sample(16, scope["SamplerConfig"]("dpmpp_2m", steps=20), seed=0), x0)
