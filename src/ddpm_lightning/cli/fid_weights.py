@@ -45,7 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     origin = "converted from fid-helper's TorchScript" if converted else f"copied from {hub_cache_path()}"
     print(f"Wrote FID Inception weights to {out} ({origin}).")
-    print(f"Offline, set `feature_extractor_weights_path: {out}` in the FID callback/evaluate config.")
+    print(
+        f"Offline, pass `--weights {out}` to `ddpm evaluate` "
+        f"(`feature_extractor_weights_path: {out}` in a FID callback config)."
+    )
     if converted:
         print("This file has no classifier layer: it serves FID and KID, not Inception Score.")
     return 0
