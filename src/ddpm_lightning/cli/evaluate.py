@@ -8,9 +8,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.diffusion import SAMPLERS, SPACINGS
-from ddpm_lightning.evaluation.evaluate import DATASETS, METRICS, PAPER_NUM_SAMPLES, evaluate
-from ddpm_lightning.io import write_json
+from ddpm_lightning.choices import EVAL_DATASETS as DATASETS
+from ddpm_lightning.choices import METRICS, PAPER_NUM_SAMPLES, SAMPLERS, SPACINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm evaluate (--ckpt PATH --num N | --samples DIR) [--weights PATH] [--out report.json]``."""
     args = vars(build_parser().parse_args(argv))
+    from ddpm_lightning.evaluation.evaluate import evaluate
+    from ddpm_lightning.io import write_json
+
     out = args.pop("out")
     folder = out.expanduser().resolve().parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
