@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from typing import get_args
 
 import pytest
 
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.unit
 def test_choices_match_the_library_names() -> None:
     from ddpm_lightning import diffusion
     from ddpm_lightning.diffusion.gaussian import VARIANCES
+    from ddpm_lightning.evaluation import guidance, inception_weights
     from ddpm_lightning.evaluation.evaluate import DATASETS, METRICS, PAPER_NUM_SAMPLES
 
     assert set(diffusion.SAMPLERS) <= set(choices.SAMPLERS)
@@ -21,9 +23,15 @@ def test_choices_match_the_library_names() -> None:
     assert choices.SCHEDULES == diffusion.SCHEDULES
     assert choices.VARIANCES == VARIANCES
     assert (choices.METRICS, choices.EVAL_DATASETS, choices.PAPER_NUM_SAMPLES) == (METRICS, DATASETS, PAPER_NUM_SAMPLES)
+    sweep_module = sys.modules["ddpm_lightning.evaluation.sweep"]
+    assert set(sweep_module.SETTINGS) <= set(choices.SWEEP_SETTINGS)
+    assert (choices.SWEEP_STEPS, choices.SWEEP_DATASETS) == (sweep_module.STEPS, sweep_module.DATASETS)
+    assert choices.GUIDANCE_SCALES == guidance.SCALES
+    assert choices.FID_WEIGHTS_SOURCES == get_args(inception_weights.WeightsSource)
+    assert choices.FID_WEIGHTS_FILENAME == inception_weights.FID_WEIGHTS_FILENAME
 
 
-@pytest.mark.parametrize("command", ["sample", "evaluate"])
+@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"ablate"}))
 def test_a_commands_help_imports_no_torch(command: str) -> None:
     code = (
         "import sys\nfrom ddpm_lightning.cli import main\n"
