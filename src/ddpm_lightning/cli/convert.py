@@ -8,8 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.diffusion import SAMPLERS
-from ddpm_lightning.interop.diffusers import from_diffusers, to_diffusers
+from ddpm_lightning.choices import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm convert --from-diffusers DIR_OR_HUB_ID --out model.ckpt`` or ``--to-diffusers CKPT --out DIR``."""
     args = build_parser().parse_args(argv)
+    from ddpm_lightning.interop.diffusers import from_diffusers, to_diffusers
+
     try:
         if args.ema_decay is not None:
             print(

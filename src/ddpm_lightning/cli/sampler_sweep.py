@@ -10,7 +10,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.evaluation.sweep import DATASETS, SETTINGS, STEPS, sweep
+from ddpm_lightning.choices import SWEEP_DATASETS as DATASETS
+from ddpm_lightning.choices import SWEEP_SETTINGS as SETTINGS
+from ddpm_lightning.choices import SWEEP_STEPS as STEPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a == "--nfe" or a.startswith("--nfe=") for a in argv):
         warnings.warn("ddpm sampler-sweep: --nfe is deprecated, use --steps", FutureWarning, stacklevel=2)
     start = time.perf_counter()
+    from ddpm_lightning.evaluation.sweep import sweep
+
     paths = sweep(**vars(args))
     minutes = (time.perf_counter() - start) / 60
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {minutes:.1f} min")

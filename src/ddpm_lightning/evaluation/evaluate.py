@@ -22,7 +22,11 @@ from torch.utils.data import Dataset
 from ddpm_lightning import io
 from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, ImageFolderDataModule, to_uint8
 from ddpm_lightning.diffusion import SamplerConfig, Spacing
-from ddpm_lightning.evaluation.inception_weights import missing_weights_message, resolve_fid_weights
+from ddpm_lightning.evaluation.inception_weights import (
+    find_cached_weights,
+    missing_weights_message,
+    resolve_fid_weights,
+)
 from ddpm_lightning.evaluation.real_stats import file_digest, real_stats_key, real_stats_name
 from ddpm_lightning.sampling import default_device, iter_samples, load_module, proportional_labels
 
@@ -34,6 +38,7 @@ __all__ = [
     "Uint8Images",
     "class_proportions",
     "evaluate",
+    "fetch_fid_weights",
     "fid_of_images",
 ]
 
@@ -182,6 +187,25 @@ def _finite_or_none(value: Any) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
+def fetch_fid_weights(weights: str | Path | None, option: str = "--weights ") -> str | None:
+    """The Inception weights file, checked (or downloaded into torch hub's cache) before anything is sampled.
+
+    ``option`` is how the user passed ``weights``; offline with no cached copy this raises FileNotFoundError with
+    :func:`missing_weights_message` rather than after the sampling.
+    """
+    resolved = resolve_fid_weights(None if weights is None else str(weights), option=option)
+    if resolved is not None:
+        return resolved
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])  # downloads into the hub cache
+    except OSError as err:  # urllib's URLError and socket errors are OSErrors
+        raise FileNotFoundError(missing_weights_message(f"{option}PATH")) from err
+    cached = find_cached_weights()
+    return None if cached is None else str(cached)
+
+
 def _calculate_metrics(
     generated: Dataset,
     reference: Dataset | None,
@@ -208,7 +232,7 @@ def _calculate_metrics(
     except OSError as err:  # torch-fidelity could not download the weights
         if weights is not None:
             raise
-        raise FileNotFoundError(missing_weights_message()) from err
+        raise FileNotFoundError(missing_weights_message("--weights PATH")) from err
 
 
 def fid_of_images(
@@ -286,7 +310,10 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; allowed: {', '.join(METRICS)}")
     wanted = set(metrics)
-    weights = resolve_fid_weights(None if weights is None else str(weights))
+    # every input is checked before the first sample is drawn: the weights, the checkpoint, the reference data
+    weights = fetch_fid_weights(weights)
+    if ckpt is not None and not Path(ckpt).expanduser().is_file():
+        raise FileNotFoundError(f"--ckpt {str(ckpt)!r} is not a file" + (" (a folder)" if Path(ckpt).is_dir() else ""))
     notes = []
     if "isc" in wanted and not has_classifier(weights):
         wanted.discard("isc")

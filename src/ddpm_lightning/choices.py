@@ -1,0 +1,19 @@
+"""The names a command line offers (samplers, spacings, schedules, ...), as plain tuples with no torch import.
+
+Command parsers take their choices from here so that ``--help`` answers without importing torch;
+``tests/test_choices.py`` checks these names against the library's own.
+"""
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun")
+SPACINGS = ("uniform", "quadratic", "karras")
+SCHEDULES = ("linear", "cosine")
+VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
+METRICS = ("fid", "isc", "kid")
+EVAL_DATASETS = ("cifar10", "digits")
+PAPER_NUM_SAMPLES = 50_000
+SWEEP_SETTINGS = ("ddpm", "ddim", "ddim_quadratic", "dpmpp_2m")
+SWEEP_STEPS = (1000, 250, 100, 50, 20, 10)
+SWEEP_DATASETS = ("auto", "digits", "cifar10")
+GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0)
+FID_WEIGHTS_SOURCES = ("auto", "cache", "fid-helper")
+FID_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"

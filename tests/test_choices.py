@@ -1,0 +1,54 @@
+"""The torch-free choices of the command lines match the library's names, and a command's --help imports no torch."""
+
+import subprocess
+import sys
+from typing import get_args
+
+import pytest
+
+from ddpm_lightning import choices
+from ddpm_lightning.cli import COMMANDS
+
+pytestmark = pytest.mark.unit
+
+
+def test_choices_match_the_library_names() -> None:
+    from ddpm_lightning import diffusion
+    from ddpm_lightning.diffusion.gaussian import VARIANCES
+    from ddpm_lightning.evaluation import guidance, inception_weights
+    from ddpm_lightning.evaluation.evaluate import DATASETS, METRICS, PAPER_NUM_SAMPLES
+
+    assert set(diffusion.SAMPLERS) <= set(choices.SAMPLERS)
+    assert set(diffusion.SPACINGS) <= set(choices.SPACINGS)
+    assert choices.SCHEDULES == diffusion.SCHEDULES
+    assert choices.VARIANCES == VARIANCES
+    assert (choices.METRICS, choices.EVAL_DATASETS, choices.PAPER_NUM_SAMPLES) == (METRICS, DATASETS, PAPER_NUM_SAMPLES)
+    sweep_module = sys.modules["ddpm_lightning.evaluation.sweep"]
+    assert set(sweep_module.SETTINGS) <= set(choices.SWEEP_SETTINGS)
+    assert (choices.SWEEP_STEPS, choices.SWEEP_DATASETS) == (sweep_module.STEPS, sweep_module.DATASETS)
+    assert choices.GUIDANCE_SCALES == guidance.SCALES
+    assert choices.FID_WEIGHTS_SOURCES == get_args(inception_weights.WeightsSource)
+    assert choices.FID_WEIGHTS_FILENAME == inception_weights.FID_WEIGHTS_FILENAME
+
+
+@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"ablate"}))
+def test_a_commands_help_imports_no_torch(command: str) -> None:
+    code = (
+        "import sys\nfrom ddpm_lightning.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'numpy') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert f"ddpm {command}" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_top_level_help_lists_every_command_without_importing_them() -> None:
+    code = (
+        "import sys\nfrom ddpm_lightning.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert all(name in done.stdout for name in COMMANDS) and "ddpm fit --help" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "False"
