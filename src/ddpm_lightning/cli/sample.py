@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="class of a conditional model; repeat it for several: image i gets the i-th, cycling (default: all)",
     )
+    parser.add_argument(
+        "--guide-ckpt",
+        type=Path,
+        default=None,
+        help="autoguidance: a weaker checkpoint of the same process (an early one of the run, or a smaller network)",
+    )
+    parser.add_argument(
+        "--autoguidance-scale", type=float, default=None, help="autoguidance weight w (1: none; needs --guide-ckpt)"
+    )
     parser.add_argument("--grid-by-class", action="store_true", help="grid.png with one row per class")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -110,12 +110,21 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    guide_ckpt: str | Path | None = None,
+    autoguidance_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``num`` uint8 samples (N, C, H, W) from the checkpoint's EMA weights (sample i seeded by ``seed + i``) and
     how they were drawn. ``sampler``, ``steps``, ``eta``, ``spacing`` and ``guidance_scale`` change the checkpoint's
-    own setting. A class-conditional model draws its classes in ``proportions`` (one per class; default: equal)."""
+    own setting. A class-conditional model draws its classes in ``proportions`` (one per class; default: equal).
+    ``guide_ckpt`` / ``autoguidance_scale``: autoguidance by that weaker checkpoint of the same process."""
     module = load_module(ckpt, device)
-    config = module.sampler_config_for(sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale)
+    config = module.sampler_config_for(
+        sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
+        autoguidance_scale=autoguidance_scale,
+    )  # fmt: skip
+    if guide_ckpt is None and config.autoguidance_scale != 1:
+        raise ValueError(f"--autoguidance-scale {config.autoguidance_scale:g} needs --guide-ckpt (a weaker checkpoint)")
+    guide = load_module(guide_ckpt, device) if guide_ckpt is not None else None
     T = module.diffusion.num_timesteps
     nfe = config.nfe(T)  # checks the step count against T before any sampling
     labels, classes = None, None
@@ -134,7 +143,7 @@ def generate(
         }
     images = torch.empty(num, *module.image_shape, dtype=torch.uint8)
     for indices, batch in iter_samples(module, range(num), sampler=config, seed=seed, batch_size=batch_size,
-                                       progress=True, labels=labels):  # fmt: skip
+                                       progress=True, labels=labels, guide=guide):  # fmt: skip
         images[indices] = to_uint8(batch.float().cpu())
     return images, {
         "sampler": config.name,
@@ -281,6 +290,8 @@ def evaluate(
     metrics: Sequence[Metric] = METRICS,
     kid_subset_size: int = 1000,
     device: str | torch.device | None = None,
+    guide_ckpt: str | Path | None = None,
+    autoguidance_scale: float | None = None,
 ) -> dict[str, Any]:
     """FID, Inception Score and KID (torch-fidelity) of ``num`` samples of a checkpoint's EMA weights (``ckpt``),
     or of a folder of PNG files (``samples``), against the local real images of ``data`` / ``split``.
@@ -289,6 +300,7 @@ def evaluate(
         sampler, steps, eta, spacing, guidance_scale: how the checkpoint is sampled: a :class:`SamplerConfig`, a
             sampler name or None (the checkpoint's own setting), with the others changed when given. A
             class-conditional checkpoint samples its classes in the proportions of the reference images.
+        guide_ckpt, autoguidance_scale: autoguidance of the checkpoint by this weaker one of the same process.
         seed: sample i is seeded by ``seed + i``.
         num_real: the first ``num_real`` real images (default: all).
         weights: the Inception weights file (``ddpm fid-weights``); default: torch hub's cache, else a download.
@@ -331,6 +343,7 @@ def evaluate(
         images, sampling = generate(
             ckpt, num, sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
             proportions=class_proportions(labelled), seed=seed, batch_size=batch_size, device=device,
+            guide_ckpt=guide_ckpt, autoguidance_scale=autoguidance_scale,
         )  # fmt: skip
         generated = Uint8Images(images)
         source = {"checkpoint": str(ckpt), "num": len(generated), **sampling}
