@@ -18,13 +18,13 @@ def test_choices_match_the_library_names() -> None:
     from ddpm_lightning.evaluation import guidance, inception_weights
     from ddpm_lightning.evaluation.evaluate import DATASETS, METRICS, PAPER_NUM_SAMPLES
 
-    assert set(diffusion.SAMPLERS) <= set(choices.SAMPLERS)
-    assert set(diffusion.SPACINGS) <= set(choices.SPACINGS)
+    assert set(diffusion.SAMPLERS) == set(choices.SAMPLERS)
+    assert set(diffusion.SPACINGS) == set(choices.SPACINGS)
     assert choices.SCHEDULES == diffusion.SCHEDULES
     assert choices.VARIANCES == VARIANCES
     assert (choices.METRICS, choices.EVAL_DATASETS, choices.PAPER_NUM_SAMPLES) == (METRICS, DATASETS, PAPER_NUM_SAMPLES)
     sweep_module = sys.modules["ddpm_lightning.evaluation.sweep"]
-    assert set(sweep_module.SETTINGS) <= set(choices.SWEEP_SETTINGS)
+    assert set(sweep_module.SETTINGS) == set(choices.SWEEP_SETTINGS)
     assert (choices.SWEEP_STEPS, choices.SWEEP_DATASETS) == (sweep_module.STEPS, sweep_module.DATASETS)
     assert choices.GUIDANCE_SCALES == guidance.SCALES
     assert choices.FID_WEIGHTS_SOURCES == get_args(inception_weights.WeightsSource)
