@@ -31,6 +31,7 @@ from ddpm_lightning.diffusion import (
 from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps, is_check_step
 from ddpm_lightning.models import UNet
 from ddpm_lightning.models.unet import LEGACY_SETTINGS
+from ddpm_lightning.optim import LRSchedule, LRScheduleName
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
 
@@ -119,6 +120,10 @@ class DiffusionModule(NonFiniteGuard):
             ranks) and checkpointed.
         lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up, over every trainable
             parameter of the module.
+        lr_schedule: the learning rate after the warm-up (:class:`~ddpm_lightning.optim.LRSchedule`): ``"constant"``
+            (the paper), ``"linear"`` or ``"cosine"`` decay to a floor, ``"wsd"`` (warm-up, stable, decay over the
+            last ``decay_fraction``), e.g. ``{name: cosine, min_lr_ratio: 0.1}``; a decay runs over
+            ``trainer.max_steps`` unless it sets ``total_steps``.
         ema_decay: decay of the weights' EMA (the EMA callback reads it); 0 turns the EMA off.
         sampler: the default :class:`SamplerConfig` of :meth:`sample` and of the commands, e.g.
             ``{name: ddim, steps: 50}``; a bare name means that sampler on all T steps. A class-conditional model
@@ -158,6 +163,7 @@ class DiffusionModule(NonFiniteGuard):
         timestep_sampling: Literal["uniform", "loss_second_moment"] = "uniform",
         lr: float = 2e-4,
         warmup_steps: int = 5000,
+        lr_schedule: LRSchedule | LRScheduleName = "constant",
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema_decay: float = 0.9999,
@@ -211,6 +217,7 @@ class DiffusionModule(NonFiniteGuard):
         # fail at construction, not at the first sampling callback
         self.sampler_config = SamplerConfig.parse(sampler, steps=sample_steps, eta=eta, spacing=sample_spacing)
         self.sampler_config = self.sampler_config_for(self.sampler_config)
+        self.lr_schedule = LRSchedule.parse(lr_schedule)
         self._check_output_shape()
         if channels_last:
             # before any callback copies the module (EMA), so that the copies run in the same format
@@ -231,7 +238,9 @@ class DiffusionModule(NonFiniteGuard):
         # rather than LightningCLI's instantiator, which would hand over a network built without its arguments
         self.hparams.pop("_instantiator", None)
         # a second call, so that the hyper-parameters loggers record (hparams_initial) are the canonical ones too
-        self.save_hyperparameters({**canonical, "sampler": self.sampler_config.to_dict()})
+        self.save_hyperparameters(
+            {**canonical, "sampler": self.sampler_config.to_dict(), "lr_schedule": self.lr_schedule.to_dict()}
+        )
         # checkpoints written before the network was injected name it `unet`: renamed on every load_state_dict
         self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
 
@@ -423,8 +432,8 @@ class DiffusionModule(NonFiniteGuard):
     def _apply_optimizer_settings(self) -> None:
         """Put ``lr``, ``adam_betas`` and ``weight_decay`` into the optimizer and the learning-rate schedule, after
         Lightning has restored them from a checkpoint with the values it was trained with (a resumed run may change
-        them: ``ddpm_lightning.cli.resume``). The warm-up follows ``warmup_steps`` (the schedule's function is
-        rebuilt by :meth:`configure_optimizers`, never restored)."""
+        them: ``ddpm_lightning.cli.resume``). The warm-up and decay follow ``warmup_steps`` and ``lr_schedule`` (the
+        schedule's function is rebuilt by :meth:`configure_optimizers`, never restored)."""
         hp = self.hparams
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
@@ -488,12 +497,11 @@ class DiffusionModule(NonFiniteGuard):
         optimizer = torch.optim.Adam(
             self._trainable(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, fused=True
         )
-        warmup = hp.warmup_steps
-        # linear warm-up of the learning rate, as in Ho et al.'s code: lr * min(step / warmup, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup > 0 else 1.0
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # a function of the step alone, rebuilt here on every fit: a resumed run continues from its restored step
+        schedule, warmup = self.lr_schedule, hp.warmup_steps
+        total = schedule.decay_steps(self.trainer.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- sampling
     def sampling_module(self) -> DiffusionModule:
