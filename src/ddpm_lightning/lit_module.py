@@ -15,9 +15,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,8 +32,10 @@ from ddpm_lightning.diffusion import (
 )
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
+from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps, is_check_step
 from ddpm_lightning.models import UNet
 from ddpm_lightning.models.unet import LEGACY_SETTINGS
+from ddpm_lightning.optim import LRSchedule, LRScheduleName
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
 
@@ -43,10 +43,6 @@ __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_
 _UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
 _SAMPLER_ALIASES = {"sample_steps": "steps", "eta": "eta", "sample_spacing": "spacing"}
-
-
-class NonFiniteLossError(ValueError):
-    """The training loss (and so its gradients) became NaN or infinite."""
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -100,7 +96,7 @@ def build_net(spec: Mapping[str, Any]) -> nn.Module:
     return cls(**init_args)
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(NonFiniteGuard):
     """A DDPM: an injected noise-prediction network trained with L_simple, sampled with the EMA weights.
 
     The defaults are Ho et al. 2020's CIFAR-10 setup: the 35.7M U-Net, T=1000 linear betas 1e-4..0.02, eps
@@ -134,6 +130,10 @@ class DiffusionModule(L.LightningModule):
         ema_decay: deprecated: list ``ddpm_lightning.callbacks.EMA`` (``init_args: {decay: ...}``) in
             ``trainer.callbacks`` instead. ``ddpm fit`` turns a given value into that callback with a warning (0: no
             EMA); Python code passes it to ``default_callbacks``. None: not given.
+        lr_schedule: the learning rate after the warm-up (:class:`~ddpm_lightning.optim.LRSchedule`): ``"constant"``
+            (the paper), ``"linear"`` or ``"cosine"`` decay to a floor, ``"wsd"`` (warm-up, stable, decay over the
+            last ``decay_fraction``), e.g. ``{name: cosine, min_lr_ratio: 0.1}``; a decay runs over
+            ``trainer.max_steps`` unless it sets ``total_steps``.
         sampler: the default :class:`SamplerConfig` of :meth:`sample` and of the commands, e.g.
             ``{name: ddim, steps: 50}``; a bare name means that sampler on all T steps. A class-conditional model
             may set its ``guidance_scale``.
@@ -172,6 +172,7 @@ class DiffusionModule(L.LightningModule):
         timestep_sampling: TimestepSamplingConfig | TimestepSampling = "uniform",
         lr: float = 2e-4,
         warmup_steps: int = 5000,
+        lr_schedule: LRSchedule | LRScheduleName = "constant",
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema_decay: float | None = None,
@@ -222,6 +223,7 @@ class DiffusionModule(L.LightningModule):
         # fail at construction, not at the first sampling callback
         self.sampler_config = SamplerConfig.parse(sampler, steps=sample_steps, eta=eta, spacing=sample_spacing)
         self.sampler_config = self.sampler_config_for(self.sampler_config)
+        self.lr_schedule = LRSchedule.parse(lr_schedule)
         self._check_output_shape()
         if channels_last:
             # before any callback copies the module (EMA), so that the copies run in the same format
@@ -243,12 +245,9 @@ class DiffusionModule(L.LightningModule):
         # rather than LightningCLI's instantiator, which would hand over a network built without its arguments
         compat.drop_cli_keys(self.hparams)
         # a second call, so that the hyper-parameters loggers record (hparams_initial) are the canonical ones too
-        self.save_hyperparameters({**canonical, "sampler": self.sampler_config.to_dict()})
-        self._nonfinite = NonFiniteSteps()
-        self._loss: torch.Tensor | None = None
-        self._grad_norm: torch.Tensor | None = None
-        self._skips_reported = 0
-        self.last_loss: float | None = None  # the training loss as last read on the host (logging steps)
+        self.save_hyperparameters(
+            {**canonical, "sampler": self.sampler_config.to_dict(), "lr_schedule": self.lr_schedule.to_dict()}
+        )
         # checkpoints written before the network was injected name it `unet`: renamed on every load_state_dict
         self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
 
@@ -397,13 +396,8 @@ class DiffusionModule(L.LightningModule):
         return y
 
     # -------------------------------------------------------------------------------------------- checkpoints
-    @property
-    def nonfinite_skips(self) -> int:
-        """Optimizer steps skipped for non-finite gradients so far (reads a device counter: a sync)."""
-        return int(self._nonfinite.count)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite_skips"] = self.nonfinite_skips
+        super().on_save_checkpoint(checkpoint)
         if self.timestep_sampler is not None:
             checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
 
@@ -411,7 +405,7 @@ class DiffusionModule(L.LightningModule):
         upgrade_state_dict(checkpoint["state_dict"])
         source = str(self.trainer.ckpt_path) if compat.attached_trainer(self) is not None else "being loaded"
         check_state_dict_shapes(self, checkpoint["state_dict"], source)
-        self._nonfinite = NonFiniteSteps(checkpoint.get("nonfinite_skips", 0))
+        super().on_load_checkpoint(checkpoint)
         if self.timestep_sampler is not None and "timestep_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
 
@@ -439,18 +433,14 @@ class DiffusionModule(L.LightningModule):
                 "change the data"
             )
 
-    def on_fit_start(self) -> None:
-        self._skips_reported = self.nonfinite_skips
-        self._nonfinite = NonFiniteSteps(self._skips_reported, self.device)
-
     def on_train_start(self) -> None:
         self._apply_optimizer_settings()
 
     def _apply_optimizer_settings(self) -> None:
         """Put ``lr``, ``adam_betas`` and ``weight_decay`` into the optimizer and the learning-rate schedule, after
         Lightning has restored them from a checkpoint with the values it was trained with (a resumed run may change
-        them: ``ddpm_lightning.cli.resume``). The warm-up follows ``warmup_steps`` (the schedule's function is
-        rebuilt by :meth:`configure_optimizers`, never restored)."""
+        them: ``ddpm_lightning.cli.resume``). The warm-up and decay follow ``warmup_steps`` and ``lr_schedule`` (the
+        schedule's function is rebuilt by :meth:`configure_optimizers`, never restored)."""
         hp = self.hparams
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
@@ -486,77 +476,6 @@ class DiffusionModule(L.LightningModule):
             return values
         return self.all_gather(values).reshape(-1)
 
-    def _trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self._trainable() if p.grad is not None]
-        grad_norm, found_inf = self._nonfinite.update(grads, self._loss, self.global_step)
-        self._grad_norm = grad_norm
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            # fused optimizers read found_inf after the closure: 1.0 leaves weights and moments as they were
-            if not compat.set_found_inf(optimizer, found_inf) and found_inf.item():
-                # any other optimizer (a host sync): without gradients it updates nothing
-                for p in self._trainable():
-                    p.grad = None
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
-        # float16 loss scaling skips the steps with non-finite gradients itself (they may still be scaled here, so no
-        # grad_norm): counted all the same
-        self.log("train/nonfinite_skips", self._nonfinite.count.float(), on_step=True, on_epoch=False)
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip the gradients (``trainer.gradient_clip_val``), by their total norm unless the algorithm is "value".
-
-        Done here rather than by Lightning's precision plugin, which refuses to clip for fused Adam under mixed
-        precision. The norm is the one the non-finite guard has just computed: no second pass over the gradients.
-        """
-        if not gradient_clip_val:
-            return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # fused Adam would unscale inside its step, after the clipping
-        parameters = [p for p in self._trainable() if p.grad is not None]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
-            return
-        grad_norm = self._grad_norm if scaler is None else torch.nn.utils.get_total_norm([p.grad for p in parameters])
-        torch.nn.utils.clip_grads_with_norm_(parameters, gradient_clip_val, grad_norm)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for optimizer in self.trainer.optimizers:
-            compat.clear_found_inf(optimizer)
-        if is_check_step(self.trainer) or self.global_step == 1:
-            self.last_loss = float(self._loss)
-            self._check_nonfinite()
-
-    def on_train_end(self) -> None:
-        self._check_nonfinite()
-
-    def _check_nonfinite(self) -> None:
-        """Stop naming the first step whose gradients were not finite (``"stop"``), or warn (``"skip"``): a sync."""
-        count, step, loss = self._nonfinite.read()
-        if count == self._skips_reported:
-            return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            self._skips_reported = count  # float16 loss scaling expects skipped steps while it calibrates its scale
-            return
-        if self.hparams.nonfinite_loss == "stop":
-            raise NonFiniteLossError(
-                f"the training loss is {loss} at step {step} and its gradients are not finite: that optimizer step "
-                f"was skipped, {count} in all up to step {self.global_step}; check the data and the learning rate, "
-                "or set model.nonfinite_loss=skip"
-            )
-        plural = "s" if count > 1 else ""
-        rank_zero_warn(
-            f"{count} optimizer step{plural} skipped for non-finite gradients so far, the first at step {step}"
-        )
-        self._skips_reported = count
-
     def _fixed_seed_loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, int]:
         """L_simple with t and eps drawn from a seed fixed per batch, so evaluation losses are comparable."""
         x0 = _images(batch)
@@ -586,12 +505,11 @@ class DiffusionModule(L.LightningModule):
         optimizer = torch.optim.Adam(
             self._trainable(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, fused=True
         )
-        warmup = hp.warmup_steps
-        # linear warm-up of the learning rate, as in Ho et al.'s code: lr * min(step / warmup, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup > 0 else 1.0
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # a function of the step alone, rebuilt here on every fit: a resumed run continues from its restored step
+        schedule, warmup = self.lr_schedule, hp.warmup_steps
+        total = schedule.decay_steps(self.trainer.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- sampling
     def use_average(self, average: WeightAverage | None) -> None:
@@ -714,44 +632,3 @@ class DiffusionModule(L.LightningModule):
 
 def _upgrade_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     upgrade_state_dict(state_dict, prefix)
-
-
-# ------------------------------------------------------------------------------------------------ loss guard
-def is_check_step(trainer: L.Trainer, step: int | None = None) -> bool:
-    """Whether host-side checks may read device values (a host-device sync) once ``step`` optimizer steps are done.
-
-    These are the logging steps (every ``trainer.log_every_n_steps``, or 50 when logging is off), where the logger
-    reads its metrics anyway, so that the steps in between run without a synchronisation. ``step`` defaults to
-    ``trainer.global_step``, the steps done so far.
-    """
-    every = trainer.log_every_n_steps or 50
-    return (trainer.global_step if step is None else step) % every == 0
-
-
-class NonFiniteSteps:
-    """Optimizer steps whose gradients hold a NaN or an infinity, counted on the device.
-
-    :meth:`update` gives the flag that fused Adam reads as ``found_inf``: when it is 1 the update is skipped on the
-    device (weights and moments untouched), so no step has to wait for the host to look at the loss. Under DDP the
-    check runs on the all-reduced gradients, which are the same on every process, so all of them agree without a
-    collective of their own. :meth:`read` is the only host-device synchronisation.
-    """
-
-    def __init__(self, count: int = 0, device: torch.device | str = "cpu") -> None:
-        self.count = torch.tensor(count, dtype=torch.long, device=device)
-        self.first_step = torch.tensor(-1, dtype=torch.long, device=device)
-        self.first_loss = torch.tensor(float("nan"), device=device)
-
-    def update(self, grads: list[torch.Tensor], loss: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Record the step; return the gradients' total 2-norm and the float ``found_inf`` flag (1.0: skip)."""
-        grad_norm = torch.nn.utils.get_total_norm(grads)
-        found = ~torch.isfinite(grad_norm)
-        first = found & (self.first_step < 0)
-        self.first_step.masked_fill_(first, step)
-        self.first_loss = torch.where(first, loss.detach().float(), self.first_loss)
-        self.count += found
-        return grad_norm, found.float()
-
-    def read(self) -> tuple[int, int, float]:
-        """(count, step of the first, that step's loss on this process): synchronises with the device."""
-        return int(self.count), int(self.first_step), float(self.first_loss)

@@ -8,7 +8,9 @@ keeps the given one for ``--ckpt_path last``), so a ``--model.*`` given with a c
   image shape, T, the schedule, the objective, the variance, anything new) stop the run with one message listing
   every difference;
 - settings that can (:data:`SAFE_SETTINGS`) are applied and printed; the module puts them into the restored
-  optimizer and learning-rate schedule (``DiffusionModule.on_train_start``);
+  optimizer and learning-rate schedule (``DiffusionModule.on_train_start``). The schedule is a function of the step:
+  a changed ``lr_schedule``, ``warmup_steps`` or ``trainer.max_steps`` (a decay's length) takes effect from the
+  restored step on, as if the run had always had it;
 - settings left at their defaults take the checkpoint's values.
 """
 
@@ -28,6 +30,7 @@ from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.diffusion.timesteps import TimestepSamplingConfig
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
+from ddpm_lightning.optim import LRSchedule
 
 __all__ = [
     "SAFE_SETTINGS",
@@ -44,6 +47,7 @@ SAFE_SETTINGS = (
     "weight_decay",
     "warmup_steps",
     "ema_decay",  # deprecated (the EMA callback's decay, which a resume may change): checkpoints of earlier versions
+    "lr_schedule",
     "sampler",
     "nonfinite_loss",
     "compile",
@@ -65,7 +69,7 @@ def _plain(value: Any) -> Any:
     """Namespaces, dataclasses, tuples as dicts and lists, for comparing given settings with stored ones."""
     if isinstance(value, Namespace):
         value = value.as_dict()
-    if isinstance(value, SamplerConfig):
+    if isinstance(value, (SamplerConfig, LRSchedule)):
         return value.to_dict()
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
@@ -160,6 +164,8 @@ def reconcile_model_settings(given: Mapping[str, Any], stored: Mapping[str, Any]
             mine, theirs, default = _sampler(given.get(key)), _sampler(value), _sampler(defaults.get(key))
         elif key == "timestep_sampling":  # a bare name (earlier checkpoints) equals its mapping with the defaults
             mine, theirs, default = (_timesteps(v) for v in (given.get(key), value, defaults.get(key)))
+        elif key == "lr_schedule":
+            mine, theirs, default = (LRSchedule.parse(_plain(v)).to_dict() for v in (given.get(key), value, "constant"))
         else:
             mine, theirs, default = given.get(key), value, defaults.get(key, given.get(key))
         if _same(mine, theirs):

@@ -1,0 +1,111 @@
+"""The learning-rate schedule: a linear warm-up, then constant (the paper), a linear or cosine decay to a floor, or
+warm-up-stable-decay; one frozen setting, validated once, whose factor is a pure function of the step.
+
+Because the factor depends only on (step, warm-up, decay length), a resumed run recomputes it from the restored step:
+it continues where it stopped, and a resume that changes the setting (or the run's length) follows the new formula
+from that step on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
+
+__all__ = ["DECAYING", "LR_SCHEDULES", "LRSchedule", "LRScheduleName"]
+
+LRScheduleName = Literal["constant", "linear", "cosine", "wsd"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LRScheduleName)
+#: the schedules that decay, and so need the run's length
+DECAYING = ("linear", "cosine", "wsd")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate after its linear warm-up, as a factor of ``lr``.
+
+    With ``s`` the optimizer steps done, ``W`` the warm-up steps, ``N`` the decay length and ``r`` ``min_lr_ratio``:
+    warm-up ``min((s + 1) / W, 1)`` for ``s < W`` (Ho et al.'s code), then
+
+    - ``constant``: 1 (the paper);
+    - ``linear``: ``1 - (1 - r) p`` with ``p = (s - W) / (N - W)`` clipped to [0, 1];
+    - ``cosine``: ``r + (1 - r) (1 + cos(pi p)) / 2`` (Loshchilov & Hutter 2017, without restarts);
+    - ``wsd``: warm-up, stable at 1, then linear to ``r`` over the last ``decay_fraction`` of the N steps (Hu et al.
+      2024, MiniCPM): ``1 - (1 - r) q``, ``q = (s - S) / (N - S)`` clipped, ``S = N - round(decay_fraction N)``.
+
+    Args:
+        name: the schedule, one of :data:`LR_SCHEDULES`.
+        min_lr_ratio: the floor r of the decaying schedules, as a fraction of ``lr`` in [0, 1].
+        decay_fraction: ``wsd``'s share of the run spent decaying, in (0, 1].
+        total_steps: the decay length N in optimizer steps; None: the run's ``trainer.max_steps`` (a decaying schedule
+            refuses a run without one, e.g. one bounded by ``max_time`` only).
+
+    In YAML: ``lr_schedule: {name: wsd, decay_fraction: 0.3}`` or a bare name, ``lr_schedule: cosine``.
+    """
+
+    name: LRScheduleName = "constant"
+    min_lr_ratio: float = 0.0
+    decay_fraction: float = 0.2
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.name!r}; allowed: {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"lr_schedule.min_lr_ratio must be in [0, 1] (a fraction of lr), got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"lr_schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
+        ):
+            raise ValueError(f"lr_schedule.total_steps must be a positive integer or null, got {self.total_steps!r}")
+
+    @classmethod
+    def parse(cls, value: LRSchedule | Mapping[str, Any] | str | None) -> LRSchedule:
+        """A schedule from a schedule, a mapping (YAML), a bare name or None (the paper's constant)."""
+        if isinstance(value, LRSchedule):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**value)
+        if isinstance(value, str):
+            return cls(name=value)  # type: ignore[arg-type]
+        if value is None:
+            return cls()
+        raise ValueError(f"lr_schedule must be a name ({', '.join(LR_SCHEDULES)}) or a mapping, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for hyper-parameters."""
+        return dataclasses.asdict(self)
+
+    def decay_steps(self, max_steps: int | None) -> int | None:
+        """The decay length N: ``total_steps``, else ``max_steps`` (the run's, -1 or None: none); ValueError when a
+        decaying schedule has neither."""
+        if self.total_steps is not None:
+            return self.total_steps
+        if max_steps is not None and max_steps > 0:
+            return max_steps
+        if self.name in DECAYING:
+            raise ValueError(
+                f"lr_schedule {self.name!r} decays over the run's length, but the run has no trainer.max_steps "
+                f"(got {max_steps}; a run bounded by max_time or epochs only): set trainer.max_steps or "
+                "model.lr_schedule.total_steps"
+            )
+        return None
+
+    def factor(self, step: int, warmup_steps: int, total_steps: int | None) -> float:
+        """The learning rate of optimizer step ``step`` (0-based: the steps done) as a factor of ``lr``."""
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if self.name == "constant":
+            return 1.0
+        assert total_steps is not None, "decay_steps() gives a decaying schedule its length"
+        r = self.min_lr_ratio
+        if self.name == "wsd":
+            start = total_steps - round(self.decay_fraction * total_steps)
+            q = min(max((step - start) / max(total_steps - start, 1), 0.0), 1.0)
+            return 1.0 - (1.0 - r) * q
+        p = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+        if self.name == "linear":
+            return 1.0 - (1.0 - r) * p
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
