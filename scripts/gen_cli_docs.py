@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import os
 import re
@@ -54,7 +55,8 @@ def render() -> str:
             "fit, validate, test, predict: LightningCLI over DiffusionModule and any LightningDataModule",
             "```",
         ]
-        for name, main in COMMANDS.items():
+        for name, (module, _) in COMMANDS.items():
+            main = importlib.import_module(module).main
             text = _help(lambda main=main: main(["--help"]))
             parts += ["", f"## `ddpm {name}`", "", "```text", text, "```"]
         # the subclasses jsonargparse lists are those imported so far in this process: left out, as they vary

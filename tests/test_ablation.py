@@ -29,6 +29,7 @@ def _small_config(tmp_path: Path, classifier_cache: Path) -> Path:
     """configs/ablation/demo.yaml with its callbacks scaled down (the network and steps come from TINY)."""
     config = yaml.safe_load((CONFIGS / "ablation/demo.yaml").read_text())
     sizes = {
+        "EMA": {},
         "BPDCallback": {"num_images": 4, "t_samples": 2, "batch_size": 4},
         "DemoReport": {"num_samples": 4, "num_eval_samples": 16, "sampler": {"name": "ddpm", "steps": 3},
                        "classifier_epochs": CLASSIFIER_TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache)},

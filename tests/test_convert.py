@@ -15,6 +15,7 @@ from torch import nn
 from ddpm_lightning.checkpoint import CheckpointError
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.fit import init_from
+from ddpm_lightning.diffusion import samplers
 from ddpm_lightning.interop.diffusers import LayoutError, from_diffusers, to_diffusers, unet_from_config
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import DiffusersUNet, UNet
@@ -212,7 +213,7 @@ def test_one_ancestral_step_agrees_with_ddpm_scheduler_step(variance, objective,
         timesteps = torch.full((2,), t)
         mean_output, var_values = diffusion.split_output(output)
         eps = diffusion.model_output_to_eps(mean_output, x_t, timesteps)
-        ours = diffusion.ddpm_step(eps, x_t, timesteps, noise, clip_denoised=True, var_values=var_values)
+        ours = samplers.ddpm_step(diffusion, eps, x_t, timesteps, noise, clip_denoised=True, var_values=var_values)
         torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
 
 

@@ -2,6 +2,7 @@
 quoted in a code block parses, docs/cli.md is the commands' current ``--help``, and the README's Python example
 trains and samples."""
 
+import importlib
 import re
 import shlex
 import sys
@@ -117,7 +118,7 @@ def command_errors(commands: list[list[str]]) -> list[str]:
                 fit_parser = fit_parser or _fit_parser()
                 fit_parser.parse_args([name, *(a for a in args if a != "--print_config")])
             elif name in COMMANDS:
-                parser = sys.modules[COMMANDS[name].__module__].build_parser()
+                parser = importlib.import_module(COMMANDS[name][0]).build_parser()
                 # ablate hands the arguments it does not know to `ddpm fit`
                 (parser.parse_known_args if name == "ablate" else parser.parse_args)(args)
             else:

@@ -18,6 +18,7 @@ from ddpm_lightning.diffusion import (
     discretized_gaussian_log_likelihood,
     make_betas,
     normal_kl,
+    samplers,
 )
 from ddpm_lightning.diffusion.gaussian import HYBRID_LAMBDA
 from ddpm_lightning.evaluation.nll import off_grid_distance, quantize_to_grid
@@ -287,8 +288,8 @@ def test_the_ancestral_step_uses_the_learned_variance_and_the_strided_one_its_re
     g = torch.Generator().manual_seed(6)
     x_t, eps, z = (torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     v = torch.full_like(x_t, 0.5)  # frac = 0.75
-    a = diffusion.ddpm_step(eps, x_t, 40, z * 0, clip_denoised=False, var_values=v)
-    b = diffusion.ddpm_step(eps, x_t, 40, z, clip_denoised=False, var_values=v)
+    a = samplers.ddpm_step(diffusion, eps, x_t, 40, z * 0, clip_denoised=False, var_values=v)
+    b = samplers.ddpm_step(diffusion, eps, x_t, 40, z, clip_denoised=False, var_values=v)
     post_var = betas * (1 - abar_prev) / (1 - abar)
     sigma2 = np.exp(0.75 * np.log(betas[40]) + 0.25 * np.log(post_var[40]))
     np.testing.assert_allclose(((b - a) / z).numpy(), math.sqrt(sigma2), rtol=1e-9)
@@ -296,8 +297,8 @@ def test_the_ancestral_step_uses_the_learned_variance_and_the_strided_one_its_re
     # beta~'_i = (1 - abar_{S_{i-1}}) / (1 - abar_{S_i}) beta'_i
     S = [0, 30, 60, 99]
     respaced = diffusion.respaced(S)
-    a = respaced.ddpm_step(eps, x_t, 2, z * 0, clip_denoised=False, var_values=v)
-    b = respaced.ddpm_step(eps, x_t, 2, z, clip_denoised=False, var_values=v)
+    a = samplers.ddpm_step(respaced, eps, x_t, 2, z * 0, clip_denoised=False, var_values=v)
+    b = samplers.ddpm_step(respaced, eps, x_t, 2, z, clip_denoised=False, var_values=v)
     beta_r = 1 - abar[60] / abar[30]
     post_r = (1 - abar[30]) / (1 - abar[60]) * beta_r
     np.testing.assert_allclose(

@@ -507,7 +507,8 @@ class DiffusionModule(NonFiniteGuard):
         )
         # a function of the step alone, rebuilt here on every fit: a resumed run continues from its restored step
         schedule, warmup = self.lr_schedule, hp.warmup_steps
-        total = schedule.decay_steps(self.trainer.max_steps)
+        trainer = compat.attached_trainer(self)
+        total = schedule.decay_steps(trainer.max_steps if trainer is not None else None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

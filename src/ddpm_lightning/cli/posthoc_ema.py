@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm posthoc-ema --run DIR --sigma-rel S [S ...] [--out DIR] [--step N]``."""
+    args = build_parser().parse_args(argv)
     from ddpm_lightning.callbacks.posthoc_ema import reconstruct_posthoc_ema  # torch only once the command runs
 
-    args = build_parser().parse_args(argv)
     for path in reconstruct_posthoc_ema(args.run, args.sigma_rel, args.out, args.step):
         print(f"wrote {path}")
     return 0
