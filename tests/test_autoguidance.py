@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ddpm_lightning.callbacks import GuideCheckpoint
+from ddpm_lightning.cli import main
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
@@ -22,7 +23,7 @@ def _module(num_timesteps: int = 20, image_size: int = 8, schedule: str = "cosin
 
 
 @pytest.mark.integration
-def test_a_run_keeps_its_guide_checkpoint_and_samples_guided_by_it(tmp_path: Path):
+def test_a_run_keeps_its_guide_checkpoint_and_samples_guided_by_it(tmp_path: Path, capsys):
     module = _module(image_size=28, lr=1e-2, warmup_steps=0)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
@@ -42,6 +43,14 @@ def test_a_run_keeps_its_guide_checkpoint_and_samples_guided_by_it(tmp_path: Pat
         module.sample(3, SamplerConfig("dpmpp_2m", 4, autoguidance_scale=3.0), seed=1, guide=module), plain,
         rtol=1e-4, atol=1e-4,
     )  # fmt: skip
+    # the command line: ddpm sample --guide-ckpt PATH --autoguidance-scale w
+    args = ["sample", "--ckpt", str(path), "--num", "2", "--sampler", "ddim", "--steps", "2", "--out"]
+    with pytest.raises(SystemExit) as done:
+        main([*args, str(tmp_path / "s"), "--guide-ckpt", str(path), "--autoguidance-scale", "2"])
+    assert done.value.code == 0 and (tmp_path / "s" / "grid.png").is_file()
+    with pytest.raises(SystemExit) as done:
+        main([*args, str(tmp_path / "t"), "--autoguidance-scale", "2"])
+    assert done.value.code == 2 and "needs --guide-ckpt" in capsys.readouterr().err
 
 
 @pytest.mark.unit

@@ -1,8 +1,14 @@
-"""The names a command line offers (samplers, spacings, schedules, ...), as plain tuples with no torch import.
+"""The names a command line offers (samplers, spacings, schedules, ...), as plain tuples with no torch import, and the
+options several commands share.
 
 Command parsers take their choices from here so that ``--help`` answers without importing torch;
 ``tests/test_choices.py`` checks these names against the library's own.
 """
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun")
 SPACINGS = ("uniform", "quadratic", "karras")
@@ -17,3 +23,16 @@ SWEEP_DATASETS = ("auto", "digits", "cifar10")
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0)
 FID_WEIGHTS_SOURCES = ("auto", "cache", "fid-helper")
 FID_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def add_autoguidance_arguments(parser: argparse.ArgumentParser, default: float | None = None) -> None:
+    """``--guide-ckpt`` and ``--autoguidance-scale``, the same in every command that samples."""
+    parser.add_argument(
+        "--guide-ckpt",
+        type=Path,
+        default=None,
+        help="autoguidance: a weaker checkpoint of the same process (an early one of the run, or a smaller network)",
+    )
+    parser.add_argument(
+        "--autoguidance-scale", type=float, default=default, help="autoguidance weight w (1: none; needs --guide-ckpt)"
+    )

@@ -31,6 +31,7 @@ __all__ = [
     "cycle_labels",
     "default_device",
     "iter_samples",
+    "load_guide",
     "load_module",
     "proportional_labels",
     "sample_to_folder",
@@ -141,6 +142,15 @@ def iter_samples(
         yield batch, module.sample(len(batch), config, seeds=[seed + i for i in batch], y=y, guide=guide)
 
 
+def load_guide(
+    guide_ckpt: str | Path | None, config: SamplerConfig, device: str | torch.device | None = None
+) -> DiffusionModule | None:
+    """The autoguidance guide of ``guide_ckpt`` (None without one); refuses an ``autoguidance_scale`` without it."""
+    if guide_ckpt is None and config.autoguidance_scale != 1:
+        raise ValueError(f"--autoguidance-scale {config.autoguidance_scale:g} needs --guide-ckpt (a weaker checkpoint)")
+    return load_module(guide_ckpt, device) if guide_ckpt is not None else None
+
+
 def sample_to_folder(
     ckpt: str | Path,
     out: str | Path,
@@ -178,9 +188,7 @@ def sample_to_folder(
         sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
         autoguidance_scale=autoguidance_scale,
     )  # fmt: skip
-    if guide_ckpt is None and config.autoguidance_scale != 1:
-        raise ValueError(f"--autoguidance-scale {config.autoguidance_scale:g} needs --guide-ckpt (a weaker checkpoint)")
-    guide = load_module(guide_ckpt, device) if guide_ckpt is not None else None
+    guide = load_guide(guide_ckpt, config, device)
     if module.num_classes is None and (classes or grid_by_class):
         raise ValueError(f"--class and --grid-by-class need a class-conditional model; {ckpt} is unconditional")
     if module.num_classes is not None:

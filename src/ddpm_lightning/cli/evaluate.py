@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ddpm_lightning.choices import EVAL_DATASETS as DATASETS
-from ddpm_lightning.choices import METRICS, PAPER_NUM_SAMPLES, SAMPLERS, SPACINGS
+from ddpm_lightning.choices import METRICS, PAPER_NUM_SAMPLES, SAMPLERS, SPACINGS, add_autoguidance_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,15 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scale of a class-conditional model (default: the checkpoint's); its classes "
         "are drawn in the reference data's proportions",
     )
-    parser.add_argument(
-        "--guide-ckpt",
-        type=Path,
-        default=None,
-        help="autoguidance: a weaker checkpoint of the same process (an early one of the run, or a smaller network)",
-    )
-    parser.add_argument(
-        "--autoguidance-scale", type=float, default=None, help="autoguidance weight w (1: none; needs --guide-ckpt)"
-    )
+    add_autoguidance_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
     parser.add_argument(
         "--weights",

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.choices import SAMPLERS, SPACINGS
+from ddpm_lightning.choices import SAMPLERS, SPACINGS, add_autoguidance_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="class of a conditional model; repeat it for several: image i gets the i-th, cycling (default: all)",
     )
-    parser.add_argument(
-        "--guide-ckpt",
-        type=Path,
-        default=None,
-        help="autoguidance: a weaker checkpoint of the same process (an early one of the run, or a smaller network)",
-    )
-    parser.add_argument(
-        "--autoguidance-scale", type=float, default=None, help="autoguidance weight w (1: none; needs --guide-ckpt)"
-    )
+    add_autoguidance_arguments(parser)
     parser.add_argument("--grid-by-class", action="store_true", help="grid.png with one row per class")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -13,6 +13,7 @@ from pathlib import Path
 from ddpm_lightning.choices import SWEEP_DATASETS as DATASETS
 from ddpm_lightning.choices import SWEEP_SETTINGS as SETTINGS
 from ddpm_lightning.choices import SWEEP_STEPS as STEPS
+from ddpm_lightning.choices import add_autoguidance_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,15 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(STEPS),
         help="network evaluations (NFE), default: 1000 250 100 50 20 10; --nfe is a deprecated alias",
     )
-    parser.add_argument(
-        "--guide-ckpt",
-        type=Path,
-        default=None,
-        help="autoguidance: a weaker checkpoint of the same process (an early one of the run, or a smaller network)",
-    )
-    parser.add_argument(
-        "--autoguidance-scale", type=float, default=1.0, help="autoguidance weight w (1: none; needs --guide-ckpt)"
-    )
+    add_autoguidance_arguments(parser, default=1.0)
     parser.add_argument("--num", type=int, default=250, help="samples per (sampler, NFE) (default 250)")
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=250, help="default 250")

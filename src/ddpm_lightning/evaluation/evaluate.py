@@ -28,7 +28,7 @@ from ddpm_lightning.evaluation.inception_weights import (
     resolve_fid_weights,
 )
 from ddpm_lightning.evaluation.real_stats import file_digest, real_stats_key, real_stats_name
-from ddpm_lightning.sampling import default_device, iter_samples, load_module, proportional_labels
+from ddpm_lightning.sampling import default_device, iter_samples, load_guide, load_module, proportional_labels
 
 __all__ = [
     "DATASETS",
@@ -122,9 +122,7 @@ def generate(
         sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
         autoguidance_scale=autoguidance_scale,
     )  # fmt: skip
-    if guide_ckpt is None and config.autoguidance_scale != 1:
-        raise ValueError(f"--autoguidance-scale {config.autoguidance_scale:g} needs --guide-ckpt (a weaker checkpoint)")
-    guide = load_module(guide_ckpt, device) if guide_ckpt is not None else None
+    guide = load_guide(guide_ckpt, config, device)
     T = module.diffusion.num_timesteps
     nfe = config.nfe(T)  # checks the step count against T before any sampling
     labels, classes = None, None
