@@ -175,6 +175,33 @@ def test_a_signal_during_the_demo_writes_last_ckpt_and_ends_with_the_report(tmp_
     assert signal_module.getsignal(signal_module.SIGINT) is signal_module.default_int_handler  # handler restored
 
 
+def test_the_report_autoguides_with_a_guide_written_during_the_run(tmp_path, classifier_cache) -> None:
+    guided = {"name": "ddim", "steps": 3, "autoguidance_scale": 2.0}
+    guide = {"class_path": "ddpm_lightning.callbacks.GuideCheckpoint", "init_args": {"at_step": 2}}
+    report = {
+        "class_path": "ddpm_lightning.callbacks.DemoReport",
+        "init_args": {"num_samples": 4, "num_eval_samples": 16, "sampler": guided, "guide_ckpt": "guide.ckpt",
+                      "classifier_epochs": TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache)},
+    }  # fmt: skip
+    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=4", extra_callbacks=(guide, report))
+    metrics = json.loads((run / "metrics.json").read_text())
+    guide_ckpt = run / "checkpoints" / "guide.ckpt"
+    assert metrics["guide_ckpt"] == str(guide_ckpt) and metrics["sampler"].endswith("-ag2")
+    assert torch.load(guide_ckpt, weights_only=True)["global_step"] == 2
+    # the unguided row samples the same seeds without the guide: a step-2 guide changes the samples
+    assert metrics["unguided"]["frechet_distance"] != metrics["trained"]["frechet_distance"]
+
+
+def test_the_report_refuses_autoguidance_without_a_guide(tmp_path) -> None:
+    with pytest.raises(ValueError, match="autoguidance needs both"):
+        DemoReport(sampler={"name": "ddim", "steps": 3, "autoguidance_scale": 2.0})
+    trainer = mock.Mock(datamodule=EmbeddedDigitsDataModule(), callbacks=[], default_root_dir=str(tmp_path))
+    trainer.checkpoint_callbacks = []
+    report = DemoReport(sampler={"name": "ddim", "steps": 3, "autoguidance_scale": 2.0}, guide_ckpt="guide.ckpt")
+    with pytest.raises(ValueError, match="no GuideCheckpoint"):  # before the first step, not after training
+        report.setup(trainer, mock.Mock(**{"diffusion.num_timesteps": 100}), "fit")
+
+
 def test_demo_report_refuses_other_data() -> None:
     trainer = mock.Mock(datamodule=object())
     with pytest.raises(ValueError, match="EmbeddedDigitsDataModule"):

@@ -11,6 +11,7 @@ of samples that the classifier reads as their requested class.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -23,10 +24,12 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from ddpm_lightning import io
+from ddpm_lightning.callbacks.guide import GuideCheckpoint
+from ddpm_lightning.callbacks.resilience import last_checkpoint_path
 from ddpm_lightning.callbacks.sampling import callback_sampler, render_samples
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
-from ddpm_lightning.sampling import class_rows, iter_samples
+from ddpm_lightning.sampling import class_rows, iter_samples, load_module
 
 __all__ = ["DEMO_SAMPLER", "DemoReport"]
 
@@ -73,6 +76,9 @@ class DemoReport(Callback):
         classifier_cache_dir: where the classifier is cached; default ``$XDG_CACHE_HOME/ddpm-lightning``.
         untrained_baseline: also score the untrained model (its initial weights, sampled the same way); an
             ablation turns it off to save the sampling time.
+        guide_ckpt: autoguidance's weaker model, used with ``sampler.autoguidance_scale``: a checkpoint path, or a
+            bare file name in the run's checkpoint folder, where :class:`~ddpm_lightning.callbacks.GuideCheckpoint`
+            writes it during the run (e.g. ``guide.ckpt``). The report then also scores the unguided samples.
         num_steps, eta, spacing: deprecated: ``sampler.steps``, ``sampler.eta``, ``sampler.spacing``.
     """
 
@@ -90,6 +96,7 @@ class DemoReport(Callback):
         classifier_cache_dir: str | None = None,
         spacing: Spacing | None = None,
         untrained_baseline: bool = True,
+        guide_ckpt: str | None = None,
     ):
         if not 1 <= num_samples <= num_eval_samples:
             raise ValueError(
@@ -97,6 +104,12 @@ class DemoReport(Callback):
                 f"num_eval_samples={num_eval_samples}"
             )
         self.sampler = callback_sampler(sampler, num_steps, eta, spacing, 25, type(self).__name__)
+        if (self.sampler.autoguidance_scale != 1) != (guide_ckpt is not None):
+            raise ValueError(
+                f"DemoReport: sampler.autoguidance_scale={self.sampler.autoguidance_scale:g} and "
+                f"guide_ckpt={guide_ckpt!r}: autoguidance needs both (a scale other than 1 and a guide checkpoint)"
+            )
+        self.guide_ckpt = guide_ckpt
         self.num_samples = num_samples
         self.num_eval_samples = num_eval_samples
         self.chain_samples = chain_samples
@@ -119,9 +132,28 @@ class DemoReport(Callback):
                 f"got {type(datamodule).__name__}"
             )
         self.sampler.timesteps(pl_module.diffusion.num_timesteps)
+        if self.guide_ckpt is not None:
+            self._check_guide(trainer)
         if stage == "fit" and self.untrained_baseline:
             # the untrained baseline: the weights before the first step (and before a checkpoint is restored)
             self._initial_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+    def guide_path(self, trainer: L.Trainer) -> Path | None:
+        """The guide checkpoint: ``guide_ckpt``, a bare file name taken in the run's checkpoint folder."""
+        if self.guide_ckpt is None:
+            return None
+        path = Path(self.guide_ckpt)
+        return last_checkpoint_path(trainer).with_name(path.name) if path.parent == Path() else path
+
+    def _check_guide(self, trainer: L.Trainer) -> None:
+        """Before the first step: the guide exists, or a GuideCheckpoint of this run will write it."""
+        path = self.guide_path(trainer)
+        written = any(isinstance(c, GuideCheckpoint) and c.filename == path.name for c in trainer.callbacks)
+        if not path.is_file() and not (written and path.parent == last_checkpoint_path(trainer).parent):
+            raise ValueError(
+                f"DemoReport: the guide checkpoint {path} does not exist and no GuideCheckpoint(filename="
+                f"{path.name!r}) of this run writes it; add one (e.g. at_fraction: 0.3) or give an existing checkpoint"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_start = time.perf_counter()
@@ -170,9 +202,17 @@ class DemoReport(Callback):
             epochs=self.classifier_epochs,
             cache_dir=self.classifier_cache_dir,
         )
-        images = self._eval_samples(pl_module)
+        guide_path = self.guide_path(trainer)
+        guide = None if guide_path is None else load_module(guide_path, pl_module.device)
+        images = self._eval_samples(pl_module, guide)
         _, _, strip = render_samples(
-            pl_module, self.chain_samples, self.chain_samples, self.chain_steps, sampler=self.sampler, seed=self.seed
+            pl_module,
+            self.chain_samples,
+            self.chain_samples,
+            self.chain_steps,
+            sampler=self.sampler,
+            seed=self.seed,
+            guide=guide,
         )
         K = pl_module.num_classes
         labels = None if K is None else torch.arange(len(images)) % K  # iter_samples' classes: i mod K
@@ -183,12 +223,13 @@ class DemoReport(Callback):
             io.save_grid(class_rows(images, labels.tolist(), range(K), per_row), root / "samples.png", nrow=per_row)
         io.save_png(strip, root / "chain.png")
 
+        plain = dataclasses.replace(self.sampler, autoguidance_scale=1.0)
         untrained_images = None
         if self.untrained_baseline:
-            # the same module with the weights it had before the first step, sampled the same way
+            # the same module with the weights it had before the first step, sampled the same way (unguided)
             untrained = copy.deepcopy(pl_module)
             untrained.load_state_dict(self._initial_state)
-            untrained_images = self._eval_samples(untrained)
+            untrained_images = self._eval_samples(untrained, None, plain)
             del untrained
 
         steps = trainer.global_step
@@ -199,14 +240,19 @@ class DemoReport(Callback):
             f"{steps} steps in {self._train_time / 60:.1f} min",
             pl_module.diffusion.objective,
         )
+        unguided = {}
+        if guide is not None:  # the same samples without autoguidance, beside the guided ones
+            unguided = {"unguided": scorer(self._eval_samples(pl_module, None, plain))}
         metrics = {
             "trained": scorer(images),
+            **unguided,
             **({"untrained": scorer(untrained_images)} if untrained_images is not None else {}),
             "real_heldout": scorer(scorer.heldout),
             "max_class_entropy": math.log(10),
             "num_eval_samples": self.num_eval_samples,
             "num_real_reference": scorer.num_reference,
             "sampler": self.sampler.label(pl_module.diffusion.num_timesteps),
+            **({"guide_ckpt": str(guide_path)} if guide_path is not None else {}),
             "steps": steps,
             "train_time_s": round(self._train_time, 1),
             "steps_per_s": round(steps / self._train_time, 3) if self._train_time > 0 else None,
@@ -225,9 +271,12 @@ class DemoReport(Callback):
         self._print_summary(root, ckpt, metrics)
         return metrics
 
-    def _eval_samples(self, module: L.LightningModule) -> torch.Tensor:
-        """The ``num_eval_samples`` scored samples of ``module`` in [-1, 1], on the CPU."""
-        batches = iter_samples(module, range(self.num_eval_samples), sampler=self.sampler, seed=self.seed)
+    def _eval_samples(
+        self, module: L.LightningModule, guide: L.LightningModule | None = None, sampler: SamplerConfig | None = None
+    ) -> torch.Tensor:
+        """The ``num_eval_samples`` scored samples of ``module`` in [-1, 1], on the CPU (autoguided by ``guide``)."""
+        sampler = self.sampler if sampler is None else sampler
+        batches = iter_samples(module, range(self.num_eval_samples), sampler=sampler, seed=self.seed, guide=guide)
         return torch.cat([images.cpu() for _, images in batches])
 
     @staticmethod
@@ -241,7 +290,7 @@ class DemoReport(Callback):
             f"  metrics     {root / 'metrics.json'}",
             f"  {'':<14}{'confident>0.9':>14}{'class entropy':>15}{'Frechet dist.':>15}",
         ]
-        for name in [n for n in ("trained", "untrained", "real_heldout") if n in metrics]:
+        for name in [n for n in ("trained", "unguided", "untrained", "real_heldout") if n in metrics]:
             s = metrics[name]
             lines.append(
                 f"  {name:<14}{s['confident_share']:>14.3f}{s['class_entropy']:>15.3f}{s['frechet_distance']:>15.2f}"

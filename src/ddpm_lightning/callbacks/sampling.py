@@ -78,9 +78,11 @@ def render_samples(
     *,
     sampler: SamplerConfig | Mapping[str, Any] | Sampler | None = None,
     seed: int = 0,
+    guide: L.LightningModule | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample ``num_samples`` images (sample i seeded by ``seed + i``) with the module's sampling (EMA) weights and
-    the ``sampler`` setting (None: the module's own; a name: that sampler with the module's other settings).
+    the ``sampler`` setting (None: the module's own; a name: that sampler with the module's other settings);
+    ``guide``: autoguidance's weaker model (:meth:`DiffusionModule.sample`).
 
     Returns the images in [-1, 1] (B, C, H, W) on the CPU, a uint8 grid (3, H', W') of them, and a uint8 strip
     (3, H'', W'') whose rows are the first ``chain_samples`` samples and whose columns are x_t at ``chain_steps``
@@ -92,7 +94,7 @@ def render_samples(
     K = pl_module.num_classes
     y = None if K is None else [i % K for i in range(num_samples)]
     seeds = list(range(seed, seed + num_samples))
-    x0, chain = pl_module.sample(num_samples, config, seeds=seeds, return_steps=steps, y=y)
+    x0, chain = pl_module.sample(num_samples, config, seeds=seeds, return_steps=steps, y=y, guide=guide)
     x0 = x0.cpu()
     rows = min(chain_samples, num_samples)
     columns = [chain[t][:rows] for t in steps] + [x0[:rows]]  # each (rows, C, H, W)
