@@ -136,6 +136,7 @@ def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: 
     assert metrics["steps"] == 3
     for row in ("trained", "untrained", "real_heldout"):
         assert set(metrics[row]) == {"confident_share", "class_entropy", "frechet_distance"}
+    assert metrics["untrained"] != metrics["trained"]  # the initial weights, not the run's EMA
     assert load_module(run / "demo.ckpt", "cpu").hparams.in_channels == 1
 
 

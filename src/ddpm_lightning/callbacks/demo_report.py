@@ -228,6 +228,7 @@ class DemoReport(Callback):
         if self.untrained_baseline:
             # the same module with the weights it had before the first step, sampled the same way (unguided)
             untrained = copy.deepcopy(pl_module)
+            untrained.use_average(None)  # its own (initial) weights, not the run's average
             untrained.load_state_dict(self._initial_state)
             untrained_images = self._eval_samples(untrained, None, plain)
             del untrained
