@@ -47,7 +47,7 @@ train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or d
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)
 
 ablation: install  ## linear vs cosine on the embedded digits (CPU, ~15 min; ARGS="--axis variance=..." for other axes): results/ablation/
-	$(BIN)/ddpm ablate -c configs/ablation/demo.yaml $(ARGS)
+	$(BIN)/ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml $(ARGS)
 
 sweep: install  ## each sampler's quality and images/s at 1000..10 network evaluations on the demo model: results/samplers/
 	$(BIN)/ddpm sampler-sweep --ckpt runs/demo/demo.ckpt $(ARGS)

@@ -1,6 +1,7 @@
 """Autoguidance through the module: a guide checkpoint kept by a run, guided sampling, and guides that do not fit."""
 
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -74,7 +75,7 @@ def test_guides_of_another_shape_process_or_classes_are_refused():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "give one of at_step and at_fraction"),
+        ({}, "give at_step, at_fraction or both"),
         ({"at_step": 0}, "at_step must be a positive"),
         ({"at_fraction": 1.0}, r"at_fraction must lie in \(0, 1\)"),
         ({"at_step": 5, "filename": "x/guide.pt"}, "filename must be a file name ending in .ckpt"),
@@ -83,3 +84,12 @@ def test_guides_of_another_shape_process_or_classes_are_refused():
 def test_guide_checkpoint_settings_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GuideCheckpoint(**kwargs)
+
+
+@pytest.mark.unit
+def test_guide_checkpoint_takes_the_fraction_of_max_steps_and_at_step_without_one():
+    both = GuideCheckpoint(at_step=330, at_fraction=0.3)
+    assert both.step(mock.Mock(max_steps=2000)) == 600
+    assert both.step(mock.Mock(max_steps=-1)) == 330  # a run bounded by max_time
+    with pytest.raises(ValueError, match="needs trainer.max_steps"):
+        GuideCheckpoint(at_fraction=0.3).step(mock.Mock(max_steps=-1))

@@ -26,7 +26,8 @@ from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 from ddpm_lightning.sampling import cycle_labels, iter_samples, load_module, proportional_labels
 
-DEMO_COND = Path(__file__).resolve().parents[1] / "configs" / "demo_cond.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_COND = DEMO_CONFIG.with_name("demo_cond.yaml")
 K = 3  # classes of the tiny networks; label K is the null class
 TINY = dict(in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=8)
 TINY_NET = {**TINY, "num_groups": 4}
@@ -453,14 +454,14 @@ def test_guidance_sweep_writes_a_table_and_a_grid_per_scale(
 def test_the_conditional_demo_config_writes_a_grid_by_class_and_the_requested_class_accuracy(
     tmp_path: Path, classifier_cache: Path
 ) -> None:
-    config = yaml.safe_load(DEMO_COND.read_text())
-    assert config["model"]["num_classes"] == 10
+    assert yaml.safe_load(DEMO_COND.read_text())["model"]["num_classes"] == 10
+    config = yaml.safe_load(DEMO_CONFIG.read_text())  # demo_cond.yaml composes the demo's recipe and callbacks
     sizes = {
         "SamplingCallback": {
             "every_n_steps": 2, "num_samples": 20, "chain_samples": 2, "sampler": {"name": "ddim", "steps": 2},
         },
         "DemoReport": {
-            "num_samples": 20, "num_eval_samples": 20, "sampler": {"name": "ddim", "steps": 2},
+            "num_samples": 20, "num_eval_samples": 20, "sampler": {"name": "ddim", "steps": 2, "autoguidance_scale": 2.0},
             "classifier_epochs": CLASSIFIER_TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache),
         },
     }  # fmt: skip
@@ -470,7 +471,7 @@ def test_the_conditional_demo_config_writes_a_grid_by_class_and_the_requested_cl
     override.write_text(yaml.safe_dump({"trainer": {"callbacks": config["trainer"]["callbacks"]}}))
     run = tmp_path / "demo_cond"
     main(
-        ["fit", "-c", str(DEMO_COND), "-c", str(override), f"--trainer.default_root_dir={run}",
+        ["fit", "-c", str(DEMO_CONFIG), "-c", str(DEMO_COND), "-c", str(override), f"--trainer.default_root_dir={run}",
          "--trainer.enable_progress_bar=false", "--model.ch_mult=[1, 2]", "--model.attn_resolutions=[]",
          "--model.num_timesteps=100", "--trainer.max_steps=2"]
     )  # fmt: skip

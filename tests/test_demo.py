@@ -104,7 +104,7 @@ def _demo(tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: t
         "DemoReport": {
             "num_samples": 4,
             "num_eval_samples": 16,
-            "sampler": {"name": "ddim", "steps": 3},
+            "sampler": {"name": "ddim", "steps": 3, "autoguidance_scale": 2.0},
             "classifier_epochs": TEST_EPOCHS,
             "classifier_cache_dir": str(classifier_cache),
         },
@@ -176,21 +176,22 @@ def test_a_signal_during_the_demo_writes_last_ckpt_and_ends_with_the_report(tmp_
     assert signal_module.getsignal(signal_module.SIGINT) is signal_module.default_int_handler  # handler restored
 
 
-def test_the_report_autoguides_with_a_guide_written_during_the_run(tmp_path, classifier_cache) -> None:
-    guided = {"name": "ddim", "steps": 3, "autoguidance_scale": 2.0}
-    guide = {"class_path": "ddpm_lightning.callbacks.GuideCheckpoint", "init_args": {"at_step": 2}}
-    report = {
-        "class_path": "ddpm_lightning.callbacks.DemoReport",
-        "init_args": {"num_samples": 4, "num_eval_samples": 16, "sampler": guided, "guide_ckpt": "guide.ckpt",
-                      "classifier_epochs": TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache)},
-    }  # fmt: skip
-    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=4", extra_callbacks=(guide, report))
+def test_the_demo_autoguides_with_its_own_early_checkpoint(tmp_path, classifier_cache) -> None:
+    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=4")
     metrics = json.loads((run / "metrics.json").read_text())
     guide_ckpt = run / "checkpoints" / "guide.ckpt"
     assert metrics["guide_ckpt"] == str(guide_ckpt) and metrics["sampler"].endswith("-ag2")
-    assert torch.load(guide_ckpt, weights_only=True)["global_step"] == 2
-    # the unguided row samples the same seeds without the guide: a step-2 guide changes the samples
+    assert torch.load(guide_ckpt, weights_only=True)["global_step"] == 1  # GuideCheckpoint: 30% of the run
+    # the unguided row samples the same seeds without the guide: the step-1 guide changes the samples
     assert metrics["unguided"]["frechet_distance"] != metrics["trained"]["frechet_distance"]
+
+
+def test_a_run_stopped_before_the_guide_step_reports_unguided_samples(tmp_path, classifier_cache, capsys) -> None:
+    at = {"class_path": f"{SignalAt.__module__}.SignalAt", "init_args": {"step": 2, "signal": "SIGINT"}}
+    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=50", extra_callbacks=(at,))  # the guide at step 15
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "guide_ckpt" not in metrics and "unguided" not in metrics and not metrics["sampler"].endswith("-ag2")
+    assert "the samples are unguided" in capsys.readouterr().out
 
 
 def test_the_report_refuses_autoguidance_without_a_guide(tmp_path) -> None:

@@ -202,15 +202,20 @@ class DemoReport(Callback):
             epochs=self.classifier_epochs,
             cache_dir=self.classifier_cache_dir,
         )
+        plain = dataclasses.replace(self.sampler, autoguidance_scale=1.0)
         guide_path = self.guide_path(trainer)
+        if guide_path is not None and not guide_path.is_file():  # a run stopped before the guide's step
+            print(f"demo: no guide at {guide_path} (the run stopped before its step): the samples are unguided")
+            guide_path = None
         guide = None if guide_path is None else load_module(guide_path, pl_module.device)
-        images = self._eval_samples(pl_module, guide)
+        sampler = self.sampler if guide is not None else plain
+        images = self._eval_samples(pl_module, guide, sampler)
         _, _, strip = render_samples(
             pl_module,
             self.chain_samples,
             self.chain_samples,
             self.chain_steps,
-            sampler=self.sampler,
+            sampler=sampler,
             seed=self.seed,
             guide=guide,
         )
@@ -223,7 +228,6 @@ class DemoReport(Callback):
             io.save_grid(class_rows(images, labels.tolist(), range(K), per_row), root / "samples.png", nrow=per_row)
         io.save_png(strip, root / "chain.png")
 
-        plain = dataclasses.replace(self.sampler, autoguidance_scale=1.0)
         untrained_images = None
         if self.untrained_baseline:
             # the same module with the weights it had before the first step, sampled the same way (unguided)
@@ -252,7 +256,7 @@ class DemoReport(Callback):
             "max_class_entropy": math.log(10),
             "num_eval_samples": self.num_eval_samples,
             "num_real_reference": scorer.num_reference,
-            "sampler": self.sampler.label(pl_module.diffusion.num_timesteps),
+            "sampler": sampler.label(pl_module.diffusion.num_timesteps),
             **({"guide_ckpt": str(guide_path)} if guide_path is not None else {}),
             "steps": steps,
             "train_time_s": round(self._train_time, 1),
