@@ -157,7 +157,6 @@ def reconcile_model_settings(given: Mapping[str, Any], stored: Mapping[str, Any]
     if take_net and stored.get("net") is not None:
         from_checkpoint["net"] = stored["net"]
     for key, value in stored.items():
-        # (a checkpoint of an earlier version stores the flat U-Net and sampler aliases: compared like the others)
         if key in ("net", *_SHAPE) or key.startswith("_"):
             continue
         if key == "sampler":
