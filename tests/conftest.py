@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks import FIDCallback, default_callbacks
-from ddpm_lightning.checkpoint import read_checkpoint
+from ddpm_lightning.checkpoint import read_checkpoint, upgrade_hyperparameters
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation import ablation
@@ -206,20 +206,29 @@ class FrozenDiffusion(DiffusionModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+def flat(**settings: Any) -> dict[str, Any]:
+    """Module settings written with the flat U-Net keys of earlier versions (``ch=32, ...``) as the module takes them:
+    the U-Net those keys built (symmetric padding, GroupNorm eps 1e-5) as ``net``, the flat sampler keys in
+    ``sampler`` (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`, as for a checkpoint of those versions)."""
+    return upgrade_hyperparameters(settings)
+
+
 def tiny_diffusion() -> DiffusionModule:
     torch.manual_seed(0)
     return FrozenDiffusion(
-        image_size=IMAGE_SIZE,
-        ch=32,
-        ch_mult=(1,),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        dropout=0.0,
-        num_timesteps=20,
-        beta_end=0.01,  # rescaled by 1000 / T to 0.5
-        warmup_steps=0,
-        ema_decay=0.0,
-        sampler=SamplerConfig("ddim", 5),
+        **flat(
+            image_size=IMAGE_SIZE,
+            ch=32,
+            ch_mult=(1,),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            dropout=0.0,
+            num_timesteps=20,
+            beta_end=0.01,  # rescaled by 1000 / T to 0.5
+            warmup_steps=0,
+            ema_decay=0.0,
+            sampler=SamplerConfig("ddim", 5),
+        )
     )
 
 
@@ -279,10 +288,10 @@ class TransfersPerStep(L.Callback):
 
 def tiny(cls: type[DiffusionModule] = DiffusionModule, **kwargs: Any) -> DiffusionModule:
     torch.manual_seed(0)
-    return cls(
+    return cls(**flat(
         image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
         num_timesteps=50, warmup_steps=2, ema_decay=EMA_DECAY, **kwargs,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:

@@ -2,6 +2,7 @@
 under the optimizer and the non-finite guard, checkpoints of earlier versions, and no import cycle."""
 
 import ast
+import inspect
 import math
 import re
 from pathlib import Path
@@ -13,7 +14,9 @@ import yaml
 from torch import nn
 
 from ddpm_lightning.callbacks import default_callbacks
+from ddpm_lightning.checkpoint import SAMPLER_ALIASES, UNET_ALIASES, upgrade_hyperparameters
 from ddpm_lightning.cli import main
+from ddpm_lightning.cli.fit import DDPMCLI, data_shape, shape_from_data
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
@@ -88,13 +91,45 @@ def test_an_injected_network_gets_its_shape_from_the_module_and_is_checked_by_a_
 
 
 @pytest.mark.unit
-def test_flat_unet_keys_compose_over_a_unet_preset_and_are_refused_for_other_networks():
+def test_the_flat_shape_composes_over_a_unet_preset():
     preset = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=16)
-    module = DiffusionModule(net=preset, ch=64, image_size=8, num_timesteps=100, ema_decay=0.0)
-    assert module.net.init_args["ch"] == 64 and module.image_shape == (1, 8, 8)
-    assert module.hparams.net["init_args"]["ch"] == 64 and "ch" not in module.hparams
+    module = DiffusionModule(net=preset, image_size=8, num_timesteps=100, ema_decay=0.0)
+    assert module.net.init_args["image_size"] == 8 and module.image_shape == (1, 8, 8)
+    assert module.hparams.net["init_args"]["image_size"] == 8
+
+
+@pytest.mark.unit
+def test_the_deprecated_flat_settings_are_mapped_where_settings_are_read_not_by_the_module():
+    assert not set(inspect.signature(DiffusionModule).parameters) & {*UNET_ALIASES, *SAMPLER_ALIASES}
+    preset = {"class_path": "ddpm_lightning.models.UNet", "init_args": {"ch": 32, "ch_mult": [1, 2]}}
+    upgraded = upgrade_hyperparameters({"net": preset, "ch": 64, "image_size": 8, "sampler": "ddim", "sample_steps": 5})
+    assert upgraded["net"]["init_args"] == {"ch": 64, "ch_mult": [1, 2], "image_size": 8} | LEGACY
+    assert upgraded["sampler"] == SamplerConfig("ddim", 5).to_dict() and not {"ch", "sample_steps"} & set(upgraded)
+    # without a network: the U-Net of those versions (symmetric padding, GroupNorm eps 1e-5)
+    assert upgrade_hyperparameters({"dropout": 0.0})["net"]["init_args"] == {"dropout": 0.0} | LEGACY
     with pytest.raises(ValueError, match="model.ch is a setting of the default U-Net, but model.net is ConvStack"):
-        DiffusionModule(net=ConvStack(1), image_size=8, in_channels=1, ch=64)
+        upgrade_hyperparameters({"net": ConvStack(1), "ch": 64})
+    with pytest.raises(ValueError, match="model.ch_mult is a setting of the default U-Net, but model.net is a.Net"):
+        upgrade_hyperparameters({"net": {"class_path": "a.Net", "init_args": {}}, "ch_mult": [1]})
+
+
+@pytest.mark.unit
+def test_the_deprecated_flat_settings_work_from_yaml_and_the_command_line_with_a_warning(tmp_path):
+    (tmp_path / "old.yaml").write_text("model:\n  ch: 32\n  sample_steps: 5\n")
+    args = ["-c", str(tmp_path / "old.yaml"), "--model.ch_mult=[1]", "--model.attn_resolutions=[]",
+            "--model.sampler=ddim", "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule",
+            "--data.init_args.image_size=8", "--trainer.logger=false"]  # fmt: skip
+    warning = (r"model.ch=32, model.ch_mult=\[1\], model.attn_resolutions=\[\], model.sample_steps=5: deprecated, set "
+               "model.net.init_args.ch, model.net.init_args.ch_mult, model.net.init_args.attn_resolutions, "
+               "model.sampler.steps instead")  # fmt: skip
+    with pytest.warns(FutureWarning, match=warning):
+        cli = DDPMCLI(DiffusionModule, L.LightningDataModule, subclass_mode_data=True, args=args, run=False,
+                      auto_configure_optimizers=False)  # fmt: skip
+    init_args = cli.model.net.init_args
+    assert {k: init_args[k] for k in ("ch", "ch_mult", "attn_resolutions", "image_size", "in_channels")} == {
+        "ch": 32, "ch_mult": [1], "attn_resolutions": [], "image_size": 8, "in_channels": 1}  # fmt: skip
+    assert init_args | LEGACY == init_args  # the U-Net of the versions that had the flat keys
+    assert cli.model.sampler_config == SamplerConfig("ddim", 5) and "ch" not in cli.config.model
 
 
 @pytest.mark.integration
@@ -120,29 +155,85 @@ def test_the_optimizer_and_the_nonfinite_guard_cover_every_trainable_parameter(t
     assert torch.equal(module.extra.weight, before)
 
 
+def _outside_yaml(tmp_path: Path, channels: int) -> Path:
+    """A config that sets only ``model.net``: a network the package does not know, which does not say its shape."""
+    net = {"class_path": f"{ConvStack.__module__}.ConvStack", "init_args": {"channels": channels, "width": 8}}
+    (tmp_path / "outside.yaml").write_text(yaml.safe_dump({"model": {"net": net}}))
+    return tmp_path / "outside.yaml"
+
+
+_FAST = ["--trainer.max_time=null", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+         "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false",
+         '--trainer.callbacks+={"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+         '"init_args": {"save_last": true}}']  # fmt: skip
+
+
 @pytest.mark.integration
-def test_a_network_from_outside_the_package_trains_from_yaml_and_samples_back(tmp_path):
-    config = {
-        "model": {
-            "net": {"class_path": f"{ConvStack.__module__}.ConvStack", "init_args": {"channels": 1, "width": 8}},
-            "image_size": 28,  # the demo's digits
-            "in_channels": 1,
-        },
-        "trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"save_last": True}}]},
-    }  # fmt: skip
-    (tmp_path / "net.yaml").write_text(yaml.safe_dump(config))
-    main(["fit", "-c", str(REPO / "configs/demo.yaml"), "-c", str(tmp_path / "net.yaml"),
-          "--trainer.max_time=null", "--trainer.max_steps=2", "--trainer.default_root_dir", str(tmp_path / "run"),
-          "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-          "--trainer.limit_val_batches=0"])  # fmt: skip
+def test_a_network_from_outside_the_package_given_only_as_model_net_trains_on_the_demo_config_and_samples_back(
+    tmp_path,
+):
+    main(["fit", "-c", str(REPO / "configs/demo.yaml"), "-c", str(_outside_yaml(tmp_path, 1)), *_FAST,
+          "--trainer.max_steps=3", "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     module = load_module(last)
     assert type(module.net).__name__ == "ConvStack" and module.hparams.net["init_args"] == {"channels": 1, "width": 8}
+    assert module.image_shape == (1, 28, 28)  # the demo data's, written once in configs/demo.yaml
     with pytest.raises(SystemExit) as status:
         main(["sample", "--ckpt", str(last), "--num", "3", "--out", str(tmp_path / "samples"), "--steps", "2"])
     assert status.value.code == 0
     assert len(list((tmp_path / "samples").glob("0*.png"))) == 3
+
+
+@pytest.mark.integration
+def test_a_network_from_outside_the_package_given_only_as_model_net_trains_on_the_cifar10_config(tmp_path, cifar10_dir):
+    main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs/cifar10.yaml"),
+            "-c",
+            str(_outside_yaml(tmp_path, 3)),
+            *_FAST,
+            "--trainer.logger=true",
+            "--trainer.max_steps=2",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            f"--data.init_args.data_dir={cifar10_dir}",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=4",
+        ]
+    )  # fmt: skip  (a logger: the config's LearningRateMonitor needs one)
+    module = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert type(module.net).__name__ == "ConvStack" and module.image_shape == (3, 32, 32)  # CIFAR10DataModule's
+
+
+@pytest.mark.unit
+def test_the_shape_comes_from_the_data_only_where_neither_the_config_nor_the_network_gives_it():
+    from jsonargparse import Namespace
+
+    cifar = Namespace(class_path="ddpm_lightning.data.CIFAR10DataModule", init_args=Namespace(batch_size=4))
+    assert data_shape(cifar) == (32, 3)  # class attributes
+    digits = Namespace(class_path="ddpm_lightning.data.EmbeddedDigitsDataModule", init_args=Namespace(image_size=28))
+    assert data_shape(digits) == (28, 1)
+    preset = Namespace(class_path="ddpm_lightning.models.UNet", init_args=Namespace(ch=16, image_size=None))
+    config = Namespace(model=Namespace(net=preset, image_size=None, in_channels=None), data=digits)
+    assert shape_from_data(config) == {"image_size": 28, "in_channels": 1}
+    assert preset.init_args.image_size == 28 and "in_channels" not in preset.init_args  # an argument left at None
+    said = Namespace(class_path="a.Net", init_args=Namespace(image_size=16, in_channels=None))
+    config = Namespace(model=Namespace(net=said, image_size=None, in_channels=3), data=digits)
+    assert shape_from_data(config) == {}  # the network's image_size and the config's in_channels stay
+    assert said.init_args.in_channels == 3 and config.model.image_size is None  # the config's, for the network too
+
+
+@pytest.mark.integration
+def test_an_explicit_shape_that_conflicts_with_the_datas_is_an_error_naming_both(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(REPO / "configs/demo.yaml"), *_FAST, "--model.image_size=16", "--trainer.max_steps=1",
+              "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    assert (
+        "the data (EmbeddedDigitsDataModule) has 1x28x28 images but the model expects 1x16x16: set model.image_size=28"
+        in capsys.readouterr().err
+    )
 
 
 # ------------------------------------------------------------------------------------------------ old checkpoints

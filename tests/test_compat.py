@@ -174,6 +174,18 @@ def test_attached_trainer_is_none_before_a_trainer_and_the_trainer_after(tmp_pat
 
 
 @pytest.mark.unit
+def test_given_hyperparameters_are_the_settings_lightningcli_instantiates_a_module_with() -> None:
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    assert compat.given_hyperparameters() == {}
+    given = {"lr": 1.0, "net": {"class_path": "a.B", "init_args": {"width": 8}}}
+    with _given_hyperparameters_context(given, "lightning.pytorch.cli.instantiate_module"):
+        inside = compat.given_hyperparameters()
+    assert inside["net"] == given["net"] and inside["lr"] == 1.0
+    assert compat.given_hyperparameters() == {}
+
+
+@pytest.mark.unit
 def test_drop_cli_keys_removes_lightningclis_keys_and_returns_the_class_path() -> None:
     hparams = {"_instantiator": "lightning.pytorch.cli.instantiate_module", "_class_path": "a.B", "lr": 1.0}
     assert compat.drop_cli_keys(hparams) == "a.B" and hparams == {"lr": 1.0}

@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import flat
 
 from ddpm_lightning.callbacks import default_callbacks
 from ddpm_lightning.data import EmbeddedDigitsDataModule
@@ -16,7 +17,9 @@ TINY = {"in_channels": 1, "ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "ima
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path, channels_last):
-    module = DiffusionModule(**TINY, num_timesteps=50, warmup_steps=1, ema_decay=0.5, channels_last=channels_last)
+    module = DiffusionModule(
+        **flat(**TINY, num_timesteps=50, warmup_steps=1, ema_decay=0.5, channels_last=channels_last)
+    )
     trainer = L.Trainer(
         max_steps=3,
         accelerator="cpu",

@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import flat
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,15 +32,17 @@ def _grid_size(rows: int, columns: int) -> tuple[int, int]:
 
 def _tiny_module() -> DiffusionModule:
     return DiffusionModule(
-        image_size=SIZE,
-        in_channels=1,
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        num_timesteps=100,
-        warmup_steps=1,
-        ema_decay=0.9,
+        **flat(
+            image_size=SIZE,
+            in_channels=1,
+            ch=32,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            num_timesteps=100,
+            warmup_steps=1,
+            ema_decay=0.9,
+        )
     )
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import flat
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,10 +18,10 @@ pytestmark = pytest.mark.ddp
 
 def _run(root: Path, devices: int, strategy: str) -> Path:
     torch.manual_seed(0)
-    module = DiffusionModule(
+    module = DiffusionModule(**flat(
         image_size=16, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
         num_timesteps=50, warmup_steps=1, ema_decay=0.5,
-    )  # fmt: skip
+    ))  # fmt: skip
     data = DataLoader(TensorDataset(torch.zeros(16, 1, 16, 16)), batch_size=8 // devices)
     trainer = L.Trainer(
         default_root_dir=root,

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import flat
 from torch.utils.data import DataLoader, TensorDataset
 
 import ddpm_lightning.evaluation.nll as nll_module
@@ -309,17 +310,19 @@ def test_the_ancestral_step_uses_the_learned_variance_and_the_strided_one_its_re
 # ------------------------------------------------------------------------------------- the module and `ddpm nll`
 def _tiny(variance: str = "learned_range", net=None) -> DiffusionModule:
     return DiffusionModule(
-        net=net,
-        image_size=None if net is not None else 8,
-        in_channels=None if net is not None else 1,
-        ch=None if net is not None else 32,
-        ch_mult=None if net is not None else (1, 2),
-        num_res_blocks=None if net is not None else 1,
-        attn_resolutions=None if net is not None else (),
-        num_timesteps=50,
-        variance=variance,
-        warmup_steps=1,
-        ema_decay=0.5,
+        **flat(
+            net=net,
+            image_size=None if net is not None else 8,
+            in_channels=None if net is not None else 1,
+            ch=None if net is not None else 32,
+            ch_mult=None if net is not None else (1, 2),
+            num_res_blocks=None if net is not None else 1,
+            attn_resolutions=None if net is not None else (),
+            num_timesteps=50,
+            variance=variance,
+            warmup_steps=1,
+            ema_decay=0.5,
+        )
     )
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "fan_in_and_fan_out",
     "foreach_copy_",
     "foreach_lerp_",
+    "given_hyperparameters",
     "is_compiled",
     "load_metric_states",
     "restore_sigterm_broadcast",
@@ -75,6 +76,15 @@ def attached_trainer(module: Any) -> Any:
     """The trainer ``module`` (a LightningModule) is attached to, or None: ``module.trainer`` raises without one."""
     _require(module, "_trainer", "lightning")
     return module._trainer
+
+
+def given_hyperparameters() -> dict[str, Any]:
+    """The settings LightningCLI is instantiating a module with, as written in its config (a network as its
+    ``class_path``/``init_args``); empty outside such an instantiation."""
+    from lightning.pytorch.core.mixins import hparams_mixin
+
+    _require(hparams_mixin, "_given_hyperparameters", "lightning")
+    return dict(hparams_mixin._given_hyperparameters.get() or {})
 
 
 def drop_cli_keys(hparams: Any) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import warnings
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -21,28 +21,23 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning import compat
 from ddpm_lightning.averaging import WeightAverage
-from ddpm_lightning.checkpoint import check_state_dict_shapes, upgrade_net_spec, upgrade_state_dict
-from ddpm_lightning.diffusion import (
-    GaussianDiffusion,
-    Sampler,
-    SamplerConfig,
-    Spacing,
-    make_betas,
-    samplers,
+from ddpm_lightning.checkpoint import (
+    check_state_dict_shapes,
+    read_checkpoint,
+    upgrade_hyperparameters,
+    upgrade_net_spec,
+    upgrade_state_dict,
 )
+from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
 from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps, is_check_step
 from ddpm_lightning.models import UNet
-from ddpm_lightning.models.unet import LEGACY_SETTINGS
 from ddpm_lightning.optim import LRSchedule, LRScheduleName
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
 
-# flat U-Net settings of checkpoints and configs written before the network was injected: deprecated aliases
-_UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
-_SAMPLER_ALIASES = {"sample_steps": "steps", "eta": "eta", "sample_spacing": "spacing"}
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -107,9 +102,11 @@ class DiffusionModule(NonFiniteGuard):
         net: the network, ``net(x_t, t) -> tensor shaped like x_t``; in YAML a ``class_path``/``init_args`` under
             ``model.net`` (presets in ``configs/model/``). None: the paper's :class:`UNet` for ``image_size`` and
             ``in_channels`` (defaults 32 and 3).
-        image_size, in_channels: the image shape (C, H, W) = (in_channels, image_size, image_size), the one home of
-            the shape: x_T is drawn in it and the data are checked against it. None: the network's own
-            ``image_size``/``in_channels`` attributes. A dummy forward at construction checks the network's output.
+        image_size, in_channels: the image shape (C, H, W) = (in_channels, image_size, image_size): x_T is drawn in
+            it and the data are checked against it (:meth:`setup`, an error naming both). None: the network's own
+            ``image_size``/``in_channels`` attributes; ``ddpm fit`` fills in what neither gives from the data module
+            (``ddpm_lightning.cli.fit.shape_from_data``), so a config writes the shape once, in ``data``. Given with
+            a U-Net, they set its shape. A dummy forward at construction checks the network's output.
         schedule, num_timesteps, beta_start, beta_end: the noise schedule (:func:`make_betas`).
         variance, objective: see :class:`GaussianDiffusion`. A learned variance (``"learned_range"``,
             ``"learned"``) needs a network with twice the image channels (the default U-Net is built so, and a U-Net
@@ -149,10 +146,10 @@ class DiffusionModule(NonFiniteGuard):
             takes the network's own ``num_classes`` attribute; a default U-Net (or a preset without it) gets it.
         p_uncond: label dropout of a conditional model: the share of training labels replaced by the null class,
             so that one network learns the conditional and the unconditional model (Ho & Salimans use 0.1 or 0.2).
-        ch, ch_mult, num_res_blocks, attn_resolutions, dropout: deprecated aliases of the default U-Net's settings
-            (``model.net.init_args.*``), kept so that older configs and checkpoints load; without a network they
-            build the U-Net of those versions (symmetric down-sampling padding, GroupNorm eps 1e-5).
-        sample_steps, eta, sample_spacing: deprecated aliases of ``sampler.steps``, ``.eta`` and ``.spacing``.
+
+    The flat settings of earlier versions (``model.ch`` ..., ``model.sample_steps`` ...) are mapped onto these where
+    configs and checkpoints are read (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: ``ddpm fit`` and
+    :meth:`load_from_checkpoint`), not here.
     """
 
     def __init__(
@@ -183,15 +180,8 @@ class DiffusionModule(NonFiniteGuard):
         matmul_precision: Literal["highest", "high", "medium"] | None = None,
         num_classes: int | None = None,
         p_uncond: float = 0.1,
-        ch: int | None = None,
-        ch_mult: Sequence[int] | None = None,
-        num_res_blocks: int | None = None,
-        attn_resolutions: Sequence[int] | None = None,
-        dropout: float | None = None,
-        sample_steps: int | None = None,
-        eta: float | None = None,
-        sample_spacing: Spacing | None = None,
     ):
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments, as given
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -204,8 +194,6 @@ class DiffusionModule(NonFiniteGuard):
         timestep_config = TimestepSamplingConfig.parse(timestep_sampling)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
-        given = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions)
-        unet_aliases = {k: v for k, v in {**given, "dropout": dropout}.items() if v is not None}
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
         self.diffusion = GaussianDiffusion(
             betas,
@@ -217,36 +205,36 @@ class DiffusionModule(NonFiniteGuard):
         )
         self.timestep_sampler = timestep_config.build(self.diffusion.alphas_cumprod)
         out_factor = self.diffusion.output_channels_factor
-        self.net = self._make_net(net, image_size, in_channels, unet_aliases, out_factor, num_classes)
+        self.net = self._make_net(net, image_size, in_channels, out_factor, num_classes)
         self.image_shape = self._image_shape(self.net, image_size, in_channels)
         self.num_classes = self._num_classes(self.net, num_classes)
         # fail at construction, not at the first sampling callback
-        self.sampler_config = SamplerConfig.parse(sampler, steps=sample_steps, eta=eta, spacing=sample_spacing)
-        self.sampler_config = self.sampler_config_for(self.sampler_config)
+        self.sampler_config = SamplerConfig.parse(sampler)
+        self.sampler_config = self.sampler_config_for(self.sampler_config)  # checked against T and num_classes
         self.lr_schedule = LRSchedule.parse(lr_schedule)
         self._check_output_shape()
         if channels_last:
             # before any callback copies the module (EMA), so that the copies run in the same format
             self.net.to(memory_format=torch.channels_last)
 
-        with warnings.catch_warnings():
-            # `net` is replaced by its class_path/init_args just below
-            warnings.filterwarnings("ignore", message="Attribute 'net' is an instance of `nn.Module`")
-            self.save_hyperparameters(ignore=[*_UNET_ALIASES, *_SAMPLER_ALIASES])
-        # the canonical form: plain types that load with weights_only=True, and no deprecated aliases; a network
-        # given in YAML keeps its class_path/init_args as written (other classes do not say their arguments)
-        spec, given = net_spec(self.net), self.hparams.get("net")
+        # saved once, in the canonical form: plain types that load with weights_only=True, the resolved shape and
+        # settings. A network given in YAML (LightningCLI) or as a mapping keeps its class_path/init_args as written
+        # (other classes do not say their arguments). No `_instantiator` key: load_from_checkpoint then calls
+        # DiffusionModule(**hparams), which rebuilds the network from its spec
+        spec, given = net_spec(self.net), net if isinstance(net, Mapping) else compat.given_hyperparameters().get("net")
         if spec["init_args"] is None and isinstance(given, Mapping) and given.get("init_args") is not None:
             spec = {"class_path": given["class_path"], "init_args": dict(given["init_args"])}
-        canonical = {"net": spec, "image_size": self.image_shape[-1], "in_channels": self.image_shape[0]}
-        canonical["num_classes"] = self.num_classes
-        canonical["timestep_sampling"] = timestep_config.to_setting()
-        # load_from_checkpoint then calls DiffusionModule(**hparams), which rebuilds the network from its spec,
-        # rather than LightningCLI's instantiator, which would hand over a network built without its arguments
-        compat.drop_cli_keys(self.hparams)
-        # a second call, so that the hyper-parameters loggers record (hparams_initial) are the canonical ones too
         self.save_hyperparameters(
-            {**canonical, "sampler": self.sampler_config.to_dict(), "lr_schedule": self.lr_schedule.to_dict()}
+            {
+                **settings,
+                "net": spec,
+                "image_size": self.image_shape[-1],
+                "in_channels": self.image_shape[0],
+                "num_classes": self.num_classes,
+                "timestep_sampling": timestep_config.to_setting(),
+                "sampler": self.sampler_config.to_dict(),
+                "lr_schedule": self.lr_schedule.to_dict(),
+            }
         )
         # checkpoints written before the network was injected name it `unet`: renamed on every load_state_dict
         self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
@@ -257,7 +245,6 @@ class DiffusionModule(NonFiniteGuard):
         net: nn.Module | Mapping[str, Any] | None,
         image_size: int | None,
         in_channels: int | None,
-        unet_aliases: dict[str, Any],
         out_factor: int = 1,
         num_classes: int | None = None,
     ) -> nn.Module:
@@ -268,14 +255,11 @@ class DiffusionModule(NonFiniteGuard):
             shape = {"image_size": 32 if image_size is None else image_size}
             shape["in_channels"] = 3 if in_channels is None else in_channels
             out = {"out_channels": out_factor * shape["in_channels"]} if out_factor > 1 else {}
-            # the flat aliases are the settings of checkpoints and configs written before the network was injected,
-            # whose U-Net had the legacy padding and GroupNorm eps
-            legacy = LEGACY_SETTINGS if unet_aliases else {}
-            return UNet(**shape, **out, **legacy, **unet_aliases, **classes)
+            return UNet(**shape, **out, **classes)
         if type(net) is UNet:
-            # flat keys (model.ch, model.image_size, ...) composed over a U-Net preset win over it
+            # the flat shape (model.image_size, model.in_channels) composed over a U-Net preset wins over it
             shape = {"image_size": image_size, "in_channels": in_channels}
-            changes = {**{k: v for k, v in shape.items() if v is not None}, **unet_aliases}
+            changes = {k: v for k, v in shape.items() if v is not None}
             if out_factor > 1 and net.init_args.get("out_channels") is None:
                 # a learned variance: the preset's U-Net with twice the image channels out
                 changes["out_channels"] = out_factor * changes.get("in_channels", net.init_args["in_channels"])
@@ -283,11 +267,6 @@ class DiffusionModule(NonFiniteGuard):
                 changes["num_classes"] = num_classes  # an unconditional preset made conditional
             if any(net.init_args.get(k) != v for k, v in changes.items()):
                 net = UNet(**{**net.init_args, **changes})
-        elif unet_aliases:
-            raise ValueError(
-                f"model.{next(iter(unet_aliases))} is a setting of the default U-Net, but model.net is "
-                f"{type(net).__name__}: set it under model.net.init_args"
-            )
         if not isinstance(net, nn.Module):
             raise ValueError(f"model.net must be a torch.nn.Module, got {type(net).__name__}")
         return net
@@ -396,6 +375,17 @@ class DiffusionModule(NonFiniteGuard):
         return y
 
     # -------------------------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, **kwargs: Any) -> DiffusionModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint`` (``map_location``, ``weights_only``, settings to override ...), with
+        the settings of a checkpoint of an earlier version mapped onto today's first
+        (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: flat U-Net and sampler aliases, U-Net settings
+        recorded later), so that it builds the network it was trained with."""
+        if kwargs.get("hparams_file") is None and isinstance(checkpoint_path, (str, os.PathLike)):
+            stored = read_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters") or {}
+            kwargs = {**upgrade_hyperparameters(stored), **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.timestep_sampler is not None:

@@ -91,7 +91,8 @@ def load_module(
     """A :class:`DiffusionModule` from a checkpoint of ``ddpm fit`` (EMA weights when the run had an EMA), in eval
     mode on ``device``, with clear errors. ``net``: the network, for a checkpoint whose network was built in Python.
 
-    Checkpoints of earlier versions (flat U-Net settings, ``unet.*`` weights) load through the module's aliases.
+    Checkpoints of earlier versions (flat U-Net settings, ``unet.*`` weights) load as the network they were trained
+    with (:meth:`DiffusionModule.load_from_checkpoint`).
     """
     path = Path(ckpt)
     hparams = read_checkpoint(path, mmap=True).get("hyper_parameters")

@@ -13,6 +13,11 @@ needs and the default callbacks, visible in the config.
   (``ddpm_lightning.callbacks.EMA`` with its ``decay``, or ``PostHocEMA``) stands in for the default ``EMA(0.9999)``.
 - ``model.ema_decay``, deprecated, sets the decay of that callback in ``trainer.callbacks`` with a warning (0: no EMA),
   so the run's ``config.yaml`` shows it (:func:`ema_decay_alias`).
+- The deprecated flat settings ``model.ch`` ... of the U-Net and ``model.sample_steps``, ``model.eta``,
+  ``model.sample_spacing`` of the sampler are options of the command (not of the module) that set
+  ``model.net.init_args`` and ``model.sampler``, with a warning (:func:`model_aliases`).
+- The model's image shape, where neither the config nor the network gives it, is the data module's
+  (:func:`shape_from_data`), so that a config writes it once, in ``data``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, EMA, default_callbacks
 from ddpm_lightning.callbacks.tracking import read_wandb_run_id
 from ddpm_lightning.checkpoint import (
+    SAMPLER_ALIASES,
+    UNET_ALIASES,
     check_state_dict_shapes,
     read_checkpoint,
     read_net_weights,
@@ -50,6 +57,7 @@ from ddpm_lightning.checkpoint import (
     use_atomic_checkpoints,
 )
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
+from ddpm_lightning.diffusion import Spacing
 from ddpm_lightning.lit_module import DiffusionModule
 
 __all__ = [
@@ -57,17 +65,20 @@ __all__ = [
     "DefaultCallback",
     "LogRunConfig",
     "checkpoints_in_run_dir",
+    "data_shape",
     "ema_decay_alias",
     "finish_wandb_run",
     "fit",
     "follow_run_dir",
     "git_commit",
     "init_from",
+    "model_aliases",
     "package_versions",
     "resolve_ckpt_path",
     "resume_wandb_run",
     "run_cli",
     "run_metadata",
+    "shape_from_data",
     "with_default_callbacks",
 ]
 
@@ -85,6 +96,18 @@ _SAME_KIND: dict[str, tuple[type, ...]] = {
     "ProgressBar": (LightningProgressBar,),
 }
 _EMA_CLASS_PATH = "ddpm_lightning.callbacks.EMA"
+# the types of the deprecated flat model settings (options of the command, mapped by model_aliases)
+_ALIAS_TYPES: dict[str, Any] = {
+    "ch": int,
+    "ch_mult": list[int],
+    "num_res_blocks": int,
+    "attn_resolutions": list[int],
+    "dropout": float,
+    "sample_steps": int,
+    "eta": float,
+    "sample_spacing": Spacing,
+}
+assert tuple(_ALIAS_TYPES) == (*UNET_ALIASES, *SAMPLER_ALIASES), "_ALIAS_TYPES: an alias is missing"
 
 # a logger's save_dir with one of these values follows trainer.default_root_dir (WandbLogger's own default is ".")
 RUN_DIR_PLACEHOLDERS = (None, "", ".", "${trainer.default_root_dir}")
@@ -187,7 +210,7 @@ def checkpoints_in_run_dir(trainer_config: Any) -> None:
             entry.init_args.dirpath = str(_run_dir(trainer_config) / "checkpoints")
 
 
-def _callback_class(class_path: Any) -> type | None:
+def _class_of(class_path: Any) -> type | None:
     module, _, name = str(class_path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -209,7 +232,7 @@ def ema_decay_alias(config: Any) -> float | None:
         return None
     config.model.ema_decay = None
     callbacks = _entries(config.trainer.get("callbacks"))
-    classes = [_callback_class(getattr(entry, "class_path", None)) for entry in callbacks]
+    classes = [_class_of(getattr(entry, "class_path", None)) for entry in callbacks]
     emas = [entry for entry, cls in zip(callbacks, classes, strict=True) if cls is not None and issubclass(cls, EMA)]
     others = [
         entry
@@ -240,6 +263,73 @@ def ema_decay_alias(config: Any) -> float | None:
         entry = Namespace(class_path=_EMA_CLASS_PATH, init_args=Namespace(decay=decay, update_starting_at_step=None))
         config.trainer.callbacks = [*callbacks, entry]
     return decay
+
+
+def model_aliases(model: Any) -> dict[str, Any]:
+    """The settings ``net`` and ``sampler`` of a parsed config's ``model`` with its deprecated flat aliases set
+    (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: ``model.ch`` into ``model.net.init_args.ch``, or a
+    U-Net of those versions without a network; ``model.sample_steps`` into ``model.sampler.steps`` ...), with a
+    warning; empty when none is set. The CLI then removes the aliases from the config: the module does not take them.
+    """
+    given = {key: value for key in _ALIAS_TYPES if (value := model.get(key)) is not None}
+    if not given:
+        return {}
+    plain = {key: _plain(model.get(key)) for key in ("net", "sampler")}
+    upgraded = upgrade_hyperparameters({**plain, **given})
+    names = [f"model.net.init_args.{k}" if k in UNET_ALIASES else f"model.sampler.{SAMPLER_ALIASES[k]}" for k in given]
+    rank_zero_warn(
+        f"{', '.join(f'model.{k}={v!r}' for k, v in given.items())}: deprecated, set {', '.join(names)} instead",
+        category=FutureWarning,
+    )
+    return {key: upgraded[key] for key in ("net", "sampler") if upgraded.get(key) != plain[key]}
+
+
+def _plain(value: Any) -> Any:
+    return value.as_dict() if isinstance(value, Namespace) else value
+
+
+def data_shape(data: Any) -> tuple[int | None, int | None]:
+    """(image_size, channels) of a parsed config's ``data`` entry, read before the data module is built: its
+    ``init_args``, else its class's attributes (``CIFAR10DataModule`` holds its shape so); None where neither says."""
+    cls = _class_of(getattr(data, "class_path", None))
+    init_args = getattr(data, "init_args", None)
+    shape = []
+    for name in ("image_size", "channels"):
+        value = init_args.get(name) if isinstance(init_args, Namespace) else None
+        value = getattr(cls, name, None) if value is None else value
+        shape.append(value if isinstance(value, int) and not isinstance(value, bool) else None)
+    return shape[0], shape[1]
+
+
+def shape_from_data(config: Any) -> dict[str, int]:
+    """Give the model of a parsed config the data's image shape (:func:`data_shape`) where neither the config nor the
+    network gives it; returns what was filled in.
+
+    For ``image_size`` and ``in_channels`` each: a value set in ``model`` (``model.image_size``) stays, and so does
+    one the network's ``init_args`` set (``DiffusionModule.setup`` checks either against the data: an error naming
+    both); otherwise ``model`` takes the data's, and so does a network argument of that name left at None (a preset
+    without a shape: the U-Net is built for the data). Done here, before the classes are built, and not with a
+    LightningCLI link: a link's target cannot be set by the user, and a data module may hold its shape as class
+    attributes rather than arguments. ``--print_config`` shows the config before this step (``null``: from the data).
+    """
+    model, data = config.get("model"), config.get("data")
+    if model is None or data is None:
+        return {}
+    net = model.get("net")
+    net_args = getattr(net, "init_args", None) if isinstance(net, Namespace) else None
+    filled = {}
+    for key, from_data in zip(("image_size", "in_channels"), data_shape(data), strict=True):
+        given, in_net = model.get(key), net_args.get(key) if net_args is not None else None
+        if given is None and in_net is not None:
+            continue  # the network says it
+        value = given if given is not None else from_data
+        if value is None:
+            continue  # the module asks for it
+        if net_args is not None and key in net_args and in_net is None:
+            net_args[key] = value
+        if given is None:
+            model[key] = filled[key] = value
+    return filled
 
 
 def resolve_ckpt_path(trainer_config: Any, ckpt_path: str | Path | None) -> str | Path | None:
@@ -313,6 +403,9 @@ class DDPMCLI(LightningCLI):
             help="fit only: start from the network weights (and their EMA) of this checkpoint, e.g. one written by "
             "`ddpm convert`: a new run for fine-tuning, not a resume (that is --ckpt_path)",
         )
+        for name, kind in _ALIAS_TYPES.items():
+            new = f"model.net.init_args.{name}" if name in UNET_ALIASES else f"model.sampler.{SAMPLER_ALIASES[name]}"
+            parser.add_argument(f"--model.{name}", type=kind | None, default=None, help=f"deprecated: {new}")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -355,6 +448,15 @@ class DDPMCLI(LightningCLI):
             self._resume(config.ckpt_path)
         # after _resume (which may replace self.config): a checkpoint of an earlier version may bring its ema_decay
         ema_decay_alias(self.config.get(str(self.subcommand), self.config))
+        changes = model_aliases(self.config.get(str(self.subcommand), self.config).model)
+        if changes:
+            prefix = [str(self.subcommand)] if self.subcommand else []
+            self.config = self.parser.parse_object(_nested([*prefix, "model"], changes), self.config)
+        config = self.config.get(str(self.subcommand), self.config)
+        for key in _ALIAS_TYPES:
+            if key in config.model:
+                del config.model[key]
+        shape_from_data(config)
 
     def before_fit(self) -> None:
         """``--init_from``: the network's weights (and their EMA) from a checkpoint, before the run starts."""
@@ -404,6 +506,11 @@ def init_from(module: DiffusionModule, trainer: L.Trainer, path: str | Path) -> 
     ]
     message = f"starting from the network weights of {path}" + (" and their EMA" if average is not None else "")
     return message + "".join(f"\n  network setting {d}" for d in differences)
+
+
+def _nested(keys: list[str], value: Any) -> Any:
+    """``{keys[0]: {keys[1]: ... value}}``."""
+    return {keys[0]: _nested(keys[1:], value)} if keys else value
 
 
 @rank_zero_only

@@ -25,7 +25,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-from ddpm_lightning.checkpoint import read_checkpoint
+from ddpm_lightning.checkpoint import UNET_ALIASES, read_checkpoint
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.diffusion.timesteps import TimestepSamplingConfig
 from ddpm_lightning.lit_module import DiffusionModule
@@ -55,7 +55,6 @@ SAFE_SETTINGS = (
     "matmul_precision",
     "p_uncond",
 )
-_UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 #: network arguments that change memory and speed, not the function: a resumed run may change them
 _NET_SPEED_SETTINGS = ("grad_checkpointing",)
 _SHAPE = ("image_size", "in_channels")
@@ -123,11 +122,12 @@ def _net_differences(given: Mapping[str, Any], stored: Mapping[str, Any]) -> tup
             differences.append(f"model.net.class_path: checkpoint {spec['class_path']}, given {net['class_path']}")
             return differences, False
         for key, value in (net.get("init_args") or {}).items():
-            given_args[key] = (f"model.net.init_args.{key}", value)
+            if value is not None or key not in _SHAPE:  # a shape left out: the checkpoint's (or the data's)
+                given_args[key] = (f"model.net.init_args.{key}", value)
     elif net is not None:
         return differences, False  # a network object (Python): compared by the state-dict shapes at load
     unet = _class(spec.get("class_path")) is UNet
-    for key in _UNET_ALIASES:
+    for key in UNET_ALIASES:
         if given.get(key) is not None:
             given_args[key] = (f"model.{key}", given[key])
     for key in _SHAPE:
@@ -157,7 +157,6 @@ def reconcile_model_settings(given: Mapping[str, Any], stored: Mapping[str, Any]
     if take_net and stored.get("net") is not None:
         from_checkpoint["net"] = stored["net"]
     for key, value in stored.items():
-        # (a checkpoint of an earlier version stores the flat U-Net and sampler aliases: compared like the others)
         if key in ("net", *_SHAPE) or key.startswith("_"):
             continue
         if key == "sampler":

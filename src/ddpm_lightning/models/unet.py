@@ -156,13 +156,14 @@ class UNet(nn.Module):
     is called as ``UNet(num_classes=K)(x_t, t, y=labels)``.
 
     Args:
-        in_channels: image channels (3 for CIFAR-10, 1 for digits); ``out_channels`` defaults to the same.
+        in_channels: image channels (3 for CIFAR-10, 1 for digits; None: 3); ``out_channels`` defaults to the same.
+            A preset leaves the shape out: ``ddpm fit`` sets it from the data.
         ch: base width; the time embedding has 4 * ch features.
         ch_mult: width multiplier per resolution level; every level but the last halves the resolution.
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attn_resolutions: feature-map sizes (in pixels) that get a self-attention block after each residual block.
         dropout: dropout rate inside the residual blocks (0.1 for CIFAR-10).
-        image_size: input height and width, needed to place attention and to check the down-sampling.
+        image_size: input height and width, needed to place attention and to check the down-sampling (None: 32).
         num_groups: GroupNorm groups (32 in the paper); ``ch * mult`` must be divisible by it.
         num_classes: None: unconditional (the paper). K: labels y in 0..K-1 select a learned embedding added to the
             time embedding; y = K is the "null" class of classifier-free guidance (Ho & Salimans 2021), whose
@@ -180,13 +181,13 @@ class UNet(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
+        in_channels: int | None = None,
         ch: int = 128,
         ch_mult: Sequence[int] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
         attn_resolutions: Sequence[int] = (16,),
         dropout: float = 0.1,
-        image_size: int = 32,
+        image_size: int | None = None,
         out_channels: int | None = None,
         num_groups: int = 32,
         num_classes: int | None = None,
@@ -196,6 +197,8 @@ class UNet(nn.Module):
         time_conditioning: TimeConditioning = "add",
     ):
         super().__init__()
+        in_channels = 3 if in_channels is None else in_channels
+        image_size = 32 if image_size is None else image_size
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
         self._check(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, num_groups)
