@@ -39,9 +39,9 @@ DEMO_TIME ?=
 demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_STEPS optimizer steps (or DEMO_TIME=dd:hh:mm:ss): runs/demo/
 	$(BIN)/ddpm fit -c configs/demo.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
 
-DEMO_COND_STEPS ?= 2400
+DEMO_COND_STEPS ?= 1100
 demo-cond: install  ## the demo, class-conditional (classifier-free guidance), DEMO_COND_STEPS or DEMO_TIME: runs/demo_cond/
-	$(BIN)/ddpm fit -c configs/demo_cond.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_COND_STEPS)) $(ARGS)
+	$(BIN)/ddpm fit -c configs/demo.yaml -c configs/demo_cond.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_COND_STEPS)) $(ARGS)
 
 train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)

@@ -462,6 +462,7 @@ def test_the_conditional_demo_config_writes_a_grid_by_class_and_the_requested_cl
         },
         "DemoReport": {
             "num_samples": 20, "num_eval_samples": 20, "sampler": {"name": "ddim", "steps": 2, "autoguidance_scale": 2.0},
+            "untrained_baseline": True,
             "classifier_epochs": CLASSIFIER_TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache),
         },
     }  # fmt: skip

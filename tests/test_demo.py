@@ -105,6 +105,7 @@ def _demo(tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: t
             "num_samples": 4,
             "num_eval_samples": 16,
             "sampler": {"name": "ddim", "steps": 3, "autoguidance_scale": 2.0},
+            "untrained_baseline": True,
             "classifier_epochs": TEST_EPOCHS,
             "classifier_cache_dir": str(classifier_cache),
         },
