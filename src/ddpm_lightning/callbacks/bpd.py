@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from ddpm_lightning.data import images_of
 from ddpm_lightning.evaluation.nll import bpd_of_images, off_grid_distance, quantize_to_grid
 
 __all__ = ["BPDCallback"]
@@ -94,7 +95,7 @@ class BPDCallback(Callback):
         if len(dataset) < self.num_images:
             raise ValueError(f"BPDCallback: num_images={self.num_images} but the {self.split} split has {len(dataset)}")
         items = [dataset[i] for i in indices]
-        images = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
+        images = torch.stack([images_of(item) for item in items])
         labels = (
             torch.tensor([int(item[1]) for item in items]) if items and isinstance(items[0], (list, tuple)) else None
         )

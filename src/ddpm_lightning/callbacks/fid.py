@@ -25,7 +25,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ddpm_lightning import compat, io
 from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER, callback_sampler
-from ddpm_lightning.data.transforms import to_uint8
+from ddpm_lightning.data import images_of, to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import build_fid_extractor, resolve_fid_weights
 from ddpm_lightning.evaluation.real_stats import real_stats_key, real_stats_name
@@ -325,8 +325,7 @@ class FIDCallback(Callback):
 
     def _cache_key(self, trainer: L.Trainer, dataset: Any, num: int) -> dict[str, Any]:
         """What the real statistics depend on; the cache file is only reused when all of it matches."""
-        item = dataset[0]
-        image = item[0] if isinstance(item, (tuple, list)) else item
+        image = images_of(dataset[0])
         custom = self.custom_extractor is not None
         return real_stats_key(
             dataset=getattr(trainer.datamodule, "name", type(trainer.datamodule).__name__),
@@ -369,10 +368,7 @@ class FIDCallback(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         loader = DataLoader(Subset(dataset, range(rank, num, world)), batch_size=self.batch_size)
         device = pl_module.device
-        features = [
-            self._extract(self.extractor, to_uint8((b[0] if isinstance(b, (tuple, list)) else b).float()).to(device))
-            for b in loader
-        ]
+        features = [self._extract(self.extractor, to_uint8(images_of(b).float()).to(device)) for b in loader]
         local = self._cat(features, self._num_features, device).double()
         # sum of f and of f f^T over all images: the sufficient statistics of FID's Gaussian
         stats = {
