@@ -418,10 +418,7 @@ def test_evaluate_refuses_data_with_another_number_of_classes(conditional_run: P
 @pytest.mark.integration
 def test_requested_class_accuracy_reads_the_true_labels_of_real_digits(classifier_cache: Path) -> None:
     digits = EmbeddedDigitsDataModule()
-    scorer = DigitScorer.from_splits(
-        digits.split_arrays("train"), digits.split_arrays("val"), epochs=CLASSIFIER_TEST_EPOCHS,
-        cache_dir=classifier_cache,
-    )  # fmt: skip
+    scorer = DigitScorer.from_digits(digits, epochs=CLASSIFIER_TEST_EPOCHS, cache_dir=classifier_cache)
     images, labels = digits.split_arrays("val")
     assert requested_class_accuracy(scorer.classifier, images[:200], labels[:200]) > 0.9
     assert requested_class_accuracy(scorer.classifier, images[:200], (labels[:200] + 1) % 10) < 0.1
