@@ -8,9 +8,8 @@ from unittest import mock
 import lightning as L
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-from conftest import NUM_REAL, TinyExtractor, TinyImages, fid_callback, real_images, tiny_diffusion
+from conftest import NUM_REAL, TinyExtractor, TinyImages, closed_form_fid, fid_callback, real_images, tiny_diffusion
 from torch import nn
 
 from ddpm_lightning.callbacks import FIDCallback, default_callbacks
@@ -65,14 +64,6 @@ def fit(module: L.LightningModule, callback: FIDCallback, root: Path, max_steps:
     )
     trainer.fit(module, datamodule=TinyImages())
     return trainer
-
-
-def closed_form_fid(features1: np.ndarray, features2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) with unbiased covariances (Heusel et al. 2017)."""
-    mu1, mu2 = features1.mean(0), features2.mean(0)
-    s1, s2 = np.cov(features1, rowvar=False), np.cov(features2, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
 def tiny_features(images: torch.Tensor) -> np.ndarray:
