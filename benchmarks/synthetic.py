@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ddpm_lightning.data import CIFAR10DataModule
+from ddpm_lightning.data import CIFAR10DataModule, images_of
 from ddpm_lightning.data.transforms import image_transform
 from ddpm_lightning.io import write_json
 
@@ -98,7 +98,7 @@ class StepClock(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._window is not None:
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            images = images_of(batch)
             self._steps += 1
             self._images += len(images) * trainer.world_size
         if self.stop_at is not None and time.time() >= self.stop_at:

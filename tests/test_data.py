@@ -12,6 +12,7 @@ from ddpm_lightning.data import (
     CIFAR10DataModule,
     DataNotFoundError,
     EmbeddedDigitsDataModule,
+    images_of,
     per_process_batch_size,
     to_model_range,
     to_uint8,
@@ -35,6 +36,15 @@ def test_to_uint8_inverts_model_range_and_clamps_overshoot() -> None:
     pixels = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(to_uint8(to_model_range(pixels.float() / 255)), pixels)
     assert to_uint8(torch.tensor([-1.7, 1.3])).tolist() == [0, 255]
+
+
+def test_images_of_a_batch_or_item_with_or_without_labels_and_a_clear_error_otherwise() -> None:
+    x, y = torch.zeros(2, 1, 4, 4), torch.tensor([3, 5])
+    assert images_of(x) is x and images_of((x, y)) is x and images_of([x, y]) is x and images_of((x,)) is x
+    with pytest.raises(TypeError, match="an image tensor or an \\(image, label\\) pair, got dict"):
+        images_of({"image": x, "label": y})
+    with pytest.raises(TypeError, match="got tuple whose first element is a list"):
+        images_of(([1, 2], y))
 
 
 def test_cifar10_batch_is_float32_images_in_model_range(cifar10_dir: Path) -> None:
@@ -149,13 +159,8 @@ def test_bad_digits_argument_raises_naming_it(name: str, value: float) -> None:
         EmbeddedDigitsDataModule(**{name: value})
 
 
-@pytest.fixture(scope="module")
-def digits() -> EmbeddedDigitsDataModule:
-    return _ready(EmbeddedDigitsDataModule(batch_size=32, seed=0))
-
-
-def test_digits_batch_is_one_channel_32px_in_model_range(digits: EmbeddedDigitsDataModule) -> None:
-    x, y = next(iter(digits.train_dataloader()))
+def test_digits_batch_is_one_channel_32px_in_model_range() -> None:
+    x, y = next(iter(_ready(EmbeddedDigitsDataModule(batch_size=32, seed=0)).train_dataloader()))
     assert x.shape == (32, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.min() == -1 and x.max() <= 1  # the 2-pixel padding is background, -1
 

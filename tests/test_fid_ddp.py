@@ -2,31 +2,17 @@
 
 import json
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from conftest import TinyExtractor, TinyImages, fid_callback, tiny_diffusion
+from conftest import DigestDump, TinyExtractor, TinyImages, fid_callback, tiny_diffusion
 
-from ddpm_lightning.callbacks import FIDCallback, default_callbacks
+from ddpm_lightning.callbacks import default_callbacks
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # one thread here too: the CPU is shared
 
 NUM_SAMPLES = 5  # ragged on 2 ranks: 3 and 2 samples
-
-
-class DigestDump(FIDCallback):
-    """Writes this rank's per-sample image hashes to `dump_dir/rank<r>.json`: spawned workers share no memory."""
-
-    def __init__(self, dump_dir: Path, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.dump_dir = dump_dir
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        path = self.dump_dir / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({str(i): d for i, d in self.sample_digests.items()}))
 
 
 def run(tmp_path: Path, devices: int, strategy: str) -> tuple[float, dict[str, str], Path]:

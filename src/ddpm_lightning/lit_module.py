@@ -28,6 +28,7 @@ from ddpm_lightning.checkpoint import (
     upgrade_net_spec,
     upgrade_state_dict,
 )
+from ddpm_lightning.data.base import images_of
 from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
@@ -38,11 +39,6 @@ from ddpm_lightning.optim import LRSchedule, LRScheduleName
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
 
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
-
-
-def _images(batch: Any) -> torch.Tensor:
-    """The image tensor of a batch: datasets yield (image, label) pairs or bare images."""
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 def _labels(batch: Any, num_classes: int) -> torch.Tensor:
@@ -444,7 +440,7 @@ class DiffusionModule(NonFiniteGuard):
                     group["lr"] = hp.lr * schedule(scheduler.last_epoch)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x0 = _images(batch)
+        x0 = images_of(batch)
         denoiser = self.denoiser(self.net, self.train_labels(batch))
         if self.timestep_sampler is None:
             loss = self.diffusion.training_loss(denoiser, x0)
@@ -468,7 +464,7 @@ class DiffusionModule(NonFiniteGuard):
 
     def _fixed_seed_loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, int]:
         """L_simple with t and eps drawn from a seed fixed per batch, so evaluation losses are comparable."""
-        x0 = _images(batch)
+        x0 = images_of(batch)
         y = None if self.num_classes is None else _labels(batch, self.num_classes)  # the true labels, none dropped
         generator = torch.Generator().manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
@@ -486,7 +482,7 @@ class DiffusionModule(NonFiniteGuard):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Samples for a batch of global sample indices; sample i is seeded by i (and, for a conditional model, has
         the class i mod num_classes)."""
-        indices = [int(i) for i in _images(batch)]
+        indices = [int(i) for i in images_of(batch)]
         y = None if self.num_classes is None else [i % self.num_classes for i in indices]
         return self.sample(len(indices), seeds=indices, y=y)
 

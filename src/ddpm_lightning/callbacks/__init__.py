@@ -1,5 +1,6 @@
-"""Lightning callbacks: EMA and post-hoc EMA of the weights, resilience, tracking, periodic sampling, FID, the demo
-report and the autoguidance guide's checkpoint.
+"""Lightning callbacks: EMA and post-hoc EMA of the weights, resilience, tracking, periodic sampling, FID and bits/dim
+(on one base for evaluations every N steps, :class:`EveryNSteps`), the demo report and the autoguidance guide's
+checkpoint.
 
 :func:`default_callbacks` are the ones every ``ddpm fit`` gets (the CLI adds them, visibly: its ``default_callbacks``
 option lists them); Python code that builds its own Trainer passes them itself.
@@ -14,6 +15,7 @@ from ddpm_lightning.callbacks.demo_report import DemoReport
 from ddpm_lightning.callbacks.ema import EMA
 from ddpm_lightning.callbacks.fid import FIDCallback
 from ddpm_lightning.callbacks.guide import GuideCheckpoint
+from ddpm_lightning.callbacks.periodic import EveryNSteps
 from ddpm_lightning.callbacks.posthoc_ema import PostHocEMA
 from ddpm_lightning.callbacks.resilience import FinalCheckpoint, GracefulStop, RNGStates, last_checkpoint_path
 from ddpm_lightning.callbacks.sampling import SamplingCallback
@@ -25,6 +27,7 @@ __all__ = [
     "BPDCallback",
     "EMA",
     "DemoReport",
+    "EveryNSteps",
     "FIDCallback",
     "FinalCheckpoint",
     "GracefulStop",

@@ -195,12 +195,8 @@ class DemoReport(Callback):
 
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule, root: Path, ckpt: Path) -> dict:
         """Write the images and ``metrics.json``, print a summary; returns the metrics."""
-        datamodule = trainer.datamodule
-        scorer = DigitScorer.from_splits(
-            datamodule.split_arrays("train"),
-            datamodule.split_arrays("val"),
-            epochs=self.classifier_epochs,
-            cache_dir=self.classifier_cache_dir,
+        scorer = DigitScorer.from_digits(
+            trainer.datamodule, epochs=self.classifier_epochs, cache_dir=self.classifier_cache_dir
         )
         plain = dataclasses.replace(self.sampler, autoguidance_scale=1.0)
         guide_path = self.guide_path(trainer)

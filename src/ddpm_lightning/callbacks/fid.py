@@ -14,18 +14,17 @@ from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ddpm_lightning import compat, io
+from ddpm_lightning.callbacks.periodic import EveryNSteps, gather_by_index, rank_indices
 from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER, callback_sampler
-from ddpm_lightning.data.transforms import to_uint8
+from ddpm_lightning.data import images_of, to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import build_fid_extractor, resolve_fid_weights
 from ddpm_lightning.evaluation.real_stats import real_stats_key, real_stats_name
@@ -58,16 +57,7 @@ def module_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _gather_rows(x: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``x`` (rows may differ in number), in rank order."""
-    return gather_all_tensors(x) if _distributed() else [x]
-
-
-class FIDCallback(Callback):
+class FIDCallback(EveryNSteps):
     """Log ``val/fid`` (and ``val/fid_<label>``, e.g. ``val/fid_ddim50``) every ``every_n_steps`` steps and at the end
     of fit.
 
@@ -114,9 +104,7 @@ class FIDCallback(Callback):
         on_fit_end: bool = True,
         spacing: Spacing | None = None,
     ):
-        super().__init__()
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps}")
+        super().__init__(every_n_steps, on_fit_end)
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
         if batch_size < 1:
@@ -130,7 +118,6 @@ class FIDCallback(Callback):
             raise ValueError(f"kid_subset_size must be >= 2 and kid_subsets >= 1, got {kid_subset_size}, {kid_subsets}")
         if feature_extractor is not None and not isinstance(getattr(feature_extractor, "num_features", None), int):
             raise ValueError(f"feature_extractor {type(feature_extractor).__name__} needs an int `num_features`")
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
@@ -144,7 +131,6 @@ class FIDCallback(Callback):
         self.kid = kid
         self.kid_subset_size = kid_subset_size
         self.kid_subsets = kid_subsets
-        self.on_fit_end = on_fit_end
 
         self.extractor: nn.Module | None = None
         self.logits_extractor: nn.Module | None = None
@@ -155,7 +141,6 @@ class FIDCallback(Callback):
         self.real_stats_from_cache = False
         # global sample index -> SHA-256 of its uint8 image, for this rank's samples of the last evaluation
         self.sample_digests: dict[int, str] = {}
-        self._last_step = -1
         self._num_timesteps: int | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -179,34 +164,15 @@ class FIDCallback(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # fresh metric states every fit: stale fake/real states from an earlier fit in this process (or pickled into
         # spawned workers) would otherwise leak into the first FID
+        super().on_fit_start(trainer, pl_module)
         device = pl_module.device
         self.extractor.to(device=device, dtype=torch.float32)
         if self.logits_extractor is not None:
             self.logits_extractor.to(device=device, dtype=torch.float32)
-        self._last_step = -1
         self.sample_digests = {}
         dataset, num_real = self._real_dataset(trainer)
         self._build_metrics(device, num_real)
         self._load_real_stats(trainer, pl_module, dataset, num_real)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        for name, value in self.evaluate(trainer, pl_module).items():
-            # the value is already the same on every rank (synced metric states), so no further reduction
-            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.on_fit_end or trainer.global_step == self._last_step:
-            return
-        values = self.evaluate(trainer, pl_module)
-        # self.log is not allowed in on_train_end: write to the loggers and callback_metrics (for ModelCheckpoint)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
 
     # ------------------------------------------------------------------------------------------------ evaluation
     @property
@@ -220,15 +186,15 @@ class FIDCallback(Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Generate this rank's share of the samples and return the metrics over all ranks' samples."""
+        """Generate this rank's share of the samples and return the metrics over all ranks' samples (synced metric
+        states: the same values on every rank)."""
         start = time.perf_counter()
-        self._last_step = trainer.global_step
         device = pl_module.device
         num_features = self._num_features
         self.fid.reset()
         # an empty update on every rank, even one without samples of its own, so that all take part in compute()
         self.fid.update(torch.empty(0, num_features, device=device), real=False)
-        indices = list(range(trainer.global_rank, self.num_samples, trainer.world_size))
+        indices = rank_indices(trainer, self.num_samples)
         features, logits = [], []
         self.sample_digests = {}
         for batch, images in iter_samples(
@@ -325,8 +291,7 @@ class FIDCallback(Callback):
 
     def _cache_key(self, trainer: L.Trainer, dataset: Any, num: int) -> dict[str, Any]:
         """What the real statistics depend on; the cache file is only reused when all of it matches."""
-        item = dataset[0]
-        image = item[0] if isinstance(item, (tuple, list)) else item
+        image = images_of(dataset[0])
         custom = self.custom_extractor is not None
         return real_stats_key(
             dataset=getattr(trainer.datamodule, "name", type(trainer.datamodule).__name__),
@@ -366,13 +331,9 @@ class FIDCallback(Callback):
     def _compute_real_stats(
         self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Any, num: int
     ) -> dict[str, Any]:
-        rank, world = trainer.global_rank, trainer.world_size
-        loader = DataLoader(Subset(dataset, range(rank, num, world)), batch_size=self.batch_size)
+        loader = DataLoader(Subset(dataset, rank_indices(trainer, num)), batch_size=self.batch_size)
         device = pl_module.device
-        features = [
-            self._extract(self.extractor, to_uint8((b[0] if isinstance(b, (tuple, list)) else b).float()).to(device))
-            for b in loader
-        ]
+        features = [self._extract(self.extractor, to_uint8(images_of(b).float()).to(device)) for b in loader]
         local = self._cat(features, self._num_features, device).double()
         # sum of f and of f f^T over all images: the sufficient statistics of FID's Gaussian
         stats = {
@@ -381,11 +342,7 @@ class FIDCallback(Callback):
             "num_samples": num,
         }
         if self.kid:
-            shards = _gather_rows(local.float())
-            ordered = torch.empty(num, local.shape[1])
-            for r, shard in enumerate(shards):
-                ordered[r::world] = shard.cpu()  # rank r embedded images r, r + world, ...
-            stats["features"] = ordered
+            stats["features"] = gather_by_index(trainer, local.float(), num)
         return stats
 
     def _set_real_states(self, trainer: L.Trainer, stats: dict[str, Any], device: torch.device) -> None:

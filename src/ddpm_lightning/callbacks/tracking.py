@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
+from ddpm_lightning.data import images_of
 from ddpm_lightning.lit_module import is_check_step
 
 __all__ = ["WANDB_RUN_ID_KEY", "ImagesPerSecond", "ProgressBar", "WandbRunId", "read_wandb_run_id", "wandb_run_id"]
@@ -48,7 +49,7 @@ class ImagesPerSecond(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = images_of(batch)
         seen = self._marks[-1][1] + len(images) * trainer.world_size
         self._marks.append((time.perf_counter(), seen))
         (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]

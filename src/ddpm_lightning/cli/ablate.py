@@ -1,9 +1,9 @@
 """``ddpm ablate``: a grid of ``ddpm fit`` runs over named axes, then one table and one plot.
 
-    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml                                  (linear vs cosine, seeds 0 1)
-    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml --axis objective=eps,v --axis weighting=none,min_snr --seeds 0 1 2
-    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml --axis model.lr=1e-3,3e-3        (any dotted config key)
-    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml --budget-seconds 120             (equal training time per run)
+    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml                (linear vs cosine, seeds 0 1)
+    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml --axis objective=eps,v --seeds 0 1 2
+    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml --axis model.lr=1e-3,3e-3   (any config key)
+    ddpm ablate -c configs/demo.yaml -c configs/ablation/demo.yaml --budget-seconds 120  (equal training time)
     ddpm ablate --submit --seeds 0 1 2 -c configs/cifar10.yaml ...             (a SLURM array of the grid's size)
 
 Each (settings, seed) is a plain ``ddpm fit`` (:func:`ddpm_lightning.cli.fit.fit`) with the axes' config keys and
@@ -108,7 +108,9 @@ def ablate(
     ``budget_seconds``: every run trains for that many seconds of its own steps (equal time) instead of the
     config's step count."""
     if not fit_args:
-        raise ValueError("the ablation needs a training config, e.g. -c configs/demo.yaml -c configs/ablation/demo.yaml")
+        raise ValueError(
+            "the ablation needs a training config, e.g. -c configs/demo.yaml -c configs/ablation/demo.yaml"
+        )
     axes = dict(axes or ({"schedule": tuple(schedules)} if schedules else DEFAULT_AXES))
     positions = _positions(axes)
     write_manifest(out, axes, seeds, fit_args, budget_seconds)
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddpm ablate",
         description="Trains every combination of the axes' values for each seed, one after the other, then collects; "
-        "any argument not listed below goes to `ddpm fit` unchanged (-c configs/demo.yaml -c configs/ablation/demo.yaml, "
+        "any argument not listed below goes to `ddpm fit` unchanged "
+        "(-c configs/demo.yaml -c configs/ablation/demo.yaml, "
         "--trainer.max_steps 500, ...).",
         allow_abbrev=False,
     )

@@ -1,5 +1,5 @@
-"""What the image data modules share: a global batch size split over processes, and seeded loaders that resume in
-the middle of an epoch exactly where they stopped."""
+"""What the image data modules share: a global batch size split over processes, seeded loaders that resume in the
+middle of an epoch exactly where they stopped, and the images of a batch or item (:func:`images_of`)."""
 
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -8,7 +8,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ImageDataModule", "ResumableDataLoader", "ResumableSampler", "per_process_batch_size"]
+__all__ = ["ImageDataModule", "ResumableDataLoader", "ResumableSampler", "images_of", "per_process_batch_size"]
+
+
+def images_of(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch or a data set item: data sets yield ``(image, label)`` pairs or bare images."""
+    images = batch[0] if isinstance(batch, (list, tuple)) and len(batch) > 0 else batch
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(
+            f"a batch or item is an image tensor or an (image, label) pair, got {type(batch).__name__}"
+            + ("" if images is batch else f" whose first element is a {type(images).__name__}")
+        )
+    return images
 
 
 def per_process_batch_size(batch_size: int, world_size: int, accumulate: int = 1) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddpm_lightning import io
+from ddpm_lightning.data.digits import EmbeddedDigitsDataModule
 
 __all__ = [
     "DigitClassifier",
@@ -259,6 +260,15 @@ class DigitScorer:
         with torch.no_grad():
             reference = reference_statistics(classifier.features(val[0][:half]))
         return cls(classifier, reference, half, val[0][half:], accuracy, path)
+
+    @classmethod
+    def from_digits(
+        cls, digits: EmbeddedDigitsDataModule, *, epochs: int = 8, cache_dir: str | Path | None = None
+    ) -> DigitScorer:
+        """The scorer of the train/validation split of ``digits`` (:meth:`from_splits`)."""
+        return cls.from_splits(
+            digits.split_arrays("train"), digits.split_arrays("val"), epochs=epochs, cache_dir=cache_dir
+        )
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
         """Scores of images (N, 1, S, S) in [-1, 1]: see :func:`score_digits`."""

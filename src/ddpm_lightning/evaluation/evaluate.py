@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ddpm_lightning import io
-from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, ImageFolderDataModule, to_uint8
+from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, ImageFolderDataModule, images_of, to_uint8
 from ddpm_lightning.diffusion import SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import (
     find_cached_weights,
@@ -61,8 +61,7 @@ class Uint8Images(Dataset):
         return self.num
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        item = self.source[i]
-        x = item[0] if isinstance(item, (tuple, list)) else item
+        x = images_of(self.source[i])
         x = x if x.dtype == torch.uint8 else to_uint8(x)
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x  # (3, H, W)
 

@@ -13,16 +13,14 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
-from ddpm_lightning.evaluation.sweep import checkpoint_data
+from ddpm_lightning.evaluation.sweep import checkpoint_data, run_info, training_digits
 from ddpm_lightning.io import atomic_write, save_grid, write_json
 from ddpm_lightning.sampling import class_rows, cycle_labels, iter_samples, load_module
 
@@ -69,14 +67,8 @@ def guidance_sweep(
         raise ValueError(f"the digit classifier scores digits, but {ckpt} was trained on {trained_on or 'other data'}")
     # the split of the model's data at the classifier's 32 pixels: the demo report's classifier and reference digits
     # (native 28x28 digits padded to 32 are the very same images)
-    split = {k: data_kwargs[k] for k in ("seed", "val_fraction") if k in data_kwargs and trained_on == "digits"}
-    digits = EmbeddedDigitsDataModule(**split)
-    scorer = DigitScorer.from_splits(
-        digits.split_arrays("train"),
-        digits.split_arrays("val"),
-        epochs=classifier_epochs,
-        cache_dir=classifier_cache_dir,
-    )
+    digits = training_digits(trained_on, data_kwargs)
+    scorer = DigitScorer.from_digits(digits, epochs=classifier_epochs, cache_dir=classifier_cache_dir)
     base = module.sampler_config_for(sampler, steps=steps)
     configs = [dataclasses.replace(base, guidance_scale=float(s)) for s in scales]  # each validated
     T = module.diffusion.num_timesteps
@@ -92,10 +84,7 @@ def guidance_sweep(
         "heldout_frechet_distance": scorer(heldout)["frechet_distance"],
         "num_heldout": len(heldout),
         "num_reference": scorer.num_reference,
-        "device": torch.cuda.get_device_name(module.device) if module.device.type == "cuda" else "CPU",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
+        **run_info(module.device),
     }
     out = Path(out)
     paths = {"table.md": out / "table.md", "table.json": out / "table.json"}

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ddpm_lightning.data import EmbeddedDigitsDataModule
+from ddpm_lightning.data import EmbeddedDigitsDataModule, images_of
 from ddpm_lightning.evaluation.evaluate import reference_images
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.sampling import load_module
@@ -124,7 +124,7 @@ def nll(
     dataset = real_images(data, data_dir, split, module.image_shape[-1])
     count = len(dataset) if num is None else min(num, len(dataset))  # type: ignore[arg-type]
     items = [dataset[i] for i in range(count)]
-    images = torch.stack([_image(item) for item in items])
+    images = torch.stack([images_of(item) for item in items])
     labels = None if module.num_classes is None else torch.tensor([int(item[1]) for item in items])
     if tuple(images.shape[1:]) != tuple(module.image_shape):
         raise ValueError(
@@ -178,7 +178,3 @@ def real_images(data: str, data_dir: str | Path, split: str, image_size: int) ->
     if data == "digits":
         return EmbeddedDigitsDataModule(image_size=image_size).real_images_dataset(split)  # type: ignore[arg-type]
     return reference_images(data, data_dir, split)
-
-
-def _image(item: Any) -> torch.Tensor:
-    return item[0] if isinstance(item, (list, tuple)) else item

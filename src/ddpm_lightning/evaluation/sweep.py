@@ -35,7 +35,7 @@ from ddpm_lightning.sampling import iter_samples, load_module
 if TYPE_CHECKING:
     from ddpm_lightning.lit_module import DiffusionModule
 
-__all__ = ["SETTINGS", "STEPS", "sweep", "table_csv", "table_md"]
+__all__ = ["SETTINGS", "STEPS", "checkpoint_data", "run_info", "sweep", "table_csv", "table_md", "training_digits"]
 
 #: The sampler settings of the table, by row name; ``steps`` is set per column.
 SETTINGS: dict[str, SamplerConfig] = {
@@ -66,6 +66,23 @@ def checkpoint_data(ckpt: str | Path) -> tuple[str | None, dict[str, Any]]:
         if class_path.endswith(cls):
             return name, kwargs
     return None, kwargs
+
+
+def training_digits(trained_on: str | None, data_kwargs: Mapping[str, Any]) -> EmbeddedDigitsDataModule:
+    """The digits split as a digits checkpoint was trained on (its ``seed`` and ``val_fraction``; the default split for
+    other checkpoints): the digit classifier's data and held-out reference (:meth:`DigitScorer.from_digits`)."""
+    split_keys = ("seed", "val_fraction") if trained_on == "digits" else ()
+    return EmbeddedDigitsDataModule(**{k: data_kwargs[k] for k in split_keys if k in data_kwargs})
+
+
+def run_info(device: torch.device) -> dict[str, Any]:
+    """Where and when a table was made: the device, torch's threads and version, and the date."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+    }
 
 
 def generate(
@@ -186,9 +203,8 @@ def sweep(
                 f"the digit classifier scores 1x28x28 or 1x32x32 images, the model makes "
                 f"{'x'.join(map(str, shape))}: use data='cifar10' (FID)"
             )
-        digits = EmbeddedDigitsDataModule(**data_kwargs if trained_on == "digits" else {})
-        train, val = digits.split_arrays("train"), digits.split_arrays("val")
-        scorer = DigitScorer.from_splits(train, val, epochs=classifier_epochs, cache_dir=classifier_cache_dir)
+        digits = training_digits(trained_on, data_kwargs)
+        scorer = DigitScorer.from_digits(digits, epochs=classifier_epochs, cache_dir=classifier_cache_dir)
     use_fid = fid or scorer is None
 
     info = {
@@ -201,10 +217,7 @@ def sweep(
         "data": data,
         "num": num,
         "seed": seed,
-        "device": torch.cuda.get_device_name(module.device) if module.device.type == "cuda" else "CPU",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
+        **run_info(module.device),
         "floors": {},
     }
     if scorer is not None:
