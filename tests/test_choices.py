@@ -16,14 +16,14 @@ def test_choices_match_the_library_names() -> None:
     from ddpm_lightning import diffusion
     from ddpm_lightning.diffusion.gaussian import VARIANCES
     from ddpm_lightning.evaluation import guidance, inception_weights
-    from ddpm_lightning.evaluation.evaluate import DATASETS, METRICS, PAPER_NUM_SAMPLES
+    from ddpm_lightning.evaluation.fidelity import DATASETS, METRICS, PAPER_NUM_SAMPLES
 
     assert set(diffusion.SAMPLERS) == set(choices.SAMPLERS)
     assert set(diffusion.SPACINGS) == set(choices.SPACINGS)
     assert choices.SCHEDULES == diffusion.SCHEDULES
     assert choices.VARIANCES == VARIANCES
     assert (choices.METRICS, choices.EVAL_DATASETS, choices.PAPER_NUM_SAMPLES) == (METRICS, DATASETS, PAPER_NUM_SAMPLES)
-    sweep_module = sys.modules["ddpm_lightning.evaluation.sweep"]
+    sweep_module = sys.modules["ddpm_lightning.evaluation.sampler_sweep"]
     assert set(sweep_module.SETTINGS) == set(choices.SWEEP_SETTINGS)
     assert (choices.SWEEP_STEPS, choices.SWEEP_DATASETS) == (sweep_module.STEPS, sweep_module.DATASETS)
     assert choices.GUIDANCE_SCALES == guidance.SCALES
