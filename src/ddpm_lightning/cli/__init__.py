@@ -67,5 +67,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         if os.environ.get("DDPM_TRACEBACK"):
             raise
-        print(f"ddpm: error: {err}", file=sys.stderr)
+        message = str(err)
+        if "Union subtypes" in message:  # jsonargparse's dump when a configured class fails: its one reason
+            from ddpm_lightning.cli.config_errors import one_line
+
+            message = one_line(message)
+        print(f"ddpm: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
