@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ddpm_lightning.cli import main
-from ddpm_lightning.cli.config_errors import closest_keys, one_line
+from ddpm_lightning.cli.config_errors import closest_keys, one_line, shorten_known_subclasses
 
 pytestmark = pytest.mark.integration
 
@@ -57,3 +57,24 @@ def test_a_union_dump_becomes_its_one_reason_and_suggestions_stay_close() -> Non
     assert closest_keys("model.lrr", ["model.lr", "model.ch", "model.sampler", "trainer.lr"]) == ["model.lr"]
     assert closest_keys("model.zzzzz", ["model.lr", "trainer.max_steps"]) == []
     assert closest_keys("modle.lr", ["model.lr", "model.ch", "trainer.max_steps"]) == ["model.lr"]
+
+
+def test_fit_help_lists_a_few_networks_not_every_importable_module(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) < 800  # 1,388 lines when every importable nn.Module was listed
+    net = text[text.index("  --model.net NET") : text.index("  --model.image_size")]
+    assert "ddpm_lightning.models.UNet" in net and "torch.ao" not in net and "importable ones" in net
+    assert "configs/model/" in net
+
+
+def test_shorten_known_subclasses_keeps_the_package_s_networks_first() -> None:
+    paths = [f"torch.nn.M{i}" for i in range(20)] + ["ddpm_lightning.guard.G", "ddpm_lightning.models.UNet"]
+    short = shorten_known_subclasses(f"(type: Module, known subclasses: {', '.join(paths)})", limit=3)
+    assert short == (
+        "(type: Module, known subclasses: ddpm_lightning.models.UNet, ddpm_lightning.guard.G, torch.nn.M0 "
+        "and 19 more importable ones)"
+    )
+    assert shorten_known_subclasses("known subclasses: a.B, c.D)") == "known subclasses: a.B, c.D)"

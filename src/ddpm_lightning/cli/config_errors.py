@@ -2,7 +2,9 @@
 closest valid keys (``model.lrr`` in a YAML file -> ``did you mean model.lr?``), and the one reason of a "Union
 subtypes" error (a data module whose ``root`` folder does not exist).
 
-:class:`ConfigErrorParser` is LightningCLI's ``parser_class``; :func:`one_line` shortens any other error message.
+:class:`ConfigErrorParser` is LightningCLI's ``parser_class``; :func:`one_line` shortens any other error message. Its
+help (:class:`ShortHelpFormatter`) lists at most a few of the "known subclasses" of an option: every importable
+``nn.Module`` is one of ``--model.net``, some 800 lines of ``ddpm fit --help``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,49 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-__all__ = ["ConfigErrorParser", "closest_keys", "config_file_with_key", "one_line", "unknown_key_message"]
+__all__ = [
+    "ConfigErrorParser",
+    "ShortHelpFormatter",
+    "closest_keys",
+    "config_file_with_key",
+    "one_line",
+    "shorten_known_subclasses",
+    "unknown_key_message",
+]
 
 _NOT_ACCEPTED = re.compile(
     r"(?:Subcommand '(?P<sub>[\w-]+)'|Group '(?P<group>[\w.-]+)') does not accept option '(?P<key>[^']+)'"
 )
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (?P<args>.*)", re.S)
+_KNOWN_SUBCLASSES = re.compile(r"known subclasses: (?P<list>[^)]*)")
+#: the most class paths an option's help lists
+MAX_LISTED = 8
+
+
+def shorten_known_subclasses(help_text: str, limit: int = MAX_LISTED) -> str:
+    """A help text whose "known subclasses: A, B, ..." holds at most ``limit`` class paths (this package's first, its
+    networks before them) and the number left out."""
+
+    def shorten(match: re.Match[str]) -> str:
+        paths = [p.strip() for p in match["list"].split(",") if p.strip()]
+        if len(paths) <= limit:
+            return match[0]
+        # this package's networks (ddpm_lightning.models) first, then its other classes, then the libraries'
+        own = sorted((p for p in paths if p.startswith("ddpm_lightning.")), key=lambda p: ".models." not in p)
+        kept = (own + [p for p in paths if p not in own])[:limit]
+        return f"known subclasses: {', '.join(kept)} and {len(paths) - len(kept)} more importable ones"
+
+    return _KNOWN_SUBCLASSES.sub(shorten, help_text)
+
+
+class ShortHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter with the lists of known subclasses shortened (:func:`shorten_known_subclasses`)."""
+
+    def _get_help_string(self, action: Any) -> str:
+        return shorten_known_subclasses(super()._get_help_string(action))
 
 
 def closest_keys(key: str, valid: Sequence[str], n: int = 3) -> list[str]:
@@ -114,6 +151,10 @@ class ConfigErrorParser(LightningArgumentParser):
     status 2); every other error is jsonargparse's own."""
 
     _argv: list[str] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", ShortHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
         self._argv = list(sys.argv[1:] if args is None else args)
