@@ -95,6 +95,21 @@ def test_a_corrupt_file_is_skipped_with_a_warning_naming_it_or_stops(folder):
 
 
 @pytest.mark.unit
+def test_the_commands_show_the_corrupt_file_warning_without_a_source_path(folder):
+    from ddpm_lightning.cli import format_warning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ = ImageFolderDataModule(str(folder), image_size=16, val_fraction=0.25).classes
+    (w,) = caught
+    shown = format_warning(w.message, w.category, w.filename, w.lineno)
+    assert shown.startswith("warning: 1 of 9 files below ") and shown.endswith("; skipped\n")
+    assert ".py" not in shown and "UserWarning" not in shown
+    other = format_warning("other", UserWarning, "/elsewhere/lib.py", 3)  # another library's: as Python shows it
+    assert other.startswith("/elsewhere/lib.py:3: UserWarning: other")
+
+
+@pytest.mark.unit
 def test_a_file_that_breaks_after_listing_is_named_without_pils_traceback(folder):
     items = _module(folder).real_images_dataset("all")
     items.files[0].write_bytes(b"garbage")
