@@ -16,14 +16,14 @@ def test_choices_match_the_library_names() -> None:
     from ddpm_lightning import diffusion
     from ddpm_lightning.diffusion.gaussian import VARIANCES
     from ddpm_lightning.evaluation import guidance, inception_weights
-    from ddpm_lightning.evaluation.evaluate import DATASETS, METRICS, PAPER_NUM_SAMPLES
+    from ddpm_lightning.evaluation.fidelity import DATASETS, METRICS, PAPER_NUM_SAMPLES
 
     assert set(diffusion.SAMPLERS) == set(choices.SAMPLERS)
     assert set(diffusion.SPACINGS) == set(choices.SPACINGS)
     assert choices.SCHEDULES == diffusion.SCHEDULES
     assert choices.VARIANCES == VARIANCES
     assert (choices.METRICS, choices.EVAL_DATASETS, choices.PAPER_NUM_SAMPLES) == (METRICS, DATASETS, PAPER_NUM_SAMPLES)
-    sweep_module = sys.modules["ddpm_lightning.evaluation.sweep"]
+    sweep_module = sys.modules["ddpm_lightning.evaluation.sampler_sweep"]
     assert set(sweep_module.SETTINGS) == set(choices.SWEEP_SETTINGS)
     assert (choices.SWEEP_STEPS, choices.SWEEP_DATASETS) == (sweep_module.STEPS, sweep_module.DATASETS)
     assert choices.GUIDANCE_SCALES == guidance.SCALES
@@ -52,3 +52,14 @@ def test_top_level_help_lists_every_command_without_importing_them() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert all(name in done.stdout for name in COMMANDS) and "ddpm fit --help" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_an_unknown_command_is_one_line_with_the_closest_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from ddpm_lightning.cli import main
+
+    for typo, hint in (("tset", "did you mean test?"), ("sampel", "did you mean sample?"), ("xyzzy", "ddpm --help")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([typo])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ddpm: error: unknown command {typo!r}: ") and hint in err and len(err.splitlines()) == 1

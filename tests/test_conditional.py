@@ -20,7 +20,7 @@ from ddpm_lightning.data import EmbeddedDigitsDataModule, to_uint8
 from ddpm_lightning.diffusion import SAMPLERS, GaussianDiffusion, SamplerConfig, make_betas
 from ddpm_lightning.diffusion.samplers import guided
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
-from ddpm_lightning.evaluation.evaluate import class_proportions, generate
+from ddpm_lightning.evaluation.fidelity import class_proportions, generate
 from ddpm_lightning.evaluation.guidance import guidance_sweep
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet

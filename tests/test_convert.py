@@ -432,3 +432,28 @@ def test_the_papers_cifar10_weights_convert_and_sample(tmp_path):
     images = loaded.sample(4, {"name": "ddim", "steps": 20}, seed=0)
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
     assert images.std() > 0.2  # images, not a constant
+
+
+def test_a_hub_id_that_cannot_be_fetched_offline_says_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpm_lightning.interop import diffusers as interop
+
+    class LocalEntryNotFoundError(Exception):  # huggingface_hub's, by name
+        pass
+
+    class Unreachable:
+        @classmethod
+        def from_pretrained(cls, source: str, **options: object) -> None:
+            try:
+                raise LocalEntryNotFoundError("cannot find the requested files in the disk cache")
+            except LocalEntryNotFoundError as err:
+                raise OSError(f"{source} does not appear to have a file named config.json.") from err
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(FileNotFoundError, match="this machine is offline .* or pass a local folder"):
+        interop._pretrained(Unreachable, "google/ddpm-cifar10-32", "unet")
+    monkeypatch.setattr(interop, "_OFFLINE_ERRORS", ())
+    with pytest.raises(FileNotFoundError, match=r"a hub id \(fetched only when online\)"):
+        interop._pretrained(Unreachable, "google/ddpm-cifar10-32", "unet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="this machine is offline"):
+        interop._pretrained(Unreachable, "google/ddpm-cifar10-32", "unet")

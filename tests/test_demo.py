@@ -217,3 +217,21 @@ def test_full_recipe_classifier_beats_97_percent(digits, tmp_path: Path) -> None
         digits.split_arrays("train"), digits.split_arrays("val"), cache_dir=tmp_path
     )
     assert accuracy > 0.97
+
+
+@pytest.mark.unit
+def test_the_report_names_no_make_variable_and_no_none_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    """Inside `ddpm ablate` there is no DEMO_STEPS, and `--trainer.max_steps=0` times no step."""
+    report = DemoReport()
+    report._train_start = 0.0
+    for max_steps in (1100, -1):
+        trainer = mock.Mock(max_steps=max_steps, global_step=20)
+        with mock.patch("time.perf_counter", return_value=10.0):
+            line = report._eta_line(trainer)
+        assert "DEMO_" not in line and "2.00 " in line and "steps/s" in line
+    scores = {"confident_share": 0.0, "class_entropy": 0.0, "frechet_distance": 1.0}
+    metrics = {"steps": 0, "train_time_s": 0.0, "steps_per_s": None, "device": "cpu", "torch_threads": 1,
+               "trained": scores, "real_heldout": scores, "sampler": "DDIM 25 steps"}  # fmt: skip
+    DemoReport._print_summary(Path("run"), Path("run/demo.ckpt"), metrics)
+    out = capsys.readouterr().out
+    assert "demo: 0 steps in 0 s (no step timed on cpu, 1 threads)" in out and "None" not in out

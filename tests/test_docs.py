@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ddpm_lightning.sampling import load_module
 
@@ -67,7 +68,12 @@ def broken_links(page: Path) -> list[str]:
 def quoted_commands(page: Path) -> list[list[str]]:
     """The ``ddpm ...`` commands of ``page``'s shell code blocks as argument lists (without ``ddpm``): continuation
     lines joined, comments dropped, optional ``[--flag value]`` unwrapped, commands with an elided ``...`` left out."""
-    _, blocks = _prose_and_code(page.read_text())
+    return quoted_commands_of(page.read_text())
+
+
+def quoted_commands_of(text: str) -> list[list[str]]:
+    """The ``ddpm ...`` commands of the shell code blocks of a page's ``text`` (see :func:`quoted_commands`)."""
+    _, blocks = _prose_and_code(text)
     commands = []
     for language, lines in blocks:
         if language not in ("bash", "sh", "shell", ""):
@@ -198,3 +204,31 @@ def test_the_readmes_python_example_trains_and_samples(tmp_path, monkeypatch):
     loaded = load_module(tmp_path / "runs" / "python" / "digits.ckpt")
     # the checkpoint holds the weights that drew x0 (the EMA)
     torch.testing.assert_close(loaded.sample(16, scope["SamplerConfig"]("dpmpp_2m", steps=20), seed=0), x0)
+
+
+def _run_dir(words: list[str]) -> str:
+    """The run folder a quoted ``ddpm fit`` writes: its ``--trainer.default_root_dir``, else that of the last config
+    that sets one."""
+    folder = None
+    for flag, value in zip(words, words[1:], strict=False):
+        if flag in ("-c", "--config"):
+            trainer = (yaml.safe_load((REPO / value).read_text()) or {}).get("trainer") or {}
+            folder = trainer.get("default_root_dir", folder)
+    given = [w.split("=", 1)[1] for w in words if w.startswith("--trainer.default_root_dir=")]
+    return given[-1] if given else folder
+
+
+def test_your_own_images_evaluates_the_checkpoints_its_own_runs_wrote():
+    """Every --ckpt of the "Your own images" block is the last.ckpt of the `ddpm fit` quoted last before it (the CPU
+    check is followed by commands on its own checkpoint, not on the full run's)."""
+    text = (REPO / "docs" / "interop.md").read_text()
+    section = text[text.index("## Your own images") :]
+    written, read = None, 0
+    for words in quoted_commands_of(section):
+        if words[0] == "fit":
+            written = f"{_run_dir(words)}/checkpoints/last.ckpt"
+        for flag, value in zip(words, words[1:], strict=False):
+            if flag == "--ckpt":
+                assert value == written, f"{' '.join(words)}: the fit above writes {written}, not {value}"
+                read += 1
+    assert read >= 2

@@ -91,7 +91,7 @@ def test_evaluate_refuses_before_sampling_when_the_fid_weights_are_missing(
     """Offline, no cached weights (the download raises OSError): one error naming `--weights`, nothing sampled."""
     import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
-    evaluate_module = sys.modules["ddpm_lightning.evaluation.evaluate"]
+    evaluate_module = sys.modules["ddpm_lightning.evaluation.fidelity"]
 
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("no network")
@@ -113,17 +113,18 @@ def test_evaluate_refuses_before_sampling_when_the_fid_weights_are_missing(
 
 
 def test_evaluate_refuses_a_folder_as_checkpoint_and_an_unwritable_report_before_sampling(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    evaluate_module = sys.modules["ddpm_lightning.evaluation.evaluate"]
+    evaluate_module = sys.modules["ddpm_lightning.evaluation.fidelity"]
 
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"")
     monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("sampled"))
-    with pytest.raises(FileNotFoundError, match="is not a file \\(a folder\\)"):
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint file"):
         evaluate(ckpt=tmp_path, num=4, data="digits", weights=weights, metrics=["fid"])
-    with pytest.raises(SystemExit, match="does not exist or is not writable"):
-        main(["evaluate", "--ckpt", str(tmp_path), "--out", str(tmp_path / "no" / "report.json")])
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--ckpt", str(tmp_path), "--out", str(weights / "report.json")])
+    assert f"--out {weights / 'report.json'}: {weights} is a file" in capsys.readouterr().err
 
 
 def test_evaluate_caches_the_reference_statistics_by_data_split_count_and_weights(
@@ -151,3 +152,18 @@ def test_evaluate_caches_the_reference_statistics_by_data_split_count_and_weight
                          hashlib.sha256(b"weights a").hexdigest())  # fmt: skip
     assert first["input2_cache_name"] == real_stats_name(key)
     assert second["input2_cache_name"] != first["input2_cache_name"]  # other weights, other statistics
+
+
+def test_no_function_of_the_evaluation_package_hides_one_of_its_modules() -> None:
+    import importlib
+    import types
+
+    import ddpm_lightning.evaluation as evaluation
+    from ddpm_lightning.evaluation import evaluate, sweep
+
+    assert callable(evaluate) and callable(sweep)
+    for path in Path(evaluation.__file__).parent.glob("*.py"):
+        if path.stem != "__init__":
+            module = importlib.import_module(f"ddpm_lightning.evaluation.{path.stem}")
+            assert isinstance(getattr(evaluation, path.stem), types.ModuleType), path.stem
+            assert getattr(evaluation, path.stem) is module

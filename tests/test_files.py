@@ -67,7 +67,7 @@ def test_sample_refuses_an_out_that_is_an_existing_file(tmp_path: Path, capsys: 
 
 def test_evaluate_writes_its_report_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     report = {"fid": 1.0, "isc_mean": None, "isc_std": None, "kid_mean": None, "kid_std": None, "notes": []}
-    monkeypatch.setattr(sys.modules["ddpm_lightning.evaluation.evaluate"], "evaluate", lambda **kwargs: report)
+    monkeypatch.setattr(sys.modules["ddpm_lightning.evaluation.fidelity"], "evaluate", lambda **kwargs: report)
     written = []
     atomic_write = io.atomic_write
     monkeypatch.setattr(io, "atomic_write", lambda path, write: written.append(Path(path)) or atomic_write(path, write))

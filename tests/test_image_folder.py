@@ -95,6 +95,21 @@ def test_a_corrupt_file_is_skipped_with_a_warning_naming_it_or_stops(folder):
 
 
 @pytest.mark.unit
+def test_the_commands_show_the_corrupt_file_warning_without_a_source_path(folder):
+    from ddpm_lightning.cli import format_warning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ = ImageFolderDataModule(str(folder), image_size=16, val_fraction=0.25).classes
+    (w,) = caught
+    shown = format_warning(w.message, w.category, w.filename, w.lineno)
+    assert shown.startswith("warning: 1 of 9 files below ") and shown.endswith("; skipped\n")
+    assert ".py" not in shown and "UserWarning" not in shown
+    other = format_warning("other", UserWarning, "/elsewhere/lib.py", 3)  # another library's: as Python shows it
+    assert other.startswith("/elsewhere/lib.py:3: UserWarning: other")
+
+
+@pytest.mark.unit
 def test_a_file_that_breaks_after_listing_is_named_without_pils_traceback(folder):
     items = _module(folder).real_images_dataset("all")
     items.files[0].write_bytes(b"garbage")
@@ -200,3 +215,23 @@ def test_evaluate_takes_a_folder_as_the_reference_set(folder, tmp_path, monkeypa
     assert report["reference"]["cache_name"] == f"{_module(folder).name}-all"
     cached = os.listdir(tmp_path / "cache" / "ddpm-lightning" / "fid-stats")
     assert any(report["reference"]["cache_name"] in name for name in cached)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("count", "val_fraction", "num_val"), [(41, 0.01, 1), (2, 0.9, 1), (2, 0.01, 1), (40, 0.25, 10)]
+)
+def test_each_split_keeps_at_least_one_image(tmp_path: Path, count: int, val_fraction: float, num_val: int) -> None:
+    for i in range(count):
+        _bands(4, 4, [RED, GREEN]).save(tmp_path / f"{i:02d}.png")
+    module = ImageFolderDataModule(str(tmp_path), image_size=4, val_fraction=val_fraction)
+    val, train = module.split_indices("val"), module.split_indices("train")
+    assert len(val) == num_val and len(train) == count - num_val
+    assert sorted(val + train) == list(range(count))
+
+
+@pytest.mark.unit
+def test_a_single_image_cannot_be_split(tmp_path: Path) -> None:
+    _bands(4, 4, [RED]).save(tmp_path / "only.png")
+    with pytest.raises(ValueError, match="holds 1 readable image: training and validation need at least 2"):
+        ImageFolderDataModule(str(tmp_path), image_size=4).split_indices("train")

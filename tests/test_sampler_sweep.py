@@ -2,7 +2,6 @@
 on a tiny digits model."""
 
 import csv
-import importlib
 import re
 from datetime import date
 from pathlib import Path
@@ -16,7 +15,7 @@ from PIL import Image
 from ddpm_lightning.cli import main
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation import SETTINGS
-from ddpm_lightning.evaluation.sweep import run_info, training_digits
+from ddpm_lightning.evaluation.sampler_sweep import run_info, training_digits
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 
@@ -112,8 +111,10 @@ def test_sweep_scores_fid_for_other_data(digits_ckpt: Path, tmp_path: Path, monk
         calls.append(len(images))
         return 12.5
 
-    # the module, not the function `ddpm_lightning.evaluation.sweep` that the package exports under the same name
-    monkeypatch.setattr(importlib.import_module("ddpm_lightning.evaluation.sweep"), "fid_of_images", fake_fid)
+    monkeypatch.setattr("ddpm_lightning.evaluation.sampler_sweep.fid_of_images", fake_fid)
+    # the checks made before sampling: FID's weights and real images (none here)
+    monkeypatch.setattr("ddpm_lightning.evaluation.sampler_sweep.fetch_fid_weights", lambda weights: weights)
+    monkeypatch.setattr("ddpm_lightning.evaluation.sampler_sweep.reference_set", lambda *args: None)
     out = tmp_path / "samplers"
     run_cli("sampler-sweep", "--ckpt", digits_ckpt, "--out", out, "--data", "cifar10", "--steps", 3,
             "--samplers", "ddim", "dpmpp_2m", "--num", 4)  # fmt: skip

@@ -35,6 +35,7 @@ __all__ = [
     "UNET_ALIASES",
     "AtomicCheckpointIO",
     "CheckpointError",
+    "check_checkpoint_file",
     "check_state_dict_shapes",
     "read_checkpoint",
     "read_net_weights",
@@ -65,14 +66,36 @@ def _load(path: Path, map_location: Any, weights_only: bool, mmap: bool = False)
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read: {err}") from err
 
 
+def check_checkpoint_file(path: str | Path, option: str = "checkpoint") -> Path:
+    """Refuse, with the reason, a ``path`` that is no checkpoint file: missing, a folder (a run folder's checkpoint is
+    named), or not the zip archive ``torch.save`` writes (a text file, a truncated download). ``option`` is how the user
+    gave it (``--ckpt``). Reads 2 KB at most; returns ``path``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        found = [last] if last.is_file() else sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
+        hint = f": did you mean {option} {found[-1]}?" if found else "; give a .ckpt file written by `ddpm fit`"
+        raise CheckpointError(f"{option} {path} is a folder, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise CheckpointError(f"{option} {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2048)
+        if head and all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+            first = head.decode().splitlines()[0][:60] if head.strip() else ""
+            raise CheckpointError(f"{option} {path} is a text file, not a checkpoint (it begins {first!r})")
+        raise CheckpointError(
+            f"{option} {path} is corrupt or truncated, or not a checkpoint: it is not the zip archive torch.save writes"
+        )
+    return path
+
+
 def read_checkpoint(
     path: str | Path, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False
 ) -> dict[str, Any]:
     """``torch.load`` a checkpoint (tensors and plain types only by default; ``mmap``: tensors read on demand);
     CheckpointError if it is unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = check_checkpoint_file(path)
     checkpoint = _load(path, map_location, weights_only, mmap)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint written by `ddpm fit` (it has no state_dict)")
@@ -195,8 +218,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only)
-        if not Path(path).is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist")
+        check_checkpoint_file(path)
         # also Lightning's own files, such as the weights ddp_spawn hands back to the main process
         return _load(Path(path), map_location, weights_only=True if weights_only is None else weights_only)
 

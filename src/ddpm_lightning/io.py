@@ -23,6 +23,7 @@ __all__ = [
     "atomic_folder",
     "atomic_write",
     "cache_dir",
+    "check_output",
     "image_grid",
     "save_grid",
     "save_png",
@@ -57,6 +58,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_output(path: str | Path, option: str = "--out", *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that could not be written at the end: ``path`` (a file, or a folder with
+    ``folder``) must not exist as the other kind, and its nearest existing folder must be writable (the missing folders
+    are created when writing). ``option`` is how the user gave ``path``. Returns ``path``."""
+    path = Path(path).expanduser()
+    want = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise FileExistsError(f"{option} {path} is an existing {'folder' if path.is_dir() else 'file'}: give a {want}")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileExistsError(f"{option} {path}: {parent} is a file, so the {want} cannot be created there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {parent} is not writable")
     return path
 
 

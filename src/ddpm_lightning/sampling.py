@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.io import atomic_folder, save_grid, save_png
+from ddpm_lightning.io import atomic_folder, check_output, save_grid, save_png
 from ddpm_lightning.lit_module import DiffusionModule
 
 __all__ = [
@@ -184,6 +184,7 @@ def sample_to_folder(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is an existing file: give a folder (new or existing) for the samples")
+    check_output(out, "out", folder=True)
     module = load_module(ckpt, device)
     config = module.sampler_config_for(
         sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,

@@ -172,12 +172,12 @@ class DemoReport(Callback):
         """The demo's first line: how long training will take on this machine, from the steps timed so far."""
         rate = ETA_AFTER_STEPS / (time.perf_counter() - self._train_start)
         if trainer.max_steps <= 0:
-            return f"demo: {rate:.2f} optimizer steps/s on this machine; training stops at its time budget (DEMO_TIME)"
+            return f"demo: {rate:.2f} optimizer steps/s on this machine; training stops at its time budget (max_time)"
         left = (trainer.max_steps - trainer.global_step) / rate
         return (
             f"demo: {trainer.max_steps} optimizer steps at {rate:.2f} steps/s on this machine: about "
             f"{int(left // 60)} min {int(left % 60):02d} s of training to go, then the report "
-            "(the steps, DEMO_STEPS, set the quality; a slower machine takes longer)"
+            "(the number of steps, trainer.max_steps, sets the quality; a slower machine takes longer)"
         )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -282,9 +282,10 @@ class DemoReport(Callback):
 
     @staticmethod
     def _print_summary(root: Path, ckpt: Path, metrics: dict) -> None:
+        rate = "no step timed" if metrics["steps_per_s"] is None else f"{metrics['steps_per_s']} steps/s"
         lines = [
             f"\ndemo: {metrics['steps']} steps in {metrics['train_time_s']:.0f} s "
-            f"({metrics['steps_per_s']} steps/s on {metrics['device']}, {metrics['torch_threads']} threads)",
+            f"({rate} on {metrics['device']}, {metrics['torch_threads']} threads)",
             f"  checkpoint  {ckpt}",
             *(f"  {name:<11} {root / name}.{ext}" for name, ext in [("samples", "png"), ("chain", "png")]),
             f"  loss curve  {root / 'loss.png'}",

@@ -7,12 +7,14 @@ Nothing heavy is imported here: a command's module (and with it torch) is import
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "EXTRA_HELP", "main"]
+__all__ = ["COMMANDS", "EXTRA_HELP", "LIGHTNING_COMMANDS", "format_warning", "main"]
 
 # name -> (module with ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sampling checkpoints of any EMA length from a run's post-hoc EMA snapshots (Karras et al. 2024)",
     ),
 }
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 EXTRA_HELP = (
     "usage: ddpm COMMAND [--help]\n\n"
     "commands (each takes --help):\n"
@@ -46,17 +49,47 @@ EXTRA_HELP = (
 )
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_format_warning = warnings.formatwarning
+
+
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning of this package's own code as ``warning: MESSAGE`` (its source file means nothing to the user of a
+    command); any other as Python shows it."""
+    if os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+        return f"warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``ddpm`` console script.
 
     Bad input (a missing data set, a bad setting, an unreadable checkpoint) ends with a one-paragraph error and exit
-    status 2; set ``DDPM_TRACEBACK=1`` to see the full traceback instead.
+    status 2; set ``DDPM_TRACEBACK=1`` to see the full traceback instead. The package's own warnings are shown as
+    ``warning: MESSAGE`` (:func:`format_warning`).
     """
+    previous = warnings.formatwarning
+    warnings.formatwarning = format_warning
+    try:
+        _main(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _main(argv: Sequence[str] | None) -> None:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(EXTRA_HELP, end="")
         raise SystemExit(0 if argv else 2)
+    known = (*LIGHTNING_COMMANDS, *COMMANDS)
+    if argv[0] not in known and not argv[0].startswith("-"):
+        close = difflib.get_close_matches(argv[0], known, n=1)
+        hint = f"did you mean {close[0]}?" if close else "`ddpm --help` lists the commands"
+        print(f"ddpm: error: unknown command {argv[0]!r}: {hint}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         if argv[0] in COMMANDS:
             command = importlib.import_module(COMMANDS[argv[0]][0])
@@ -67,5 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         if os.environ.get("DDPM_TRACEBACK"):
             raise
-        print(f"ddpm: error: {err}", file=sys.stderr)
+        message = str(err)
+        if "Union subtypes" in message:  # jsonargparse's dump when a configured class fails: its one reason
+            from ddpm_lightning.cli.config_errors import one_line
+
+            message = one_line(message)
+        print(f"ddpm: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

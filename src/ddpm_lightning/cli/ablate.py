@@ -43,7 +43,7 @@ from ddpm_lightning.evaluation.ablation import (
     write_manifest,
 )
 from ddpm_lightning.evaluation.budget import TrainingBudget
-from ddpm_lightning.io import write_json
+from ddpm_lightning.io import check_output, write_json
 from ddpm_lightning.plots import save_figure, schedule_figure
 
 SBATCH_SCRIPT = Path("scripts/slurm/ablation_array.sbatch")
@@ -209,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"an axis is given twice: {[name for name, _ in args.axis]}")
     runs = grid(axes, args.seeds)
     positions = _positions(axes)
+    if args.collect and not args.out.is_dir():
+        raise FileNotFoundError(f"--out {args.out} is not a folder: collect the folder the runs were launched into")
+    if not args.list:
+        check_output(args.out, "--out", folder=True)  # before the first run trains
     if args.list:
         for k, (settings, seed) in enumerate(runs):
             print(f"{k:>4}  {run_name(settings, seed)}")

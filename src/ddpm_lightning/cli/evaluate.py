@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,13 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm evaluate (--ckpt PATH --num N | --samples DIR) [--weights PATH] [--out report.json]``."""
     args = vars(build_parser().parse_args(argv))
-    from ddpm_lightning.evaluation.evaluate import evaluate
-    from ddpm_lightning.io import write_json
+    from ddpm_lightning.checkpoint import check_checkpoint_file
+    from ddpm_lightning.evaluation.fidelity import evaluate
+    from ddpm_lightning.io import check_output, write_json
 
-    out = args.pop("out")
-    folder = out.expanduser().resolve().parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise SystemExit(f"ddpm evaluate: error: --out {out}: the folder {folder} does not exist or is not writable")
+    # the files first; evaluate() checks the weights and the reference data before it samples
+    out = check_output(args.pop("out"), "--out")
+    for option in ("ckpt", "guide_ckpt"):
+        if args[option] is not None:
+            check_checkpoint_file(args[option], f"--{option.replace('_', '-')}")
     report = evaluate(**args)
     write_json(report, out)
     shown = {k: report[k] for k in ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std") if report[k] is not None}

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     origin = "converted from fid-helper's TorchScript" if converted else f"copied from {hub_cache_path()}"
     print(f"Wrote FID Inception weights to {out} ({origin}).")
     print(
-        f"Offline, pass `--weights {out}` to `ddpm evaluate` "
+        f"Offline, pass `--weights {out}` to `ddpm evaluate` or `ddpm sampler-sweep` "
         f"(`feature_extractor_weights_path: {out}` in a FID callback config)."
     )
     if converted:

@@ -56,6 +56,7 @@ from ddpm_lightning.checkpoint import (
     upgrade_hyperparameters,
     use_atomic_checkpoints,
 )
+from ddpm_lightning.cli.config_errors import ConfigErrorParser
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
 from ddpm_lightning.diffusion import Spacing
 from ddpm_lightning.lit_module import DiffusionModule
@@ -542,6 +543,7 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
                 save_config_callback=LogRunConfig,
                 save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False,
+                parser_class=ConfigErrorParser,  # a config typo is one line with the closest keys
             )
     finally:
         finish_wandb_run()

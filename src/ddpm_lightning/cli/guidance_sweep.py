@@ -39,7 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm guidance-sweep --ckpt PATH [--scales 1 2 3 5] [--num 250] [--sampler NAME --steps NFE]``."""
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.guidance import guidance_sweep
+    from ddpm_lightning.io import check_output
+
+    # every input before the classifier is trained and the first sample drawn
+    check_checkpoint_file(args.ckpt, "--ckpt")
+    check_output(args.out, "--out", folder=True)
+    if args.classifier_cache_dir is not None:
+        check_output(args.classifier_cache_dir, "--classifier-cache-dir", folder=True)
 
     paths = guidance_sweep(**vars(args))
     minutes = (time.perf_counter() - start) / 60

@@ -1,5 +1,6 @@
-"""``ddpm nll --ckpt PATH [--data digits|cifar10] [--split test] [--num N] [--t-samples K]``: the variational bound
-in bits/dim (Ho et al. 2020, Table 1's NLL column), printed and written as JSON."""
+"""``ddpm nll --ckpt PATH [--data digits|cifar10|FOLDER] [--split test] [--num N] [--t-samples K]``: the variational
+bound in bits/dim (Ho et al. 2020, Table 1's NLL column), printed and written as JSON (default: beside the checkpoint,
+``last.ckpt`` -> ``last.nll.json``)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
         "standard error and the terms L_T (prior), L_0 (decoder) and L_1..L_{T-1} (rest).",
     )
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `ddpm fit`")
-    parser.add_argument("--data", choices=DATASETS, default="digits", help="data set (default digits)")
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help=f"data set: {', '.join(DATASETS)} or a folder of PNG/JPEG/WebP images (default digits)",
+    )
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default data)")
-    parser.add_argument("--split", choices=("train", "test"), default="test", help="default test")
+    parser.add_argument(
+        "--split",
+        choices=("train", "test", "all"),
+        default="test",
+        help="default test; a folder's test split is the images its training held out (all: every image)",
+    )
     parser.add_argument("--num", type=int, default=256, help="first N images of the split (default 256; 0: all)")
     parser.add_argument(
         "--t-samples",
@@ -38,14 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="image i is seeded by seed + i (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--out", type=Path, default=Path("nll.json"), help="JSON report (default nll.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON report (default: beside the checkpoint, last.ckpt: last.nll.json)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.data not in DATASETS and not Path(args.data).expanduser().is_dir():
+        raise ValueError(f"--data {args.data!r} is neither {' nor '.join(DATASETS)} nor a folder of images")
+    if args.split == "all" and args.data in DATASETS:
+        raise ValueError(f"--split all is for a folder of images; {args.data} has: train, test")
+    out = args.out if args.out is not None else args.ckpt.with_suffix(".nll.json")
+    from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.nll import nll
-    from ddpm_lightning.io import write_json
+    from ddpm_lightning.io import check_output, write_json
+
+    # every input before the first network evaluation: the checkpoint, the report's folder (the data are read
+    # before the bound is computed)
+    check_checkpoint_file(args.ckpt, "--ckpt")
+    check_output(out, "--out")
 
     report = nll(
         args.ckpt,
@@ -74,6 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"terms (bits/dim): {terms}")
     if report["num_classes"] is not None:
         print(f"a class-conditional model: the bound of the likelihood {report['likelihood']}")
-    write_json(report, args.out)
-    print(f"wrote {args.out}")
+    write_json(report, out)
+    print(f"wrote {out}")
     return 0

@@ -50,7 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm sample --ckpt PATH --num N --out DIR [--seed S] [--sampler NAME --steps NFE] [--class K ...
     --guidance-scale S --grid-by-class]``."""
     args = build_parser().parse_args(argv)
+    from ddpm_lightning.checkpoint import check_checkpoint_file
+    from ddpm_lightning.io import check_output
     from ddpm_lightning.sampling import sample_to_folder
+
+    # every input before the first sample: the output folder and the checkpoints
+    check_output(args.out, "--out", folder=True)
+    check_checkpoint_file(args.ckpt, "--ckpt")
+    if args.guide_ckpt is not None:
+        check_checkpoint_file(args.guide_ckpt, "--guide-ckpt")
 
     grid = sample_to_folder(**vars(args))
     print(f"wrote {args.num} samples to {args.out} and the grid {grid}")

@@ -66,7 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a == "--nfe" or a.startswith("--nfe=") for a in argv):
         warnings.warn("ddpm sampler-sweep: --nfe is deprecated, use --steps", FutureWarning, stacklevel=2)
     start = time.perf_counter()
-    from ddpm_lightning.evaluation.sweep import sweep
+    from ddpm_lightning.checkpoint import check_checkpoint_file
+    from ddpm_lightning.evaluation.sampler_sweep import sweep
+    from ddpm_lightning.io import check_output
+
+    # the files first; the sweep checks the FID weights and data before the classifier is trained or a sample drawn
+    for ckpt in args.ckpt:
+        check_checkpoint_file(ckpt, "--ckpt")
+    if args.guide_ckpt is not None:
+        check_checkpoint_file(args.guide_ckpt, "--guide-ckpt")
+    check_output(args.out, "--out", folder=True)
+    if args.classifier_cache_dir is not None:
+        check_output(args.classifier_cache_dir, "--classifier-cache-dir", folder=True)
 
     paths = sweep(**vars(args))
     minutes = (time.perf_counter() - start) / 60

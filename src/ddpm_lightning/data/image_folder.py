@@ -74,7 +74,8 @@ class ImageFolderDataModule(ImageDataModule):
     ``image_size`` and center-cropped to a square; grey and colour files alike become ``channels`` channels. The
     label is the index of the file's top sub-folder among the sorted sub-folder names (0 for files directly in
     ``root``), for class-conditional training. A seeded permutation holds out ``val_fraction`` of the files ("val" and
-    "test"); "train" is the rest, flipped left-right at random when ``random_flip``.
+    "test"; at least one, and at least one left for training); "train" is the rest, flipped left-right at random when
+    ``random_flip``.
 
     Files PIL cannot open are found when the folder is first listed and reported by name: ``unreadable="skip"`` leaves
     them out with one warning (their number in ``num_unreadable``), ``"stop"`` raises :class:`UnreadableImageError`.
@@ -165,18 +166,16 @@ class ImageFolderDataModule(ImageDataModule):
         return f"imagefolder-{self.root.name}-{self.channels}ch-{digest.hexdigest()[:16]}"
 
     def split_indices(self, split: Literal["train", "val", "test", "all"]) -> list[int]:
-        """Indices (into the readable files) of ``split`` (``"all"``: every file); the same split for a given seed."""
+        """Indices (into the readable files) of ``split`` (``"all"``: every file); the same split for a given seed.
+        Validation holds ``round(val_fraction * n)`` images, at least one and at most n - 1."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         n = len(self._list()[0])
         if split == "all":
             return list(range(n))
-        num_val = round(self.val_fraction * n)
-        if not 0 < num_val < n:
-            raise ValueError(
-                f"val_fraction={self.val_fraction} puts {num_val} of the {n} images in validation; choose a value "
-                "that leaves both splits non-empty"
-            )
+        if n < 2:
+            raise ValueError(f"{self.root} holds {n} readable image: training and validation need at least 2")
+        num_val = min(max(round(self.val_fraction * n), 1), n - 1)  # each split keeps at least one image
         # a generator of its own: the split depends on the seed alone, never on the global RNG
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return order[num_val:] if split == "train" else order[:num_val]

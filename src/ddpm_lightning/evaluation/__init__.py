@@ -9,13 +9,13 @@
 - :func:`collect`, :func:`load_runs`: the schedule ablation's table and curves.
 - :class:`DigitScorer`: the demo's digit-classifier figures; the offline FID Inception weights (``inception_weights``).
 
-``evaluate`` and ``sweep`` are the functions; their modules are ``ddpm_lightning.evaluation.evaluate`` and
-``ddpm_lightning.evaluation.sweep`` (``importlib.import_module`` reaches them by name).
+``evaluate`` and ``sweep`` are the functions; their modules are named otherwise (``ddpm_lightning.evaluation.fidelity``
+and ``ddpm_lightning.evaluation.sampler_sweep``) so that neither function hides a module.
 """
 
 from ddpm_lightning.evaluation.ablation import collect, load_runs, read_metrics, run_dir
 from ddpm_lightning.evaluation.digit_classifier import DigitClassifier, DigitScorer, frechet_distance, score_digits
-from ddpm_lightning.evaluation.evaluate import METRICS, PAPER_NUM_SAMPLES, evaluate, fid_of_images
+from ddpm_lightning.evaluation.fidelity import METRICS, PAPER_NUM_SAMPLES, evaluate, fid_of_images
 from ddpm_lightning.evaluation.guidance import guidance_sweep
 from ddpm_lightning.evaluation.inception_weights import (
     FID_WEIGHTS_FILENAME,
@@ -28,7 +28,7 @@ from ddpm_lightning.evaluation.inception_weights import (
     resolve_fid_weights,
 )
 from ddpm_lightning.evaluation.nll import bpd_of_images
-from ddpm_lightning.evaluation.sweep import SETTINGS, STEPS, sweep
+from ddpm_lightning.evaluation.sampler_sweep import SETTINGS, STEPS, sweep
 
 __all__ = [
     "FID_WEIGHTS_FILENAME",

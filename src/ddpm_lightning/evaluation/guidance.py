@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from ddpm_lightning import io
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
-from ddpm_lightning.evaluation.sweep import checkpoint_data, run_info, training_digits
-from ddpm_lightning.io import atomic_write, save_grid, write_json
+from ddpm_lightning.evaluation.sampler_sweep import checkpoint_data, run_info, training_digits
+from ddpm_lightning.io import atomic_write, check_output, save_grid, write_json
 from ddpm_lightning.sampling import class_rows, cycle_labels, iter_samples, load_module
 
 __all__ = ["SCALES", "guidance_sweep", "table_md"]
@@ -58,6 +59,8 @@ def guidance_sweep(
         raise ValueError(f"num must be >= 2 (the Frechet distance needs a covariance), got {num}")
     if not scales:
         raise ValueError("give at least one guidance scale")
+    check_output(out, "out", folder=True)
+    check_output(classifier_cache_dir or io.cache_dir(), "classifier_cache_dir", folder=True)
     module = load_module(ckpt, device)
     K = module.num_classes
     if K is None:

@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ddpm_lightning.data import EmbeddedDigitsDataModule, images_of
-from ddpm_lightning.evaluation.evaluate import reference_images
+from ddpm_lightning.checkpoint import read_checkpoint
+from ddpm_lightning.data import EmbeddedDigitsDataModule, ImageFolderDataModule, images_of
+from ddpm_lightning.evaluation.fidelity import DATASETS, reference_images
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.sampling import load_module
 
@@ -100,7 +101,7 @@ def nll(
     *,
     data: str = "digits",
     data_dir: str | Path = "data",
-    split: Literal["train", "test"] = "test",
+    split: Literal["train", "test", "all"] = "test",
     num: int | None = 256,
     t_samples: int | None = None,
     clip_denoised: bool = True,
@@ -113,15 +114,16 @@ def nll(
     """The bound in bits/dim of a checkpoint's EMA model on the first ``num`` images of ``split`` (None: all).
 
     ``t_samples`` None: the full sum over the T terms (T network evaluations per image); K: an unbiased estimate from
-    K timesteps per image (plus L_0 exactly). Image i is seeded by ``seed + i``. Returns the report: the total and
-    each term with its standard error, the protocol, and whether the data were quantized.
+    K timesteps per image (plus L_0 exactly). Image i is seeded by ``seed + i``. ``data``: ``"digits"``,
+    ``"cifar10"`` or a folder of images (:func:`real_images`). Returns the report: the total and each term with its
+    standard error, the protocol, and whether the data were quantized.
     """
     if off_grid not in ("quantize", "refuse"):
         raise ValueError(f"unknown off_grid {off_grid!r}; allowed: quantize, refuse")
     if num is not None and num < 1:
         raise ValueError(f"num must be a positive number of images, got {num}")
     module = load_module(ckpt, device)
-    dataset = real_images(data, data_dir, split, module.image_shape[-1])
+    dataset = real_images(data, data_dir, split, module.image_shape[-1], module.image_shape[0], ckpt)
     count = len(dataset) if num is None else min(num, len(dataset))  # type: ignore[arg-type]
     items = [dataset[i] for i in range(count)]
     images = torch.stack([images_of(item) for item in items])
@@ -173,8 +175,24 @@ def nll(
     }
 
 
-def real_images(data: str, data_dir: str | Path, split: str, image_size: int) -> Dataset:
-    """The un-augmented real images of ``split``; the digits at the model's size (28: the native MNIST pixels)."""
+def real_images(
+    data: str,
+    data_dir: str | Path,
+    split: str,
+    image_size: int,
+    channels: int = 3,
+    ckpt: str | Path | None = None,
+) -> Dataset:
+    """The un-augmented real images of ``split``; the digits at the model's size (28: the native MNIST pixels); a
+    folder of images at the model's size and channels, split as the checkpoint's training split it when it was
+    trained on that folder (its ``seed`` and ``val_fraction``), else with the defaults ("all": every image)."""
     if data == "digits":
         return EmbeddedDigitsDataModule(image_size=image_size).real_images_dataset(split)  # type: ignore[arg-type]
+    if data not in DATASETS and Path(data).expanduser().is_dir():
+        folder = Path(data).expanduser().resolve()
+        trained = dict(read_checkpoint(ckpt, mmap=True).get("datamodule_hyper_parameters") or {}) if ckpt else {}
+        same = Path(str(trained.get("root", ""))).expanduser().resolve() == folder
+        split_args = {k: trained[k] for k in ("seed", "val_fraction") if same and k in trained}
+        module = ImageFolderDataModule(str(folder), image_size=image_size, channels=channels, **split_args)
+        return module.real_images_dataset(split)  # type: ignore[arg-type]
     return reference_images(data, data_dir, split)

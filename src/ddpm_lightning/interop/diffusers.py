@@ -13,6 +13,7 @@ diffusers' ``from_pretrained``) only when one is given.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,22 @@ def _scheduler_config(module: DiffusionModule) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ conversions
+# what huggingface_hub raises (in the chain of diffusers' OSError) when the hub cannot be reached and nothing is cached
+_OFFLINE_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout")
+
+
+def _offline(err: BaseException) -> bool:
+    """Whether ``err`` (or an error in its chain) says the hub could not be reached, or HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    seen: BaseException | None = err
+    while seen is not None:
+        if type(seen).__name__ in _OFFLINE_ERRORS or "Name or service not known" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _pretrained(cls: Any, source: str, subfolder: str, method: str = "from_pretrained", **options: Any) -> Any:
     """``cls.from_pretrained(source, subfolder=...)`` for a pipeline folder, else from the folder itself."""
     load = getattr(cls, method)
@@ -324,7 +341,16 @@ def _pretrained(cls: Any, source: str, subfolder: str, method: str = "from_pretr
         try:
             return load(source, **options)
         except OSError as err:
-            where = "a local folder" if Path(source).is_dir() else "a hub id (fetched only when online)"
+            if Path(source).is_dir():
+                where = "a local folder"
+            elif _offline(err):
+                where = (
+                    "a hub id, and this machine is offline (no network, or HF_HUB_OFFLINE set) with no copy in the "
+                    "Hugging Face cache: download it where there is network (`huggingface-cli download ID`, then "
+                    "copy the cache) or pass a local folder"
+                )
+            else:
+                where = "a hub id (fetched only when online)"
             raise FileNotFoundError(f"cannot read a diffusers {cls.__name__} from {source}, {where}: {err}") from err
 
 

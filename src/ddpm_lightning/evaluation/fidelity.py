@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ddpm_lightning import io
+from ddpm_lightning.checkpoint import check_checkpoint_file
 from ddpm_lightning.data import CIFAR10DataModule, EmbeddedDigitsDataModule, ImageFolderDataModule, images_of, to_uint8
 from ddpm_lightning.diffusion import SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import (
@@ -259,7 +260,7 @@ def fid_of_images(
     result = _calculate_metrics(
         Uint8Images(images),
         reference,
-        weights=resolve_fid_weights(None if weights is None else str(weights)),
+        weights=resolve_fid_weights(None if weights is None else str(weights), option="--weights "),
         device=device,
         batch_size=batch_size,
         fid=True,
@@ -321,8 +322,8 @@ def evaluate(
     wanted = set(metrics)
     # every input is checked before the first sample is drawn: the weights, the checkpoint, the reference data
     weights = fetch_fid_weights(weights)
-    if ckpt is not None and not Path(ckpt).expanduser().is_file():
-        raise FileNotFoundError(f"--ckpt {str(ckpt)!r} is not a file" + (" (a folder)" if Path(ckpt).is_dir() else ""))
+    if ckpt is not None:
+        check_checkpoint_file(ckpt, "ckpt")
     notes = []
     if "isc" in wanted and not has_classifier(weights):
         wanted.discard("isc")

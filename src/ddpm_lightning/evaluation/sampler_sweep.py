@@ -28,8 +28,9 @@ from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer
-from ddpm_lightning.evaluation.evaluate import fid_of_images
-from ddpm_lightning.io import atomic_write
+from ddpm_lightning.evaluation.fidelity import fetch_fid_weights, fid_of_images, reference_set
+from ddpm_lightning.io import atomic_write, check_output
+from ddpm_lightning.io import cache_dir as io_cache_dir
 from ddpm_lightning.sampling import iter_samples, load_module
 
 if TYPE_CHECKING:
@@ -196,16 +197,24 @@ def sweep(
             )
     if data == "auto":
         data = trained_on or ("digits" if shape in DIGIT_SHAPES else "cifar10")
+    if data == "digits" and shape not in DIGIT_SHAPES:
+        raise ValueError(
+            f"the digit classifier scores 1x28x28 or 1x32x32 images, the model makes "
+            f"{'x'.join(map(str, shape))}: use data='cifar10' (FID)"
+        )
+    use_fid = fid or data != "digits"
+    # every input before the classifier is trained and the first sample drawn: the output folder, FID's Inception
+    # weights (offline: an error now, not after the sampling) and real images
+    out = check_output(out, "out", folder=True)
+    if data == "digits":
+        check_output(classifier_cache_dir or io_cache_dir(), "classifier_cache_dir", folder=True)
+    if use_fid:
+        weights = fetch_fid_weights(weights)
+        reference_set(data, data_dir, "train", shape[-1])
     scorer = None
     if data == "digits":
-        if shape not in DIGIT_SHAPES:
-            raise ValueError(
-                f"the digit classifier scores 1x28x28 or 1x32x32 images, the model makes "
-                f"{'x'.join(map(str, shape))}: use data='cifar10' (FID)"
-            )
         digits = training_digits(trained_on, data_kwargs)
         scorer = DigitScorer.from_digits(digits, epochs=classifier_epochs, cache_dir=classifier_cache_dir)
-    use_fid = fid or scorer is None
 
     info = {
         "checkpoint": ", ".join(str(c) for c in ckpts),
@@ -225,7 +234,6 @@ def sweep(
         heldout = scorer.heldout[:num]
         info["floors"]["frechet_distance"] = scorer(heldout)["frechet_distance"]
         info["num_reference"], info["num_heldout"] = scorer.num_reference, len(heldout)
-    out = Path(out)
     paths = {name: out / name for name in ("table.md", "table.csv", "quality_vs_nfe.png")}
     rows: list[dict[str, Any]] = []
     # the same sampler on the same timesteps is sampled once per checkpoint
