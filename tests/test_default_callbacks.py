@@ -30,8 +30,13 @@ ALL = ["EMA", "RNGStates", "GracefulStop", "FinalCheckpoint", "ProgressBar", "Im
 # a config with trainer.callbacks of its own, as configs/demo.yaml, debug.yaml, ablation/*.yaml and callbacks/fid.yaml
 OWN_CALLBACKS = """
 seed_everything: 0
-model: {image_size: 16, in_channels: 1, ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: [],
-        num_timesteps: 50, warmup_steps: 2, ema_decay: 0.9}
+model:
+  net:
+    class_path: ddpm_lightning.models.UNet
+    init_args: {image_size: 16, in_channels: 1, ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: []}
+  num_timesteps: 50
+  warmup_steps: 2
+  ema_decay: 0.9
 data:
   class_path: ddpm_lightning.data.EmbeddedDigitsDataModule
   init_args: {batch_size: 4, image_size: 16}

@@ -169,7 +169,7 @@ PAPER_256 = {"celebahq256": True, "lsun_church256": True, "lsun_bedroom256": Fal
 @pytest.mark.unit
 def test_the_256_configs_build_the_papers_113673219_parameter_network():
     net = yaml.safe_load((REPO / "configs" / "model" / "unet_256.yaml").read_text())
-    unet = UNet(**net["init_args"])
+    unet = UNet(**net["init_args"], image_size=256)  # the preset takes its shape from the data
     assert sum(p.numel() for p in unet.parameters()) == 113_673_219
     assert (unet.init_args["downsample_padding"], unet.init_args["norm_eps"], unet.init_args["dropout"]) == (
         "same", 1e-6, 0.0)  # fmt: skip
