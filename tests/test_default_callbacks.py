@@ -142,3 +142,17 @@ def test_a_config_with_its_own_callbacks_trains_with_ema_graceful_stop_and_final
     # without the EMA by name: the checkpoint holds only the raw weights
     main([*common, f"--trainer.default_root_dir={tmp_path / 'no_ema'}", "--default_callbacks=[FinalCheckpoint]"])
     assert "current_model_state" not in read_checkpoint(tmp_path / "no_ema" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.integration
+def test_the_step_bar_is_drawn_with_its_total_and_no_empty_bar_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from conftest import tiny, trainer
+
+    data = torch.utils.data.DataLoader(torch.rand(8, 1, 8, 8) * 2 - 1, batch_size=4)
+    trainer(tmp_path, 3, [], max_epochs=-1, num_sanity_val_steps=0).fit(tiny(), data)
+    out = capsys.readouterr().out
+    assert "Training steps" in out and "3/3" in out
+    assert "0/?" not in out and "Training:" not in out
