@@ -145,6 +145,8 @@ def test_a_config_with_its_own_callbacks_trains_with_ema_graceful_stop_and_final
 
 
 @pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.filterwarnings("ignore:The number of training batches .* is smaller than the logging interval")
 def test_the_step_bar_is_drawn_with_its_total_and_no_empty_bar_before_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
