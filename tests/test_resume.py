@@ -87,6 +87,7 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path: P
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH + 1
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # Lightning's note on the copied file's folder
 def test_a_last_checkpoint_copied_into_another_run_folder_is_continued_there(tmp_path: Path) -> None:
     import shutil
 
