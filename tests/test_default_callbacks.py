@@ -3,6 +3,7 @@ removable by name."""
 
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.cli.fit import DDPMCLI, LogRunConfig, with_default_callbacks
 from ddpm_lightning.lit_module import DiffusionModule
 
+# OWN_CALLBACKS sets the deprecated model.ema_decay on purpose: its alias (the EMA callback's decay) is tested here
+pytestmark = pytest.mark.filterwarnings("ignore:model.ema_decay=.* is deprecated:FutureWarning")
 ALL = ["EMA", "RNGStates", "GracefulStop", "FinalCheckpoint", "ProgressBar", "ImagesPerSecond", "WandbRunId"]
 # a config with trainer.callbacks of its own, as configs/demo.yaml, debug.yaml, ablation/*.yaml and callbacks/fid.yaml
 OWN_CALLBACKS = """
@@ -65,15 +68,20 @@ def instantiate(tmp_path: Path, *args: str) -> L.Trainer:
     """The Trainer `ddpm fit -c <OWN_CALLBACKS config> ARGS` would train with (nothing is trained)."""
     config = tmp_path / "own_callbacks.yaml"
     config.write_text(OWN_CALLBACKS)
-    cli = DDPMCLI(
-        DiffusionModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=["-c", str(config), f"--trainer.default_root_dir={tmp_path}", *args],
-        save_config_callback=LogRunConfig,
-        auto_configure_optimizers=False,
-        run=False,
-    )
+    with warnings.catch_warnings():
+        # as run_cli: Lightning's CLI on jsonargparse >= 4.49, and its note on args given beside pytest's sys.argv
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated in v4\.", module=r"lightning\.pytorch\.cli")
+        warnings.filterwarnings("ignore", message=r"(?s)\s*By default only one", module=r"lightning\.pytorch\.cli")
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter", module=r"lightning\.pytorch\.cli")
+        cli = DDPMCLI(
+            DiffusionModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            args=["-c", str(config), f"--trainer.default_root_dir={tmp_path}", *args],
+            save_config_callback=LogRunConfig,
+            auto_configure_optimizers=False,
+            run=False,
+        )
     return cli.trainer
 
 
