@@ -3,6 +3,7 @@ removable by name."""
 
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.cli.fit import DDPMCLI, LogRunConfig, with_default_callbacks
 from ddpm_lightning.lit_module import DiffusionModule
 
+# OWN_CALLBACKS sets the deprecated model.ema_decay on purpose: its alias (the EMA callback's decay) is tested here
+pytestmark = pytest.mark.filterwarnings("ignore:model.ema_decay=.* is deprecated:FutureWarning")
 ALL = ["EMA", "RNGStates", "GracefulStop", "FinalCheckpoint", "ProgressBar", "ImagesPerSecond", "WandbRunId"]
 # a config with trainer.callbacks of its own, as configs/demo.yaml, debug.yaml, ablation/*.yaml and callbacks/fid.yaml
 OWN_CALLBACKS = """
@@ -70,15 +73,20 @@ def instantiate(tmp_path: Path, *args: str) -> L.Trainer:
     """The Trainer `ddpm fit -c <OWN_CALLBACKS config> ARGS` would train with (nothing is trained)."""
     config = tmp_path / "own_callbacks.yaml"
     config.write_text(OWN_CALLBACKS)
-    cli = DDPMCLI(
-        DiffusionModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=["-c", str(config), f"--trainer.default_root_dir={tmp_path}", *args],
-        save_config_callback=LogRunConfig,
-        auto_configure_optimizers=False,
-        run=False,
-    )
+    with warnings.catch_warnings():
+        # as run_cli: Lightning's CLI on jsonargparse >= 4.49, and its note on args given beside pytest's sys.argv
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated in v4\.", module=r"lightning\.pytorch\.cli")
+        warnings.filterwarnings("ignore", message=r"(?s)\s*By default only one", module=r"lightning\.pytorch\.cli")
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter", module=r"lightning\.pytorch\.cli")
+        cli = DDPMCLI(
+            DiffusionModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            args=["-c", str(config), f"--trainer.default_root_dir={tmp_path}", *args],
+            save_config_callback=LogRunConfig,
+            auto_configure_optimizers=False,
+            run=False,
+        )
     return cli.trainer
 
 
@@ -147,3 +155,19 @@ def test_a_config_with_its_own_callbacks_trains_with_ema_graceful_stop_and_final
     # without the EMA by name: the checkpoint holds only the raw weights
     main([*common, f"--trainer.default_root_dir={tmp_path / 'no_ema'}", "--default_callbacks=[FinalCheckpoint]"])
     assert "current_model_state" not in read_checkpoint(tmp_path / "no_ema" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.filterwarnings("ignore:The number of training batches .* is smaller than the logging interval")
+def test_the_step_bar_is_drawn_with_its_total_and_no_empty_bar_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from conftest import tiny, trainer
+
+    data = torch.utils.data.DataLoader(torch.rand(8, 1, 8, 8) * 2 - 1, batch_size=4)
+    trainer(tmp_path, 3, [], max_epochs=-1, num_sanity_val_steps=0).fit(tiny(), data)
+    out = capsys.readouterr().out
+    assert "Training steps" in out and "3/3" in out
+    assert "0/?" not in out and "Training:" not in out

@@ -147,6 +147,7 @@ def test_bad_settings_are_refused(folder, setting, message):
 
 
 @pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:1 of 9 files below .* cannot be read as images")  # the folder's corrupt file
 def test_fit_with_the_debug_config_on_an_image_folder(folder, tmp_path):
     run = tmp_path / "run"
     main(["fit", "-c", str(REPO / "configs" / "celebahq256.yaml"), "-c", str(REPO / "configs" / "debug.yaml"),

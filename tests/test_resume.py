@@ -87,6 +87,21 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path: P
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH + 1
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # Lightning's note on the copied file's folder
+def test_a_last_checkpoint_copied_into_another_run_folder_is_continued_there(tmp_path: Path) -> None:
+    import shutil
+
+    n = STEPS_PER_EPOCH
+    main(fit_args(tmp_path / "first", n))
+    (tmp_path / "second" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "first" / "checkpoints" / "last.ckpt", tmp_path / "second" / "checkpoints" / "last.ckpt")
+    main(fit_args(tmp_path / "second", 2 * n, "--ckpt_path=last"))
+    folder = tmp_path / "second" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no last-v1.ckpt beside a stale last.ckpt
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 2 * n
+    assert read_checkpoint(tmp_path / "first" / "checkpoints" / "last.ckpt")["global_step"] == n
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_in_the_middle_of_an_epoch_matches_an_uninterrupted_run(tmp_path: Path, num_workers: int) -> None:
     # epochs of 4 steps, a stop after 1.5 epochs: the data order, the flips, dropout and the noise all continue

@@ -123,6 +123,7 @@ def test_sweep_scores_fid_for_other_data(digits_ckpt: Path, tmp_path: Path, monk
     assert "**FID**" in (out / "table.md").read_text()
 
 
+@pytest.mark.filterwarnings("ignore:ddpm sampler-sweep. --nfe is deprecated:FutureWarning")  # the --nfe case
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -102,7 +103,12 @@ def load_module(
     if net is not None:
         overrides["net"] = net
     try:
-        module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+        with warnings.catch_warnings():
+            # a checkpoint of `ddpm fit` names Lightning's CLI instantiator, which uses jsonargparse APIs deprecated
+            # in jsonargparse 4.49: a warning on every load that the user can do nothing about
+            warnings.filterwarnings("ignore", message=r"(?s).*deprecated in v4\.", module=r"lightning\.pytorch\.cli")
+            warnings.filterwarnings("ignore", message=r"(?s)\s*By default only one", module=r"lightning\.pytorch\.cli")
+            module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
     except (CheckpointError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model built from its hyper-parameters: {err}"

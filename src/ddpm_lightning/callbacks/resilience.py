@@ -112,7 +112,21 @@ class FinalCheckpoint(Callback):
 
     ModelCheckpoint writes ``last.ckpt`` at the end of fit only when it has saved nothing else during the run, so the
     steps after its last periodic save would otherwise be lost (e.g. ``max_steps`` not a multiple of the interval).
+
+    A run resumed from a ``last.ckpt`` in its own checkpoint folder that another run wrote (a copied file: its stored
+    folder differs) keeps writing that ``last.ckpt``: ModelCheckpoint would otherwise take it for a stranger's file and
+    write ``last-v1.ckpt`` beside it, leaving ``last.ckpt`` at the old step.
     """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        resumed = trainer.ckpt_path
+        if resumed is None or "://" in str(resumed):
+            return
+        resumed = Path(resumed).resolve()
+        for callback in _last_checkpointers(trainer):
+            own_last = Path(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION).resolve()
+            if resumed == own_last and callback.last_model_path != str(own_last):
+                callback.last_model_path = str(own_last)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:

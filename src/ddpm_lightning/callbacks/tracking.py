@@ -7,6 +7,7 @@ checkpoint and the CLI (:mod:`ddpm_lightning.cli.fit`) hands it back to the Wand
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import WandbLogger
 
 from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
@@ -75,6 +77,25 @@ class ProgressBar(TQDMProgressBar):
         """Whether the run ends at ``max_steps`` with no epoch limit: then the bar counts the run's optimizer steps
         (``global_step`` of ``max_steps``), so its ETA is the whole run's, not the current epoch's."""
         return trainer.max_steps > 0 and (trainer.max_epochs is None or trainer.max_epochs < 0)
+
+    def init_train_tqdm(self) -> Tqdm:
+        """The training bar; one that counts steps is made with its total, so that no empty ``Training: 0/?`` bar is
+        drawn (and left behind) before it."""
+        trainer = self.trainer
+        if not self.counts_steps(trainer):
+            return super().init_train_tqdm()
+        return Tqdm(
+            desc="Training steps",
+            total=trainer.max_steps,
+            initial=trainer.global_step,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.counts_steps(trainer):

@@ -10,6 +10,7 @@ model is sampled with its classes in the reference data's proportions, determini
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -226,16 +227,19 @@ def _calculate_metrics(
 
     device = default_device(device)
     try:
-        return torch_fidelity.calculate_metrics(
-            input1=generated,
-            input2=reference,
-            cuda=device.type == "cuda",
-            feature_extractor_weights_path=weights,
-            cache=options.get("input2_cache_name") is not None,
-            cache_root=str(io.cache_dir("fid-stats")),
-            verbose=True,
-            **options,
-        )
+        with warnings.catch_warnings():
+            # torch-fidelity loads with min(4, 2 x cores) workers, which torch calls excessive on 1 or 2 cores
+            warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes")
+            return torch_fidelity.calculate_metrics(
+                input1=generated,
+                input2=reference,
+                cuda=device.type == "cuda",
+                feature_extractor_weights_path=weights,
+                cache=options.get("input2_cache_name") is not None,
+                cache_root=str(io.cache_dir("fid-stats")),
+                verbose=True,
+                **options,
+            )
     except OSError as err:  # torch-fidelity could not download the weights
         if weights is not None:
             raise
