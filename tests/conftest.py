@@ -415,3 +415,13 @@ def write_run(out: Path, schedule: str, seed: int, losses: list[float], fids: di
             if step in fids:
                 writer.writerow([0, step, "", fids[step]])
     (folder.parents[1] / "run.json").write_text(json.dumps({"schedule": schedule, "seed": seed, "wall_time_s": wall}))
+
+
+def one_line_cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The stderr of ``ddpm ARGV``, which must exit with status 2 and a single line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err

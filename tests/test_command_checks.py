@@ -8,21 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line_cli_error
 from PIL import Image
 
 from ddpm_lightning.cli import main
 
 pytestmark = pytest.mark.integration
 CKPT = Path(__file__).parent / "fixtures" / "legacy_digits8.ckpt"  # an unconditional 8x8 digits model, T = 100
-
-
-def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def never(what: str):
@@ -44,15 +36,15 @@ def test_a_folder_as_checkpoint_is_called_a_folder_and_a_run_folder_points_to_it
 ) -> None:
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    err = cli_error(["sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "s")], capsys)
+    err = one_line_cli_error(["sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "s")], capsys)
     assert f"--ckpt {tmp_path} is a folder, not a checkpoint file" in err and "does not exist" not in err
     shutil.copy(CKPT, run / "checkpoints" / "last.ckpt")
-    err = cli_error(["sample", "--ckpt", str(run), "--out", str(tmp_path / "s")], capsys)
+    err = one_line_cli_error(["sample", "--ckpt", str(run), "--out", str(tmp_path / "s")], capsys)
     assert err.endswith(f"did you mean --ckpt {run / 'checkpoints' / 'last.ckpt'}?")
 
 
 def test_a_text_file_as_checkpoint_is_called_a_text_file(a_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    err = cli_error(["nll", "--ckpt", str(a_file)], capsys)
+    err = one_line_cli_error(["nll", "--ckpt", str(a_file)], capsys)
     assert err == f"ddpm: error: --ckpt {a_file} is a text file, not a checkpoint (it begins 'hello')"
     assert "torch.save" not in err
 
@@ -61,7 +53,7 @@ def test_sample_refuses_an_output_under_a_file_before_loading_the_model(
     a_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr("ddpm_lightning.sampling.load_module", never("loaded"))
-    err = cli_error(["sample", "--ckpt", str(CKPT), "--out", str(a_file / "samples")], capsys)
+    err = one_line_cli_error(["sample", "--ckpt", str(CKPT), "--out", str(a_file / "samples")], capsys)
     assert f"--out {a_file / 'samples'}: {a_file} is a file" in err
 
 
@@ -69,9 +61,9 @@ def test_nll_refuses_an_unwritable_report_before_computing_the_bound(
     a_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr("ddpm_lightning.evaluation.nll.bpd_of_images", never("computed the bound"))
-    err = cli_error(["nll", "--ckpt", str(CKPT), "--out", str(a_file / "nll.json")], capsys)
+    err = one_line_cli_error(["nll", "--ckpt", str(CKPT), "--out", str(a_file / "nll.json")], capsys)
     assert f"--out {a_file / 'nll.json'}" in err
-    err = cli_error(["nll", "--ckpt", str(CKPT), "--data", str(a_file.parent / "none")], capsys)
+    err = one_line_cli_error(["nll", "--ckpt", str(CKPT), "--data", str(a_file.parent / "none")], capsys)
     assert "is neither cifar10 nor digits nor a folder of images" in err
 
 
@@ -112,10 +104,10 @@ def test_sampler_sweep_refuses_missing_fid_weights_before_training_the_classifie
     monkeypatch.setattr(sweep_module.DigitScorer, "from_splits", never("trained the classifier"))
     monkeypatch.setattr(sweep_module, "generate", never("sampled"))
     sweep = ["sampler-sweep", "--ckpt", str(CKPT), "--data", "cifar10", "--steps", "10", "--out", str(tmp_path)]
-    err = cli_error(sweep, capsys)
+    err = one_line_cli_error(sweep, capsys)
     assert "FID needs the Inception-v3 weights" in err and "pass it as `--weights PATH`" in err
     assert "feature_extractor_weights_path" not in err
-    err = cli_error([*sweep, "--weights", str(tmp_path / "w.pth")], capsys)
+    err = one_line_cli_error([*sweep, "--weights", str(tmp_path / "w.pth")], capsys)
     assert f"--weights '{tmp_path / 'w.pth'}'" in err
 
 
@@ -123,10 +115,10 @@ def test_guidance_sweep_and_ablate_refuse_an_output_under_a_file_before_any_work
     a_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr("ddpm_lightning.evaluation.guidance.load_module", never("loaded"))
-    err = cli_error(["guidance-sweep", "--ckpt", str(CKPT), "--out", str(a_file / "guidance")], capsys)
+    err = one_line_cli_error(["guidance-sweep", "--ckpt", str(CKPT), "--out", str(a_file / "guidance")], capsys)
     assert f"--out {a_file / 'guidance'}: {a_file} is a file" in err
     monkeypatch.setattr("ddpm_lightning.cli.ablate.fit", never("trained"))
-    err = cli_error(["ablate", "-c", "configs/ablation/demo.yaml", "--out", str(a_file / "ablation")], capsys)
+    err = one_line_cli_error(["ablate", "-c", "configs/ablation/demo.yaml", "--out", str(a_file / "ablation")], capsys)
     assert f"--out {a_file / 'ablation'}: {a_file} is a file" in err
-    err = cli_error(["ablate", "--collect", "--out", str(a_file.parent / "none")], capsys)
+    err = one_line_cli_error(["ablate", "--collect", "--out", str(a_file.parent / "none")], capsys)
     assert "is not a folder" in err

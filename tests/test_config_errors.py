@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import one_line_cli_error
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.config_errors import closest_keys, one_line, shorten_known_subclasses
@@ -10,28 +11,19 @@ from ddpm_lightning.cli.config_errors import closest_keys, one_line, shorten_kno
 pytestmark = pytest.mark.integration
 
 
-def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
 def test_a_typo_in_a_yaml_key_names_the_key_the_file_and_the_closest_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "mine.yaml"
     config.write_text("model:\n  lrr: 1.0e-3\n")
-    err = one_error_line(["fit", "-c", "configs/demo.yaml", "-c", str(config)], capsys)
+    err = one_line_cli_error(["fit", "-c", "configs/demo.yaml", "-c", str(config)], capsys)
     assert err == f"ddpm: error: model.lrr in {config} is not an option of `ddpm fit`: did you mean model.lr?"
 
 
 def test_a_typo_on_the_command_line_names_the_option_and_the_closest_one(capsys: pytest.CaptureFixture[str]) -> None:
-    err = one_error_line(["fit", "-c", "configs/demo.yaml", "--model.lrr", "1e-3"], capsys)
+    err = one_line_cli_error(["fit", "-c", "configs/demo.yaml", "--model.lrr", "1e-3"], capsys)
     assert err == "ddpm: error: --model.lrr is not an option of `ddpm fit`: did you mean --model.lr?"
-    err = one_error_line(["fit", "-c", "configs/demo.yaml", "--trainer.max_stepz=3"], capsys)
+    err = one_line_cli_error(["fit", "-c", "configs/demo.yaml", "--trainer.max_stepz=3"], capsys)
     assert err.startswith("ddpm: error: --trainer.max_stepz is not an option") and "--trainer.max_steps" in err
 
 
@@ -39,7 +31,7 @@ def test_a_missing_image_folder_is_one_line(tmp_path: Path, capsys: pytest.Captu
     missing = tmp_path / "none"
     argv = ["fit", "-c", "configs/demo.yaml", "--data", "ddpm_lightning.data.ImageFolderDataModule",
             f"--data.root={missing}", "--data.image_size=28", "--data.channels=1"]  # fmt: skip
-    err = one_error_line(argv, capsys)
+    err = one_line_cli_error(argv, capsys)
     assert err == f"ddpm: error: image folder {missing} does not exist or is not a folder"
 
 

@@ -158,6 +158,20 @@ def load_guide(
     return load_module(guide_ckpt, device) if guide_ckpt is not None else None
 
 
+def load_for_sampling(
+    ckpt: str | Path,
+    device: str | torch.device | None,
+    sampler: SamplerConfig | Mapping | str | None,
+    guide_ckpt: str | Path | None = None,
+    **changes: Any,
+) -> tuple[DiffusionModule, SamplerConfig, DiffusionModule | None]:
+    """The module of ``ckpt``, its sampler setting with ``sampler`` and non-None ``changes`` applied, and the
+    autoguidance guide of ``guide_ckpt`` (:func:`load_guide`)."""
+    module = load_module(ckpt, device)
+    config = module.sampler_config_for(sampler, **changes)
+    return module, config, load_guide(guide_ckpt, config, device)
+
+
 def sample_to_folder(
     ckpt: str | Path,
     out: str | Path,
@@ -191,12 +205,10 @@ def sample_to_folder(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is an existing file: give a folder (new or existing) for the samples")
     check_output(out, "out", folder=True)
-    module = load_module(ckpt, device)
-    config = module.sampler_config_for(
-        sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
+    module, config, guide = load_for_sampling(
+        ckpt, device, sampler, guide_ckpt, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
         autoguidance_scale=autoguidance_scale,
     )  # fmt: skip
-    guide = load_guide(guide_ckpt, config, device)
     if module.num_classes is None and (classes or grid_by_class):
         raise ValueError(f"--class and --grid-by-class need a class-conditional model; {ckpt} is unconditional")
     if module.num_classes is not None:

@@ -30,7 +30,7 @@ from ddpm_lightning.evaluation.inception_weights import (
     resolve_fid_weights,
 )
 from ddpm_lightning.evaluation.real_stats import file_digest, real_stats_key, real_stats_name
-from ddpm_lightning.sampling import default_device, iter_samples, load_guide, load_module, proportional_labels
+from ddpm_lightning.sampling import default_device, iter_samples, load_for_sampling, proportional_labels
 
 __all__ = [
     "DATASETS",
@@ -118,12 +118,10 @@ def generate(
     how they were drawn. ``sampler``, ``steps``, ``eta``, ``spacing`` and ``guidance_scale`` change the checkpoint's
     own setting. A class-conditional model draws its classes in ``proportions`` (one per class; default: equal).
     ``guide_ckpt`` / ``autoguidance_scale``: autoguidance by that weaker checkpoint of the same process."""
-    module = load_module(ckpt, device)
-    config = module.sampler_config_for(
-        sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
+    module, config, guide = load_for_sampling(
+        ckpt, device, sampler, guide_ckpt, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
         autoguidance_scale=autoguidance_scale,
     )  # fmt: skip
-    guide = load_guide(guide_ckpt, config, device)
     T = module.diffusion.num_timesteps
     nfe = config.nfe(T)  # checks the step count against T before any sampling
     labels, classes = None, None
