@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 PYTEST := $(BIN)/python -m pytest
+# one test process per CPU core (pytest-xdist), each test file in one process: its module fixtures are built once
+PARALLEL := -n auto --dist loadfile
 
 .PHONY: install test test-slow test-all lint format demo demo-cond train ablation sweep guidance bench gpu-check clean
 
@@ -17,14 +19,14 @@ $(STAMP): pyproject.toml
 		sha256sum pyproject.toml | cut -d' ' -f1 > $(STAMP); \
 	else touch $(STAMP); fi
 
-test: install  ## unit + integration + ddp tiers, minus the slow ones (4.2 min of pytest on 2 AVX2 CPU cores)
-	$(PYTEST) -m "not slow" --durations=15
+test: install  ## unit + integration + ddp tiers, minus the slow ones (about 4 min on 2 AVX2 CPU cores)
+	$(PYTEST) $(PARALLEL) -m "not slow" --durations=15
 
 test-slow: install  ## the slow tier only
-	$(PYTEST) -m slow --durations=15
+	$(PYTEST) $(PARALLEL) -m slow --durations=15
 
 test-all: install
-	$(PYTEST) --durations=15
+	$(PYTEST) $(PARALLEL) --durations=15
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import tarfile
 from pathlib import Path
 from types import ModuleType
@@ -33,7 +34,7 @@ from ddpm_lightning.evaluation.digit_classifier import load_or_train_digit_class
 from ddpm_lightning.lit_module import DiffusionModule
 
 os.environ.setdefault("WANDB_MODE", "offline")
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # one per worker under -n 2
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
@@ -285,6 +286,12 @@ def run_cli(*argv: object) -> None:
     assert exit_info.value.code == 0
 
 
+@pytest.fixture(autouse=True)
+def no_command_line_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs as a command typed without arguments: pytest's own (``-m "not slow"``) are not the CLI's."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
 @pytest.fixture
 def single_thread() -> Any:
     """One intra-op thread: these models are tiny, and the CPU is shared with other test processes."""
@@ -362,12 +369,13 @@ def fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
         "fit",
         "--seed_everything=0",
         "--model.in_channels=1",
-        "--model.ch=32",
-        "--model.ch_mult=[1,2]",
-        "--model.num_res_blocks=1",
         "--model.image_size=16",
-        "--model.attn_resolutions=[8]",
-        "--model.dropout=0.1",
+        "--model.net=ddpm_lightning.models.UNet",
+        "--model.net.init_args.ch=32",
+        "--model.net.init_args.ch_mult=[1,2]",
+        "--model.net.init_args.num_res_blocks=1",
+        "--model.net.init_args.attn_resolutions=[8]",
+        "--model.net.init_args.dropout=0.1",
         "--model.num_timesteps=50",
         "--model.warmup_steps=4",
         "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",

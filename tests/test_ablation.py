@@ -18,7 +18,7 @@ from ddpm_lightning.plots import curves_figure
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
-    "--model.ch_mult", "[1]",
+    "--model.net.init_args.ch_mult", "[1]",
     "--model.num_timesteps", "100", "--data.init_args.batch_size", "8", "--trainer.max_steps", "3",
     "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
     "--trainer.enable_model_summary", "false",

@@ -155,6 +155,7 @@ def test_fid_real_statistics_load_by_state_name() -> None:
         compat.load_metric_states(fid, {"real_features_mean": features.mean(0)})
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all")  # its note on memory
 def test_kid_real_features_load_by_state_name() -> None:
     kid = KernelInceptionDistance(feature=Identity(), subsets=2, subset_size=10, reset_real_features=False)
     features = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))

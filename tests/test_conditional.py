@@ -4,6 +4,7 @@ labels by global index, and conditional checkpoints, commands and the guidance s
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -376,7 +377,7 @@ def test_sample_command_with_classes_guidance_and_a_grid_by_class(conditional_ru
     # image i has the i-th class of the list, cycling, from the seed of image i
     module = load_module(ckpt, "cpu")
     expected = module.sample(4, SamplerConfig("ddim", 2, guidance_scale=2.0), seeds=[0, 1, 2, 3], y=[3, 7, 3, 7])
-    written = torch.tensor(list(Image.open(out / "000001.png").getdata()), dtype=torch.float32).reshape(16, 16)
+    written = torch.from_numpy(np.asarray(Image.open(out / "000001.png"), dtype=np.float32))
     assert torch.equal(written, to_uint8(expected[1].cpu())[0].float())
 
 
@@ -470,7 +471,8 @@ def test_the_conditional_demo_config_writes_a_grid_by_class_and_the_requested_cl
     run = tmp_path / "demo_cond"
     main(
         ["fit", "-c", str(DEMO_CONFIG), "-c", str(DEMO_COND), "-c", str(override), f"--trainer.default_root_dir={run}",
-         "--trainer.enable_progress_bar=false", "--model.ch_mult=[1, 2]", "--model.attn_resolutions=[]",
+         "--trainer.enable_progress_bar=false", "--model.net.init_args.ch_mult=[1, 2]",
+         "--model.net.init_args.attn_resolutions=[]",
          "--model.num_timesteps=100", "--trainer.max_steps=2"]
     )  # fmt: skip
     module = load_module(run / "demo.ckpt", "cpu")

@@ -119,7 +119,8 @@ def _demo(tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: t
     run = tmp_path / "demo"
     main(
         ["fit", "-c", str(DEMO_CONFIG), "-c", str(override), f"--trainer.default_root_dir={run}",
-         "--trainer.enable_progress_bar=false", "--model.ch_mult=[1, 2]", "--model.attn_resolutions=[]",
+         "--trainer.enable_progress_bar=false", "--model.net.init_args.ch_mult=[1, 2]",
+         "--model.net.init_args.attn_resolutions=[]",
          "--model.num_timesteps=100", *args]
     )  # fmt: skip
     return run

@@ -98,7 +98,9 @@ def test_nan_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_nan_loss_skip_counts_and_leaves_weights_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inject_nan_at_step_2(monkeypatch)
-    main(fit_args(tmp_path, 3, "--model.nonfinite_loss=skip"))
+    skipped = "1 optimizer step skipped for non-finite gradients so far, the first at step 2"
+    with pytest.warns(UserWarning, match=skipped):
+        main(fit_args(tmp_path, 3, "--model.nonfinite_loss=skip"))
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["nonfinite_skips"] == 1
     assert checkpoint["global_step"] == 3  # Lightning counts the skipped batch as a step

@@ -31,8 +31,9 @@ def test_resume_with_ckpt_path_last_matches_an_uninterrupted_run(tmp_path: Path)
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
+def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(fit_args(tmp_path, 1, "--ckpt_path=last"))
+    assert f"no last.ckpt in {tmp_path / 'checkpoints'} yet; starting a new run" in capsys.readouterr().out
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 1
 
 

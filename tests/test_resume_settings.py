@@ -139,6 +139,15 @@ def test_a_checkpoint_without_padding_and_eps_resumes_only_with_its_own() -> Non
     assert reconcile_model_settings({"net": own}, stored, "old.ckpt")[1] == []
 
 
+def test_a_preset_made_conditional_by_model_num_classes_resumes_and_a_changed_count_is_refused() -> None:
+    # configs/demo_cond.yaml: the preset's U-Net has no num_classes; model.num_classes fills it into the checkpoint's
+    preset = {"class_path": "ddpm_lightning.models.UNet", "init_args": {"ch": 32, "num_classes": None}}
+    stored = {"net": {**preset, "init_args": {"ch": 32, "num_classes": 10}}, "num_classes": 10}
+    assert reconcile_model_settings({"net": preset, "num_classes": 10}, stored, "x.ckpt") == ({}, [])
+    with pytest.raises(ValueError, match="model.num_classes: checkpoint 10, given 5"):
+        reconcile_model_settings({"net": preset, "num_classes": 5}, stored, "x.ckpt")
+
+
 def test_activation_checkpointing_may_change_on_resume() -> None:
     spec = {"class_path": "ddpm_lightning.models.UNet", "init_args": {"ch": 32, "grad_checkpointing": False}}
     given = {**spec, "init_args": {"ch": 32, "grad_checkpointing": True}}

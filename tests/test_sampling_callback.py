@@ -65,6 +65,7 @@ def _fit(root: Path, logger: object, max_steps: int) -> tuple[L.Trainer, Diffusi
         accelerator="cpu",
         max_steps=max_steps,
         logger=logger,
+        log_every_n_steps=1,
         callbacks=[callback, *default_callbacks(module.hparams.ema_decay, progress_bar=False)],
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -119,6 +119,7 @@ def _fit(module: DiffusionModule, root, steps: int, ckpt_path=None) -> L.Trainer
 
 
 @pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # resumed in its own folder
 def test_the_history_is_checkpointed_and_restored_on_resume(tmp_path):
     torch.manual_seed(0)
     module = _module()

@@ -21,13 +21,19 @@ from ddpm_lightning.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_FIT = """
 seed_everything: 0
-model: {image_size: 16, in_channels: 1, ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: [],
-        num_timesteps: 100, warmup_steps: 2, ema_decay: 0.9, sampler: {name: ddim, steps: 5}}
+model:
+  net:
+    class_path: ddpm_lightning.models.UNet
+    init_args: {ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: []}
+  num_timesteps: 100
+  warmup_steps: 2
+  sampler: {name: ddim, steps: 5}
 data:
   class_path: ddpm_lightning.data.EmbeddedDigitsDataModule
   init_args: {batch_size: 8, image_size: 16}
 trainer: {accelerator: cpu, devices: 1, max_steps: 2, limit_val_batches: 1, val_check_interval: 2,
-          log_every_n_steps: 1, enable_progress_bar: false, enable_model_summary: false}
+          log_every_n_steps: 1, enable_progress_bar: false, enable_model_summary: false,
+          callbacks: [{class_path: ddpm_lightning.callbacks.EMA, init_args: {decay: 0.9}}]}
 """
 
 

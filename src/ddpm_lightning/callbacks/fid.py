@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -266,13 +267,15 @@ class FIDCallback(EveryNSteps):
         self.fid = FrechetInceptionDistance(feature=_Precomputed(num_features), reset_real_features=False).to(device)
         self.kid_metric = self.is_metric = None
         if self.kid:
-            self.kid_metric = KernelInceptionDistance(
-                feature=_Precomputed(num_features),
-                subsets=self.kid_subsets,
-                # capped by the numbers of images
-                subset_size=min(self.kid_subset_size, self.num_samples, num_real),
-                reset_real_features=False,
-            ).to(device)
+            with warnings.catch_warnings():  # it keeps every feature: num_samples + the real images, known here
+                warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save all")
+                self.kid_metric = KernelInceptionDistance(
+                    feature=_Precomputed(num_features),
+                    subsets=self.kid_subsets,
+                    # capped by the numbers of images
+                    subset_size=min(self.kid_subset_size, self.num_samples, num_real),
+                    reset_real_features=False,
+                ).to(device)
         if self.logits_extractor is not None:
             self.is_metric = InceptionScore(feature=_Precomputed(self.logits_extractor.num_features)).to(device)
 

@@ -157,6 +157,8 @@ class LogRunConfig(SaveConfigCallback):
     """LightningCLI's config saver (``config.yaml`` in the log dir) that also sends :func:`run_metadata` to loggers."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.loggers:
+            return
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(run_metadata(config))
@@ -334,8 +336,8 @@ def shape_from_data(config: Any) -> dict[str, int]:
 
 
 def resolve_ckpt_path(trainer_config: Any, ckpt_path: str | Path | None) -> str | Path | None:
-    """``"last"`` -> the newest ``last*.ckpt`` of the configured checkpoint folders (unchanged when there is none,
-    so that Lightning warns and the run starts fresh: the same command starts and continues a run)."""
+    """``"last"`` -> the newest ``last*.ckpt`` of the configured checkpoint folders; None, with a printed note, when
+    there is none: the run starts fresh, so the same command starts and continues a run."""
     if ckpt_path != "last":
         return ckpt_path
     folders = {_run_dir(trainer_config) / "checkpoints"}
@@ -344,7 +346,10 @@ def resolve_ckpt_path(trainer_config: Any, ckpt_path: str | Path | None) -> str 
         if dirpath is not None:
             folders.add(Path(dirpath))
     candidates = [p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")]
-    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else ckpt_path
+    if not candidates:
+        _print(f"--ckpt_path last: no last.ckpt in {', '.join(sorted(map(str, folders)))} yet; starting a new run")
+        return None
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
 def resume_wandb_run(trainer_config: Any, ckpt_path: str | Path | None) -> str | None:
@@ -436,6 +441,8 @@ class DDPMCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": from_checkpoint}}, self.config)
         if changed:
             _print(f"resuming {ckpt_path} with changed settings:\n  " + "\n  ".join(changed))
+        # a resumed run writes into its own checkpoint folder: not the mix-up Lightning warns about
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
@@ -531,6 +538,10 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
             warnings.filterwarnings(
                 "ignore", message=r"LightningCLI's args parameter", module=r"lightning\.pytorch\.cli"
             )
+            # validate/test/predict with --ckpt_path: the checkpoint's state_dict already holds the averaged weights,
+            # and the callbacks' own states (checkpointing, the average's counters) matter to training only
+            warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback, but loading")
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to")
             # Lightning's own use of a torch API that torch 2.14 deprecates, on every fit
             warnings.filterwarnings(
                 "ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\.pytorch\.utilities"

@@ -122,7 +122,8 @@ def _net_differences(given: Mapping[str, Any], stored: Mapping[str, Any]) -> tup
             differences.append(f"model.net.class_path: checkpoint {spec['class_path']}, given {net['class_path']}")
             return differences, False
         for key, value in (net.get("init_args") or {}).items():
-            if value is not None or key not in _SHAPE:  # a shape left out: the checkpoint's (or the data's)
+            # a shape or class count left out: the checkpoint's (or the data's, or model.num_classes)
+            if value is not None or key not in (*_SHAPE, "num_classes"):
                 given_args[key] = (f"model.net.init_args.{key}", value)
     elif net is not None:
         return differences, False  # a network object (Python): compared by the state-dict shapes at load
