@@ -153,6 +153,16 @@ def test_collect_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_one_seed_is_tabulated_as_its_value_without_a_spread(tmp_path: Path) -> None:
+    write_run(tmp_path, "linear", 0, [1.0] * 18 + [0.4, 0.2], {19: 30.0}, wall=10.0)
+    ablation.collect(tmp_path)
+    with open(tmp_path / "table.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["final_loss"] == "0.3" and row["fid@19"] == "30"
+    assert "| linear | 0 | 20 | 0.3000 | n/a | 30.00 | 10 |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.unit
 def test_curves_have_one_colour_per_schedule_and_fid_panel_when_logged() -> None:
     def run(schedule: str, seed: int, fid: list[float]) -> dict:
         return {"schedule": schedule, "seed": seed, "loss_steps": [0, 1, 2], "loss": [1.0, 0.5, 0.25],

@@ -118,7 +118,7 @@ def test_the_deprecated_flat_settings_work_from_yaml_and_the_command_line_with_a
     (tmp_path / "old.yaml").write_text("model:\n  ch: 32\n  sample_steps: 5\n")
     args = ["-c", str(tmp_path / "old.yaml"), "--model.ch_mult=[1]", "--model.attn_resolutions=[]",
             "--model.sampler=ddim", "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule",
-            "--data.init_args.image_size=8", "--trainer.logger=false"]  # fmt: skip
+            "--data.init_args.image_size=8", "--trainer.logger=false", "--seed_everything=0"]  # fmt: skip
     warning = (r"model.ch=32, model.ch_mult=\[1\], model.attn_resolutions=\[\], model.sample_steps=5: deprecated, set "
                "model.net.init_args.ch, model.net.init_args.ch_mult, model.net.init_args.attn_resolutions, "
                "model.sampler.steps instead")  # fmt: skip

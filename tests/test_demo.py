@@ -7,6 +7,7 @@ import math
 import os
 import signal as signal_module
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -96,8 +97,11 @@ class SignalAt(Callback):
             os.kill(os.getpid(), getattr(signal_module, self.signal))
 
 
-def _demo(tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: tuple[dict, ...] = ()) -> Path:
-    """``ddpm fit -c configs/demo.yaml`` with its callbacks and network scaled down; returns the run folder."""
+def _demo(
+    tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: tuple[dict, ...] = (), **report: Any
+) -> Path:
+    """``ddpm fit -c configs/demo.yaml`` with its callbacks and network scaled down (``report``: DemoReport's
+    settings to change further); returns the run folder."""
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     sizes = {
         "SamplingCallback": {"every_n_steps": 2, "num_samples": 4, "sampler": {"name": "ddim", "steps": 3}},
@@ -106,8 +110,10 @@ def _demo(tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: t
             "num_eval_samples": 16,
             "sampler": {"name": "ddim", "steps": 3, "autoguidance_scale": 2.0},
             "untrained_baseline": True,
+            "unguided_baseline": True,
             "classifier_epochs": TEST_EPOCHS,
             "classifier_cache_dir": str(classifier_cache),
+            **report,
         },
     }
     for callback in config["trainer"]["callbacks"]:
@@ -127,7 +133,7 @@ def _demo(tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: t
 
 
 def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: Path, capsys) -> None:
-    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=3")
+    run = _demo(tmp_path, classifier_cache, "--trainer.max_steps=3", unguided_baseline=False)
     summary = capsys.readouterr().out
     for name in ("demo.ckpt", "samples.png", "chain.png", "loss.png", "metrics.json"):
         assert (run / name).is_file(), name
@@ -139,6 +145,7 @@ def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: 
     for row in ("trained", "untrained", "real_heldout"):
         assert set(metrics[row]) == {"confident_share", "class_entropy", "frechet_distance"}
     assert metrics["untrained"] != metrics["trained"]  # the initial weights, not the run's EMA
+    assert "unguided" not in metrics and metrics["sampler"].endswith("-ag2")  # autoguided, no unguided row
     assert load_module(run / "demo.ckpt", "cpu").hparams.in_channels == 1
 
 

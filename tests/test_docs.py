@@ -186,6 +186,27 @@ def test_the_cli_reference_is_the_commands_current_help():
     assert (REPO / "docs" / "cli.md").read_text() == gen_cli_docs.render(), "run python scripts/gen_cli_docs.py"
 
 
+def _brace_expansions(name: str) -> list[str]:
+    """``a/{b,c}.yaml`` -> [``a/b.yaml``, ``a/c.yaml``]: the spelling the config table uses for a family."""
+    match = re.search(r"\{([^}]*)\}", name)
+    if not match:
+        return [name]
+    return [e for part in match.group(1).split(",") for e in _brace_expansions(name.replace(match.group(0), part, 1))]
+
+
+@pytest.mark.unit
+def test_every_shipped_config_is_in_the_config_table():
+    table = [line for line in (REPO / "docs" / "config.md").read_text().splitlines() if line.startswith("| `configs/")]
+    listed = {e for line in table for name in re.findall(r"`(configs/[^`*]+)`", line.split("|")[1])
+              for e in _brace_expansions(name)}  # fmt: skip
+    shipped = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")}
+    presets = {p for p in shipped if p.startswith("configs/model/")}  # listed by name in the presets' row
+    assert sorted(shipped - presets - listed) == [], "add them to docs/config.md's table"
+    assert sorted(listed - shipped) == [], "the table names configs that do not exist"
+    presets_row = next(line for line in table if line.startswith("| `configs/model/"))
+    assert [p for p in presets if f"`{Path(p).stem}`" not in presets_row] == []
+
+
 @pytest.mark.unit
 def test_the_readme_stays_short():
     assert len((REPO / "README.md").read_text().splitlines()) <= 300

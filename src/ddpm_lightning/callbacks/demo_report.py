@@ -78,7 +78,8 @@ class DemoReport(Callback):
             ablation turns it off to save the sampling time.
         guide_ckpt: autoguidance's weaker model, used with ``sampler.autoguidance_scale``: a checkpoint path, or a
             bare file name in the run's checkpoint folder, where :class:`~ddpm_lightning.callbacks.GuideCheckpoint`
-            writes it during the run (e.g. ``guide.ckpt``). The report then also scores the unguided samples.
+            writes it during the run (e.g. ``guide.ckpt``).
+        unguided_baseline: with a guide, also score the same samples unguided (``num_eval_samples`` more samples).
         num_steps, eta, spacing: deprecated: ``sampler.steps``, ``sampler.eta``, ``sampler.spacing``.
     """
 
@@ -97,6 +98,7 @@ class DemoReport(Callback):
         spacing: Spacing | None = None,
         untrained_baseline: bool = True,
         guide_ckpt: str | None = None,
+        unguided_baseline: bool = True,
     ):
         if not 1 <= num_samples <= num_eval_samples:
             raise ValueError(
@@ -118,6 +120,7 @@ class DemoReport(Callback):
         self.classifier_epochs = classifier_epochs
         self.classifier_cache_dir = classifier_cache_dir
         self.untrained_baseline = untrained_baseline
+        self.unguided_baseline = unguided_baseline
         self.losses: list[tuple[int, torch.Tensor]] = []  # kept on the device: read once, at the end
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._train_start = self._train_time = 0.0
@@ -242,7 +245,7 @@ class DemoReport(Callback):
             pl_module.diffusion.objective,
         )
         unguided = {}
-        if guide is not None:  # the same samples without autoguidance, beside the guided ones
+        if guide is not None and self.unguided_baseline:  # the same samples without autoguidance, beside the guided
             unguided = {"unguided": scorer(self._eval_samples(pl_module, None, plain))}
         metrics = {
             "trained": scorer(images),

@@ -53,4 +53,5 @@ class GuideCheckpoint(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_step == self.step(trainer):
-            trainer.save_checkpoint(last_checkpoint_path(trainer).with_name(self.filename))
+            # the weights and the EMA, as a ModelCheckpoint of the run would keep them (a loadable, resumable file)
+            trainer.save_checkpoint(last_checkpoint_path(trainer).with_name(self.filename), weights_only=False)

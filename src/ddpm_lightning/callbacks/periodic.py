@@ -1,5 +1,5 @@
-"""The base of callbacks that evaluate during training: every ``every_n_steps`` optimizer steps and when fit ends, on
-every rank (the evaluation's collectives need them all), with the work dealt out to the ranks by index."""
+"""The base of callbacks that work during training: every ``every_n_steps`` optimizer steps and when fit ends, on
+every rank (an evaluation's collectives need them all), with the work dealt out to the ranks by index."""
 
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ def gather_by_index(trainer: L.Trainer, local: torch.Tensor, num: int) -> torch.
 
 
 class EveryNSteps(Callback):
-    """Log :meth:`evaluate`'s values every ``every_n_steps`` optimizer steps and at the end of fit, at most once per
-    step.
+    """Call :meth:`at_step` every ``every_n_steps`` optimizer steps and at the end of fit, at most once per step, on
+    every rank.
 
-    Subclasses implement :meth:`evaluate`, called on every rank, which returns the same values on all of them (so they
-    are logged without a further reduction).
+    By default :meth:`at_step` logs the values of :meth:`evaluate`, which subclasses implement: called on every rank,
+    it returns the same values on all of them (so they are logged without a further reduction). A callback with
+    another output (images) overrides :meth:`at_step` instead.
 
     Args:
         every_n_steps: evaluate when ``global_step`` is a multiple of this; None: only at the end of fit.
@@ -53,6 +54,18 @@ class EveryNSteps(Callback):
         """The values to log at the current step, the same on every rank."""
         raise NotImplementedError
 
+    def at_step(self, trainer: L.Trainer, pl_module: L.LightningModule, fit_end: bool) -> None:
+        """The work of a scheduled step (``fit_end``: the one when fit ends): log :meth:`evaluate`'s values."""
+        values = self.evaluate(trainer, pl_module)
+        if not fit_end:
+            for name, value in values.items():
+                pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)  # already the same on all
+            return
+        # self.log is not allowed in on_train_end: write to the loggers and callback_metrics (for ModelCheckpoint)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = -1
 
@@ -63,15 +76,10 @@ class EveryNSteps(Callback):
         if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        for name, value in self.evaluate(trainer, pl_module).items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)  # already the same on all
+        self.at_step(trainer, pl_module, fit_end=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.on_fit_end or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        values = self.evaluate(trainer, pl_module)
-        # self.log is not allowed in on_train_end: write to the loggers and callback_metrics (for ModelCheckpoint)
-        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+        self.at_step(trainer, pl_module, fit_end=True)

@@ -180,7 +180,7 @@ class GracefulStop(Callback):
         if not stop:
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: the run continues from it
         rank_zero_info(
             f"{self.received.name if self.received else 'signal'}: saved {path} at step {trainer.global_step}"
         )

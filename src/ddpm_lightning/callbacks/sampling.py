@@ -15,11 +15,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.logger import Logger
 from torchvision.utils import make_grid
 
+from ddpm_lightning.callbacks.periodic import EveryNSteps
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.io import image_grid, save_png
@@ -118,7 +118,7 @@ def log_image(logger: Logger, tag: str, image: torch.Tensor, step: int) -> bool:
     return False
 
 
-class SamplingCallback(Callback):
+class SamplingCallback(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps and at the end of training, sample from a fixed seed with the EMA
     weights and write ``<run>/samples/step_XXXXXXX_<sampler>_grid.png`` and ``..._chain.png``.
 
@@ -128,7 +128,7 @@ class SamplingCallback(Callback):
     a class-conditional model has one row per class (sample i has the class i mod num_classes).
 
     Args:
-        every_n_steps: sampling period in optimizer steps.
+        every_n_steps: sampling period in optimizer steps; None: only when training ends.
         num_samples: images in the grid; sample i is seeded by ``seed + i``, so the grid changes only with training.
         chain_samples: samples (rows) shown in the reverse-chain strip.
         chain_steps: x_t snapshots per row, evenly spaced over the visited timesteps; x_0 is added as a last column.
@@ -141,7 +141,7 @@ class SamplingCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 5000,
+        every_n_steps: int | None = 5000,
         num_samples: int = 64,
         chain_samples: int = 8,
         chain_steps: int = 10,
@@ -152,23 +152,20 @@ class SamplingCallback(Callback):
         on_train_end: bool = True,
         spacing: Spacing | None = None,
     ):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        super().__init__(every_n_steps, on_fit_end=on_train_end)
         if num_samples < 1 or chain_samples < 1 or chain_steps < 1:
             raise ValueError(
                 f"num_samples, chain_samples and chain_steps must be >= 1, got {num_samples}, {chain_samples}, "
                 f"{chain_steps}"
             )
         self.sampler = callback_sampler(sampler, num_steps, eta, spacing, 50, type(self).__name__)
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.chain_samples = chain_samples
         self.chain_steps = chain_steps
         self.seed = seed
-        self.sample_on_train_end = on_train_end
         self.folder: Path | None = None
         self._num_timesteps: int | None = None
-        self._last_step = -1
+        self._sampled_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # check the sampler against the model now rather than at the first sampling
@@ -184,22 +181,15 @@ class SamplingCallback(Callback):
             raise RuntimeError("the label needs the model's number of timesteps: set the callback up first")
         return self.sampler.label(self._num_timesteps)
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
-    ) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self.sample_and_log(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.sample_on_train_end:
-            self.sample_and_log(trainer, pl_module)
+    def at_step(self, trainer: L.Trainer, pl_module: L.LightningModule, fit_end: bool) -> None:
+        self.sample_and_log(trainer, pl_module)
 
     def sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
         """Sample once at the current step (at most once per step, on global rank 0); returns the files written."""
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self._last_step or self.folder is None:
+        if not trainer.is_global_zero or step == self._sampled_step or self.folder is None:
             return []
-        self._last_step = step
+        self._sampled_step = step
         _, grid, strip = render_samples(
             pl_module, self.num_samples, self.chain_samples, self.chain_steps, sampler=self.sampler, seed=self.seed
         )

@@ -225,16 +225,23 @@ def missing_runs(out: str | Path) -> list[str]:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (nan for a single value: it has no spread)."""
     n = len(values)
     if n == 0:
         return math.nan, math.nan
     mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
 
 
 def _fmt(mean: float, std: float, digits: int = 4) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """``mean ± std``; the mean alone for one value; ``n/a`` for none."""
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _csv_cell(mean: float, std: float) -> str:
+    return f"{mean:.6g}" if math.isnan(std) and not math.isnan(mean) else f"{mean:.6g}±{std:.3g}"
 
 
 def _settings_of(folder: Path, info: Mapping[str, Any]) -> tuple[dict[str, str], int, float]:
@@ -324,7 +331,7 @@ def collect(out: str | Path, dest: str | Path | None = None, allow_missing: bool
         settings = [group[0]["settings"].get(name, "") for name in axes]
         seeds = " ".join(str(r["seed"]) for r in group)
         steps = max(r["steps"] for r in group)
-        rows_csv.append([*settings, seeds, steps] + [f"{m:.6g}±{s:.3g}" for m, s in cells] + [f"{wall[0]:.1f}"])
+        rows_csv.append([*settings, seeds, steps] + [_csv_cell(m, s) for m, s in cells] + [f"{wall[0]:.1f}"])
         md_cells = [_fmt(*c) for c in cells[:2]] + [_fmt(*c, digits=2) for c in cells[2:]] + [_fmt(*wall, digits=0)]
         rows_md.append([*settings, seeds, str(steps), *md_cells])
 
@@ -347,8 +354,9 @@ def collect(out: str | Path, dest: str | Path | None = None, allow_missing: bool
     lines = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows_md]
     note = (
-        f"\nMean ± std over seeds. Final train loss: mean of the logged training loss over the last "
-        f"{FINAL_FRACTION:.0%} of logged steps; final val loss: the last evaluation (fixed t and noise per batch)."
+        f"\nMean ± std over seeds (the value alone for one seed). Final train loss: mean of the logged training loss "
+        f"over the last {FINAL_FRACTION:.0%} of logged steps; final val loss: the last evaluation (fixed t and noise "
+        "per batch)."
     )
     if has_bpd:
         note += " Bits/dim: the last `val/bpd` (the bound of Ho et al. Eq. 5 on a fixed subset, EMA weights)."
