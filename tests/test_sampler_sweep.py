@@ -100,7 +100,9 @@ def test_sweep_compares_several_checkpoints_in_one_table(
         ("fixed ddpm", "4"), ("fixed ddpm", "2"), ("learned ddpm", "4"), ("learned ddpm", "2")
     ]  # fmt: skip
     assert rows[0]["frechet_distance"] == rows[2]["frechet_distance"] and rows[2]["same_as"] == ""
-    assert "| fixed ddpm |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| fixed ddpm |" in table
+    assert table.split("\n")[0].count("schedule") == 1  # two checkpoints of one process: it is described once
 
 
 def test_sweep_scores_fid_for_other_data(digits_ckpt: Path, tmp_path: Path, monkeypatch) -> None:

@@ -219,9 +219,11 @@ def sweep(
     info = {
         "checkpoint": ", ".join(str(c) for c in ckpts),
         "model": "; ".join(
-            f"{m.hparams.schedule} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
-            f"T = {m.diffusion.num_timesteps}"
-            for m in modules
+            dict.fromkeys(  # each different process once: checkpoints of one run share theirs
+                f"{m.hparams.schedule} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
+                f"T = {m.diffusion.num_timesteps}"
+                for m in modules
+            )
         ),
         "data": data,
         "num": num,
