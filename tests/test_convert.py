@@ -404,8 +404,9 @@ def test_fit_init_from_a_converted_checkpoint_trains_from_its_weights(tmp_path, 
     module = from_diffusers(folder, tmp_path / "m.ckpt")
     (tmp_path / "net.yaml").write_text(json.dumps(module.hparams["net"]))
     run = tmp_path / "run"
-    args = ["fit", f"--model.net={tmp_path / 'net.yaml'}", "--model.warmup_steps=1", "--model.lr=1e-12",
-            "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule", "--data.init_args.batch_size=4",
+    args = ["fit", "--seed_everything=0", f"--model.net={tmp_path / 'net.yaml'}", "--model.warmup_steps=1",
+            "--model.lr=1e-12", "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule",
+            "--data.init_args.batch_size=4",
             "--data.init_args.image_size=8", "--trainer.accelerator=cpu", "--trainer.max_steps=1",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={run}", f"--init_from={tmp_path / 'm.ckpt'}"]  # fmt: skip
