@@ -3,6 +3,7 @@ determinism, and uint8 HWC images for W&B."""
 
 import contextlib
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import lightning as L
@@ -46,9 +47,9 @@ def _tiny_module() -> DiffusionModule:
     )
 
 
-def _callback() -> SamplingCallback:
+def _callback(**settings: Any) -> SamplingCallback:
     return SamplingCallback(
-        every_n_steps=2,
+        **{"every_n_steps": 2, **settings},
         num_samples=NUM_SAMPLES,
         chain_samples=CHAIN_SAMPLES,
         chain_steps=CHAIN_STEPS,
@@ -56,10 +57,12 @@ def _callback() -> SamplingCallback:
     )
 
 
-def _fit(root: Path, logger: object, max_steps: int) -> tuple[L.Trainer, DiffusionModule, SamplingCallback]:
+def _fit(
+    root: Path, logger: object, max_steps: int, **settings: Any
+) -> tuple[L.Trainer, DiffusionModule, SamplingCallback]:
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.rand(32, 1, SIZE, SIZE) * 2 - 1), batch_size=8)
-    module, callback = _tiny_module(), _callback()
+    module, callback = _tiny_module(), _callback(**settings)
     trainer = L.Trainer(
         default_root_dir=root,
         accelerator="cpu",
@@ -98,6 +101,13 @@ def test_pngs_every_n_steps_with_grid_and_chain_sizes(tensorboard_run) -> None:
     # one row per chain sample; CHAIN_STEPS snapshots x_T ... plus the final x_0
     chain = Image.open(folder / f"step_0000004_ddim{DDIM_STEPS}_chain.png")
     assert chain.size == _grid_size(CHAIN_SAMPLES, CHAIN_STEPS + 1)
+
+
+@pytest.mark.parametrize(("every_n_steps", "on_train_end", "steps"), [(None, True, [3]), (2, False, [2])])
+def test_sampling_only_when_training_ends_or_only_periodically(tmp_path, every_n_steps, on_train_end, steps) -> None:
+    trainer, _, _ = _fit(tmp_path, False, 3, every_n_steps=every_n_steps, on_train_end=on_train_end)
+    names = sorted(p.name for p in (tmp_path / "samples").glob("*_grid.png"))
+    assert names == [f"step_{s:07d}_ddim{DDIM_STEPS}_grid.png" for s in steps]
 
 
 def test_tensorboard_event_file_holds_grid_and_chain(tensorboard_run) -> None:
