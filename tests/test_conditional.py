@@ -239,6 +239,25 @@ def test_a_conditional_training_step_and_validation_loss_run() -> None:
     assert torch.isfinite(fixed) and n == 4
 
 
+@pytest.mark.unit
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_a_mapping_batch_trains_like_the_image_label_pair(tmp_path: Path) -> None:
+    module = conditional_module().train()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    losses = []
+    for batch in ((x, y), {"image": x, "label": y}, {"pixel_values": x, "labels": y}):
+        torch.manual_seed(0)
+        losses.append(module.training_step(batch, 0))
+    assert torch.equal(losses[0], losses[1]) and torch.equal(losses[0], losses[2])
+    torch.manual_seed(0)
+    assert not torch.equal(module.training_step((x, torch.tensor([1, 2, 0, 1])), 0), losses[0])  # labels are used
+    # a whole fit on a data set of {"image", "label"} items (the default collate makes a mapping of batches)
+    items = [{"image": torch.rand(1, 8, 8) * 2 - 1, "label": i % K} for i in range(12)]
+    fitted = tiny(num_classes=K, p_uncond=0.2)
+    trainer(tmp_path, 3, [], logger=False, enable_progress_bar=False).fit(fitted, DataLoader(items, batch_size=4))
+    assert fitted.trainer.global_step == 3
+
+
 @pytest.mark.integration
 def test_conditional_steps_between_logging_steps_make_no_host_device_transfer(tmp_path: Path) -> None:
     counter = TransfersPerStep()

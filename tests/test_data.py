@@ -13,6 +13,7 @@ from ddpm_lightning.data import (
     DataNotFoundError,
     EmbeddedDigitsDataModule,
     images_of,
+    labels_of,
     per_process_batch_size,
     to_model_range,
     to_uint8,
@@ -41,9 +42,13 @@ def test_to_uint8_inverts_model_range_and_clamps_overshoot() -> None:
 def test_images_of_a_batch_or_item_with_or_without_labels_and_a_clear_error_otherwise() -> None:
     x, y = torch.zeros(2, 1, 4, 4), torch.tensor([3, 5])
     assert images_of(x) is x and images_of((x, y)) is x and images_of([x, y]) is x and images_of((x,)) is x
-    with pytest.raises(TypeError, match="an image tensor or an \\(image, label\\) pair, got dict"):
-        images_of({"image": x, "label": y})
-    with pytest.raises(TypeError, match="got tuple whose first element is a list"):
+    assert images_of({"image": x, "label": y}) is x and images_of({"pixel_values": x}) is x
+    assert torch.equal(labels_of((x, y)), y) and torch.equal(labels_of({"labels": y, "images": x}), y)
+    assert labels_of(x) is None and labels_of((x,)) is None and labels_of({"image": x}) is None
+    assert labels_of((x[0], 3)).dtype == torch.long and int(labels_of((x[0], 3))) == 3  # a data set item
+    with pytest.raises(TypeError, match="holds its images under one of image, images, pixel_values; got keys img"):
+        images_of({"img": x})
+    with pytest.raises(TypeError, match="got tuple whose images are a list"):
         images_of(([1, 2], y))
 
 

@@ -28,7 +28,7 @@ from ddpm_lightning.checkpoint import (
     upgrade_net_spec,
     upgrade_state_dict,
 )
-from ddpm_lightning.data.base import images_of
+from ddpm_lightning.data.base import images_of, labels_of
 from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
@@ -42,14 +42,15 @@ PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
 
 
 def _labels(batch: Any, num_classes: int) -> torch.Tensor:
-    """The class labels (B,) of an (image, label) batch (not range-checked here: that would read them on the host at
-    every step; the class embedding refuses labels out of range)."""
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+    """The class labels (B,) of an (image, label) batch, or of a mapping batch (not range-checked here: that would
+    read them on the host at every step; the class embedding refuses labels out of range)."""
+    labels = labels_of(batch)
+    if labels is None:
         raise ValueError(
             f"a class-conditional model (num_classes={num_classes}) trains on (image, label) batches, but the data "
             "yield bare images: use a data set with labels, or set model.num_classes=null"
         )
-    return torch.as_tensor(batch[1], device=batch[0].device).long()
+    return labels
 
 
 def accepts_labels(net: nn.Module) -> bool:

@@ -1,6 +1,6 @@
 """Data modules yielding `(image, label)` batches with images in [-1, 1], and the pixel-range helpers."""
 
-from ddpm_lightning.data.base import images_of, per_process_batch_size
+from ddpm_lightning.data.base import images_of, labels_of, per_process_batch_size
 from ddpm_lightning.data.cifar10 import CIFAR10DataModule, DataNotFoundError
 from ddpm_lightning.data.digits import EmbeddedDigitsDataModule, load_digits
 from ddpm_lightning.data.image_folder import ImageFolderDataModule, UnreadableImageError
@@ -14,6 +14,7 @@ __all__ = [
     "UnreadableImageError",
     "image_transform",
     "images_of",
+    "labels_of",
     "load_digits",
     "per_process_batch_size",
     "to_model_range",

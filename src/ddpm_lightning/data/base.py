@@ -1,25 +1,61 @@
 """What the image data modules share: a global batch size split over processes, seeded loaders that resume in the
-middle of an epoch exactly where they stopped, and the images of a batch or item (:func:`images_of`)."""
+middle of an epoch exactly where they stopped, and the images and labels of a batch or item (:func:`images_of`,
+:func:`labels_of`)."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ImageDataModule", "ResumableDataLoader", "ResumableSampler", "images_of", "per_process_batch_size"]
+__all__ = [
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "ImageDataModule",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "images_of",
+    "labels_of",
+    "per_process_batch_size",
+]
+
+# the keys of a mapping batch (Hugging Face datasets' ``with_format("torch")``, dict-yielding data sets), in order
+IMAGE_KEYS = ("image", "images", "pixel_values")
+LABEL_KEYS = ("label", "labels", "class_labels")
+
+
+def _key(batch: Mapping, keys: tuple[str, ...], what: str) -> Any:
+    found = next((k for k in keys if k in batch), None)
+    if found is None:
+        raise TypeError(f"a mapping batch holds its {what} under one of {', '.join(keys)}; got keys {', '.join(batch)}")
+    return batch[found]
 
 
 def images_of(batch: Any) -> torch.Tensor:
-    """The image tensor of a batch or a data set item: data sets yield ``(image, label)`` pairs or bare images."""
-    images = batch[0] if isinstance(batch, (list, tuple)) and len(batch) > 0 else batch
+    """The image tensor of a batch or a data set item: data sets yield ``(image, label)`` pairs, bare images, or
+    mappings with the images under one of :data:`IMAGE_KEYS` (``{"image": ..., "label": ...}``)."""
+    if isinstance(batch, Mapping):
+        images = _key(batch, IMAGE_KEYS, "images")
+    else:
+        images = batch[0] if isinstance(batch, (list, tuple)) and len(batch) > 0 else batch
     if not isinstance(images, torch.Tensor):
         raise TypeError(
-            f"a batch or item is an image tensor or an (image, label) pair, got {type(batch).__name__}"
-            + ("" if images is batch else f" whose first element is a {type(images).__name__}")
+            "a batch or item is an image tensor, an (image, label) pair or a mapping of them, got "
+            + type(batch).__name__
+            + ("" if images is batch else f" whose images are a {type(images).__name__}")
         )
     return images
+
+
+def labels_of(batch: Any) -> torch.Tensor | None:
+    """The class labels of a batch or item (the second element of a pair, or one of :data:`LABEL_KEYS` of a
+    mapping) as a long tensor on the images' device; None when it has none."""
+    if isinstance(batch, Mapping):
+        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+    else:
+        labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+    return None if labels is None else torch.as_tensor(labels, device=images_of(batch).device).long()
 
 
 def per_process_batch_size(batch_size: int, world_size: int, accumulate: int = 1) -> int:
