@@ -18,6 +18,7 @@ from ddpm_lightning.data import (
     to_model_range,
     to_uint8,
 )
+from ddpm_lightning.data.transforms import SeededFlips, seeded_flip
 
 pytestmark = pytest.mark.unit
 
@@ -50,6 +51,21 @@ def test_images_of_a_batch_or_item_with_or_without_labels_and_a_clear_error_othe
         images_of({"img": x})
     with pytest.raises(TypeError, match="got tuple whose images are a list"):
         images_of(([1, 2], y))
+
+
+@pytest.mark.parametrize("form", ["pair", "mapping", "bare"])
+def test_seeded_flips_flip_the_images_of_any_item_form_and_keep_the_labels(form: str) -> None:
+    images = torch.arange(8 * 4, dtype=torch.float32).reshape(8, 1, 2, 2)
+    wrap = {"pair": lambda i: (images[i], i), "mapping": lambda i: {"image": images[i], "label": i},
+            "bare": lambda i: images[i]}[form]  # fmt: skip
+    flips = SeededFlips([wrap(i) for i in range(8)], seed=3)
+    flipped = [seeded_flip(3, 1, i) for i in range(8)]
+    assert 0 < sum(flipped) < 8  # both cases occur in this draw
+    for i in range(8):
+        item = flips[(1, i)]
+        expected = images[i].flip(-1) if flipped[i] else images[i]
+        assert torch.equal(images_of(item), expected)
+        assert form == "bare" or int(labels_of(item)) == i
 
 
 def test_cifar10_batch_is_float32_images_in_model_range(cifar10_dir: Path) -> None:

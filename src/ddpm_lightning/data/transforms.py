@@ -3,6 +3,7 @@
 The model works in [-1, 1] (Ho et al. 2020, Sec. 3.3: "scaled linearly to [-1, 1]"); files and FID want uint8.
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ddpm_lightning.data.base import IMAGE_KEYS
 from ddpm_lightning.io import to_uint8
 
 __all__ = ["SeededFlips", "ToModelRange", "image_transform", "seeded_flip", "to_model_range", "to_uint8"]
@@ -61,4 +63,7 @@ class SeededFlips(Dataset):
             return item
         if isinstance(item, (tuple, list)):
             return (item[0].flip(-1), *item[1:])
+        if isinstance(item, Mapping):  # the images under the first of IMAGE_KEYS the item has
+            key = next(k for k in IMAGE_KEYS if k in item)
+            return {**item, key: item[key].flip(-1)}
         return item.flip(-1)
