@@ -19,10 +19,12 @@ def warmup(s: int) -> float:
     return (s + 1) / W
 
 
-def expected(name: str, s: int, decay_fraction: float = 0.25) -> float:
+def expected(name: str, s: int, decay_fraction: float = 0.25, ref_steps: int = 7) -> float:
     """The factor of lr at step s (steps done), written out per schedule."""
     if s < W:
         return warmup(s)
+    if name == "inverse_sqrt":  # EDM2 Eq. 20: alpha_ref / sqrt(max(t / t_ref, 1))
+        return 1.0 if s <= ref_steps else (ref_steps / s) ** 0.5
     p = min(max((s - W) / (N - W), 0.0), 1.0)
     if name == "constant":
         return 1.0
@@ -35,9 +37,9 @@ def expected(name: str, s: int, decay_fraction: float = 0.25) -> float:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name", ["constant", "linear", "cosine", "wsd"])
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine", "wsd", "inverse_sqrt"])
 def test_each_schedule_follows_its_formula(name: str) -> None:
-    schedule = LRSchedule(name=name, min_lr_ratio=R, decay_fraction=0.25)
+    schedule = LRSchedule(name=name, min_lr_ratio=R, decay_fraction=0.25, ref_steps=7)
     for s in range(N + 5):
         assert schedule.factor(s, W, N) == pytest.approx(expected(name, s), abs=1e-12), s
 

@@ -30,10 +30,12 @@ from ddpm_lightning.checkpoint import (
 )
 from ddpm_lightning.data.base import images_of, labels_of
 from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
+from ddpm_lightning.diffusion.assignment import assign_noise
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
+from ddpm_lightning.diffusion.weighting import LearnedLossWeight
 from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps, is_check_step
-from ddpm_lightning.models import UNet
+from ddpm_lightning.models import MPUNet, UNet
 from ddpm_lightning.optim import LRSchedule, LRScheduleName
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
@@ -108,8 +110,11 @@ class DiffusionModule(NonFiniteGuard):
         variance, objective: see :class:`GaussianDiffusion`. A learned variance (``"learned_range"``,
             ``"learned"``) needs a network with twice the image channels (the default U-Net is built so, and a U-Net
             without ``out_channels`` gets them) and trains with L_hybrid.
-        loss_weighting, min_snr_gamma: the weighting of L_simple, ``"none"`` (the paper) or ``"min_snr"``
-            (min-SNR-gamma, Hang et al. 2023); see :class:`GaussianDiffusion`.
+        loss_weighting, min_snr_gamma: the weighting of L_simple, ``"none"`` (the paper), ``"min_snr"``
+            (min-SNR-gamma, Hang et al. 2023; see :class:`GaussianDiffusion`) or ``"learned"``: EDM2's uncertainty
+            weighting L_t / exp(u(t)) + u(t) with u a learned head on the noise level
+            (:class:`~ddpm_lightning.diffusion.weighting.LearnedLossWeight`, the module's ``loss_weight``; drawn by
+            :class:`~ddpm_lightning.callbacks.LossWeightCurve`).
         loss_type: ``"simple"`` (L_simple, or L_hybrid with a learned variance) or ``"vlb"`` (the bound alone);
             see :class:`GaussianDiffusion`.
         timestep_sampling: how t is drawn (:class:`TimestepSamplingConfig`), a name or a mapping such as
@@ -143,6 +148,12 @@ class DiffusionModule(NonFiniteGuard):
             takes the network's own ``num_classes`` attribute; a default U-Net (or a preset without it) gets it.
         p_uncond: label dropout of a conditional model: the share of training labels replaced by the null class,
             so that one network learns the conditional and the unconditional model (Ho & Salimans use 0.1 or 0.2).
+        noise_assignment: ``"random"`` (the paper: each image its own draw) or ``"immiscible"``: the batch's noise
+            draws assigned to its images by minimum total distance (Immiscible Diffusion, Li et al. 2024;
+            :func:`~ddpm_lightning.diffusion.assignment.assign_noise`).
+
+    A network with ``normalize_weights_`` (the magnitude-preserving :class:`~ddpm_lightning.models.MPUNet`) has it
+    called after every optimizer step: EDM2's forced weight normalisation.
 
     The flat settings of earlier versions (``model.ch`` ..., ``model.sample_steps`` ...) are mapped onto these where
     configs and checkpoints are read (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: ``ddpm fit`` and
@@ -160,7 +171,7 @@ class DiffusionModule(NonFiniteGuard):
         beta_end: float = 0.02,
         variance: Literal["fixed_large", "fixed_small", "learned_range", "learned"] = "fixed_large",
         objective: Literal["eps", "x0", "v"] = "eps",
-        loss_weighting: Literal["none", "min_snr"] = "none",
+        loss_weighting: Literal["none", "min_snr", "learned"] = "none",
         min_snr_gamma: float = 5.0,
         loss_type: Literal["simple", "vlb"] = "simple",
         timestep_sampling: TimestepSamplingConfig | TimestepSampling = "uniform",
@@ -177,6 +188,7 @@ class DiffusionModule(NonFiniteGuard):
         matmul_precision: Literal["highest", "high", "medium"] | None = None,
         num_classes: int | None = None,
         p_uncond: float = 0.1,
+        noise_assignment: Literal["random", "immiscible"] = "random",
     ):
         settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments, as given
         super().__init__()
@@ -191,6 +203,8 @@ class DiffusionModule(NonFiniteGuard):
         timestep_config = TimestepSamplingConfig.parse(timestep_sampling)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
+        if noise_assignment not in ("random", "immiscible"):
+            raise ValueError(f"unknown noise_assignment {noise_assignment!r}; allowed: random, immiscible")
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
         self.diffusion = GaussianDiffusion(
             betas,
@@ -201,6 +215,8 @@ class DiffusionModule(NonFiniteGuard):
             loss_type=loss_type,
         )
         self.timestep_sampler = timestep_config.build(self.diffusion.alphas_cumprod)
+        if loss_weighting == "learned":
+            self.loss_weight = LearnedLossWeight(self.diffusion.alphas_cumprod)
         out_factor = self.diffusion.output_channels_factor
         self.net = self._make_net(net, image_size, in_channels, out_factor, num_classes)
         self.image_shape = self._image_shape(self.net, image_size, in_channels)
@@ -253,7 +269,7 @@ class DiffusionModule(NonFiniteGuard):
             shape["in_channels"] = 3 if in_channels is None else in_channels
             out = {"out_channels": out_factor * shape["in_channels"]} if out_factor > 1 else {}
             return UNet(**shape, **out, **classes)
-        if type(net) is UNet:
+        if type(net) in (UNet, MPUNet):
             # the flat shape (model.image_size, model.in_channels) composed over a U-Net preset wins over it
             shape = {"image_size": image_size, "in_channels": in_channels}
             changes = {k: v for k, v in shape.items() if v is not None}
@@ -263,7 +279,7 @@ class DiffusionModule(NonFiniteGuard):
             if num_classes is not None and net.num_classes is None:
                 changes["num_classes"] = num_classes  # an unconditional preset made conditional
             if any(net.init_args.get(k) != v for k, v in changes.items()):
-                net = UNet(**{**net.init_args, **changes})
+                net = type(net)(**{**net.init_args, **changes})
         if not isinstance(net, nn.Module):
             raise ValueError(f"model.net must be a torch.nn.Module, got {type(net).__name__}")
         return net
@@ -441,20 +457,34 @@ class DiffusionModule(NonFiniteGuard):
                     group["lr"] = hp.lr * schedule(scheduler.last_epoch)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x0 = images_of(batch)
-        denoiser = self.denoiser(self.net, self.train_labels(batch))
-        if self.timestep_sampler is None:
-            loss = self.diffusion.training_loss(denoiser, x0)
-        else:
-            t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-            losses = self.diffusion.training_loss(denoiser, x0, t=t, reduction="none")
-            if self.timestep_sampler.stateful:
-                # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
-                self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
-            loss = (losses * weights).mean()
+        loss = self.batch_loss(batch)
         self._loss = loss.detach()
         # not prog_bar=True: Lightning would read it on every step (a host-device sync); see callbacks.ProgressBar
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=images_of(batch).shape[0])
+        return loss
+
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of a batch: t, noise and label dropout drawn, weighted as the settings say."""
+        x0 = images_of(batch)
+        denoiser = self.denoiser(self.net, self.train_labels(batch))
+        noise = None if self.hparams.noise_assignment == "random" else assign_noise(x0, torch.randn_like(x0))
+        if self.timestep_sampler is None and not hasattr(self, "loss_weight"):
+            loss = self.diffusion.training_loss(denoiser, x0, noise=noise)
+        else:
+            if self.timestep_sampler is None:
+                t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+                weights = torch.ones((), device=x0.device)
+            else:
+                t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+            losses = self.diffusion.training_loss(denoiser, x0, t=t, noise=noise, reduction="none")
+            if self.timestep_sampler is not None and self.timestep_sampler.stateful:
+                # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
+                self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
+            losses = losses * weights
+            if hasattr(self, "loss_weight"):
+                self.loss_weight.observe(losses, t)
+                losses = self.loss_weight.weigh(losses, t)
+            loss = losses.mean()
         return loss
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
@@ -495,8 +525,17 @@ class DiffusionModule(NonFiniteGuard):
         # a function of the step alone, rebuilt here on every fit: a resumed run continues from its restored step
         schedule, warmup = self.lr_schedule, hp.warmup_steps
         trainer = compat.attached_trainer(self)
-        total = schedule.decay_steps(trainer.max_steps if trainer is not None else None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step, warmup, total))
+        budget = next((c for c in trainer.callbacks if getattr(c, "sets_max_steps", False)), None) if trainer else None
+        if budget is None:
+            total = schedule.decay_steps(trainer.max_steps if trainer is not None else None)
+            factor = functools.partial(schedule.factor, warmup_steps=warmup, total_steps=total)
+        else:
+            factor = functools.partial(_budgeted_factor, schedule, warmup, budget)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        normalize = getattr(self.net, "normalize_weights_", None)
+        if callable(normalize):
+            # forced weight normalisation (EDM2): after every step, before the weight average reads the weights
+            optimizer.register_step_post_hook(lambda *_: normalize())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------------- sampling
@@ -616,6 +655,14 @@ class DiffusionModule(NonFiniteGuard):
                 f"{self.num_classes} for the null class (unconditional)"
             )
         return labels
+
+
+def _budgeted_factor(schedule: LRSchedule, warmup: int, budget: Any, step: int) -> float:
+    """The schedule's factor in a run whose length a step budget (``TrainingBudget``) fixes once it has measured its
+    rate: the warm-up, then 1 until the length is known, then the schedule over that length."""
+    if budget.max_steps is None:
+        return schedule.factor(step, warmup, None) if step < warmup or schedule.name == "inverse_sqrt" else 1.0
+    return schedule.factor(step, warmup, schedule.decay_steps(budget.max_steps))
 
 
 def _upgrade_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

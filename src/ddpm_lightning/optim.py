@@ -1,5 +1,6 @@
-"""The learning-rate schedule: a linear warm-up, then constant (the paper), a linear or cosine decay to a floor, or
-warm-up-stable-decay; one frozen setting, validated once, whose factor is a pure function of the step.
+"""The learning-rate schedule: a linear warm-up, then constant (the paper), a linear or cosine decay to a floor,
+warm-up-stable-decay, or EDM2's inverse square root; one frozen setting, validated once, whose factor is a pure
+function of the step.
 
 Because the factor depends only on (step, warm-up, decay length), a resumed run recomputes it from the restored step:
 it continues where it stopped, and a resume that changes the setting (or the run's length) follows the new formula
@@ -15,7 +16,7 @@ from typing import Any, Literal, get_args
 
 __all__ = ["DECAYING", "LR_SCHEDULES", "LRSchedule", "LRScheduleName"]
 
-LRScheduleName = Literal["constant", "linear", "cosine", "wsd"]
+LRScheduleName = Literal["constant", "linear", "cosine", "wsd", "inverse_sqrt"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LRScheduleName)
 #: the schedules that decay, and so need the run's length
 DECAYING = ("linear", "cosine", "wsd")
@@ -32,14 +33,17 @@ class LRSchedule:
     - ``linear``: ``1 - (1 - r) p`` with ``p = (s - W) / (N - W)`` clipped to [0, 1];
     - ``cosine``: ``r + (1 - r) (1 + cos(pi p)) / 2`` (Loshchilov & Hutter 2017, without restarts);
     - ``wsd``: warm-up, stable at 1, then linear to ``r`` over the last ``decay_fraction`` of the N steps (Hu et al.
-      2024, MiniCPM): ``1 - (1 - r) q``, ``q = (s - S) / (N - S)`` clipped, ``S = N - round(decay_fraction N)``.
+      2024, MiniCPM): ``1 - (1 - r) q``, ``q = (s - S) / (N - S)`` clipped, ``S = N - round(decay_fraction N)``;
+    - ``inverse_sqrt``: ``1 / sqrt(max(s / ref_steps, 1))`` (EDM2, Karras et al. 2024, Eq. 20): constant until the
+      reference step, then decaying as the inverse square root of the steps; it needs no run length.
 
     Args:
         name: the schedule, one of :data:`LR_SCHEDULES`.
         min_lr_ratio: the floor r of the decaying schedules, as a fraction of ``lr`` in [0, 1].
         decay_fraction: ``wsd``'s share of the run spent decaying, in (0, 1].
         total_steps: the decay length N in optimizer steps; None: the run's ``trainer.max_steps`` (a decaying schedule
-            refuses a run without one, e.g. one bounded by ``max_time`` only).
+            refuses a run without one, e.g. one bounded by ``max_time`` only, unless a ``TrainingBudget`` fixes it).
+        ref_steps: ``inverse_sqrt``'s reference step t_ref, >= 1.
 
     In YAML: ``lr_schedule: {name: wsd, decay_fraction: 0.3}`` or a bare name, ``lr_schedule: cosine``.
     """
@@ -48,6 +52,7 @@ class LRSchedule:
     min_lr_ratio: float = 0.0
     decay_fraction: float = 0.2
     total_steps: int | None = None
+    ref_steps: int = 1000
 
     def __post_init__(self) -> None:
         if self.name not in LR_SCHEDULES:
@@ -60,6 +65,8 @@ class LRSchedule:
             isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
         ):
             raise ValueError(f"lr_schedule.total_steps must be a positive integer or null, got {self.total_steps!r}")
+        if isinstance(self.ref_steps, bool) or not isinstance(self.ref_steps, int) or self.ref_steps < 1:
+            raise ValueError(f"lr_schedule.ref_steps must be a positive integer, got {self.ref_steps!r}")
 
     @classmethod
     def parse(cls, value: LRSchedule | Mapping[str, Any] | str | None) -> LRSchedule:
@@ -99,6 +106,8 @@ class LRSchedule:
             return (step + 1) / warmup_steps
         if self.name == "constant":
             return 1.0
+        if self.name == "inverse_sqrt":
+            return 1.0 / math.sqrt(max(step / self.ref_steps, 1.0))
         assert total_steps is not None, "decay_steps() gives a decaying schedule its length"
         r = self.min_lr_ratio
         if self.name == "wsd":

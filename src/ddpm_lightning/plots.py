@@ -142,6 +142,14 @@ def curves_figure(runs: Sequence[Mapping], smoothing: float = 0.9) -> Figure:
     return fig
 
 
+def figure_image(fig: Figure, dpi: int = 80) -> torch.Tensor:
+    """``fig`` rendered as a uint8 (3, H, W) image (for the loggers' image panels); the figure stays open."""
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1)
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` as PNG, atomically (creating the folder), and close it."""
     try:
@@ -182,5 +190,20 @@ def quality_vs_nfe_figure(rows: Sequence[Mapping], floors: Mapping[str, float] |
         ax.set_title(SWEEP_METRICS[metric] + (", lower is better" if log_y else ""), fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_weight_figure(curve: Mapping[str, Sequence[float]], step: int) -> Figure:
+    """The learned loss weighting's u(t) beside the log of the running mean loss per timestep bin (the curve u
+    follows): :meth:`~ddpm_lightning.diffusion.weighting.LearnedLossWeight.curve`."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(curve["t"], curve["u"], label="u(t), learned")
+    ax.plot(curve["bin_t"], curve["log_loss"], "o", markersize=3, label="log of the mean loss (running)")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("log loss scale")
+    ax.set_title(f"learned loss weighting L_t / exp(u(t)) + u(t), step {step}")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -12,9 +12,10 @@ from lightning.pytorch.callbacks import Callback
 
 from ddpm_lightning.callbacks.bpd import BPDCallback
 from ddpm_lightning.callbacks.demo_report import DemoReport
-from ddpm_lightning.callbacks.ema import EMA
+from ddpm_lightning.callbacks.ema import EMA, PowerEMA
 from ddpm_lightning.callbacks.fid import FIDCallback
-from ddpm_lightning.callbacks.guide import GuideCheckpoint
+from ddpm_lightning.callbacks.guide import GuideCheckpoint, GuideTraining
+from ddpm_lightning.callbacks.loss_weight import LossWeightCurve
 from ddpm_lightning.callbacks.periodic import EveryNSteps
 from ddpm_lightning.callbacks.posthoc_ema import PostHocEMA
 from ddpm_lightning.callbacks.resilience import FinalCheckpoint, GracefulStop, RNGStates, last_checkpoint_path
@@ -32,8 +33,11 @@ __all__ = [
     "FinalCheckpoint",
     "GracefulStop",
     "GuideCheckpoint",
+    "GuideTraining",
     "ImagesPerSecond",
+    "LossWeightCurve",
     "PostHocEMA",
+    "PowerEMA",
     "ProgressBar",
     "RNGStates",
     "SampleWriter",

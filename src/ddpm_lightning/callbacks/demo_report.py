@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from ddpm_lightning import io
-from ddpm_lightning.callbacks.guide import GuideCheckpoint
+from ddpm_lightning.callbacks.guide import GuideCheckpoint, GuideTraining
 from ddpm_lightning.callbacks.resilience import last_checkpoint_path
 from ddpm_lightning.callbacks.sampling import callback_sampler, render_samples
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
@@ -151,11 +151,13 @@ class DemoReport(Callback):
     def _check_guide(self, trainer: L.Trainer) -> None:
         """Before the first step: the guide exists, or a GuideCheckpoint of this run will write it."""
         path = self.guide_path(trainer)
-        written = any(isinstance(c, GuideCheckpoint) and c.filename == path.name for c in trainer.callbacks)
+        writers = (GuideCheckpoint, GuideTraining)
+        written = any(isinstance(c, writers) and c.filename == path.name for c in trainer.callbacks)
         if not path.is_file() and not (written and path.parent == last_checkpoint_path(trainer).parent):
             raise ValueError(
-                f"DemoReport: the guide checkpoint {path} does not exist and no GuideCheckpoint(filename="
-                f"{path.name!r}) of this run writes it; add one (e.g. at_fraction: 0.3) or give an existing checkpoint"
+                f"DemoReport: the guide checkpoint {path} does not exist and no GuideCheckpoint or GuideTraining"
+                f"(filename={path.name!r}) of this run writes it; add one (e.g. at_fraction: 0.3) or give an existing "
+                "checkpoint"
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import WeightAveraging
 
 from ddpm_lightning import compat
 from ddpm_lightning.averaging import WeightAverage
+from ddpm_lightning.callbacks.posthoc_ema import power_beta, sigma_rel_to_gamma
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "PowerEMA"]
 
 
 class EMA(WeightAveraging, WeightAverage):
@@ -106,3 +107,33 @@ class EMA(WeightAveraging, WeightAverage):
     def state_key(self) -> str:
         # one EMA per run: a stable key lets a checkpoint resume even if the decay changes
         return "EMA"
+
+
+class PowerEMA(EMA):
+    """The power-function EMA of EDM2 (Karras et al. 2024, Sec. 3.1) as the in-training average: after optimizer step
+    t the average moves by 1 - beta_t with beta_t = (1 - 1/t)^(gamma + 1) (their Eq. 3), so that it weighs the
+    weights of step tau in proportion to tau^gamma: its length grows with the run instead of being a fixed number of
+    steps, and the start of the run is forgotten.
+
+    Args:
+        sigma_rel: the relative standard deviation of the averaging profile (EDM2 Eq. 2; 0.05 to 0.15 in their
+            runs), from which gamma is solved; in (0, sqrt(1/12)).
+
+    Everything else (checkpoints, resume, sampling with the average) is :class:`EMA`'s; ``decay`` is unused.
+    ``ddpm posthoc-ema`` reconstructs other lengths after the run from :class:`PostHocEMA` snapshots instead.
+    """
+
+    def __init__(self, sigma_rel: float = 0.05) -> None:
+        super().__init__(decay=0.0)
+        self.sigma_rel = sigma_rel
+        self.gamma = sigma_rel_to_gamma(sigma_rel)
+
+    @torch.no_grad()
+    def update(self, pl_module: L.LightningModule) -> None:
+        """One step of the power-function EMA: average = beta_t average + (1 - beta_t) weights, t the steps done."""
+        model = compat.averaged_model(self)
+        if self._pairs is None:
+            self._pairs = (list(model.module.parameters()), list(pl_module.parameters()))
+        step = max(pl_module.trainer.global_step, 1)
+        compat.foreach_lerp_(*self._pairs, 1.0 - power_beta(step, self.gamma))
+        model.n_averaged += 1

@@ -19,11 +19,11 @@ from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelih
 
 Variance = Literal["fixed_large", "fixed_small", "learned_range", "learned"]
 Objective = Literal["eps", "x0", "v"]
-LossWeighting = Literal["none", "min_snr"]
+LossWeighting = Literal["none", "min_snr", "learned"]
 LossType = Literal["simple", "vlb"]
 VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
 OBJECTIVES = ("eps", "x0", "v")
-LOSS_WEIGHTINGS = ("none", "min_snr")
+LOSS_WEIGHTINGS = ("none", "min_snr", "learned")
 LOSS_TYPES = ("simple", "vlb")
 #: lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Sec. 3.1)
 HYBRID_LAMBDA = 1e-3
@@ -45,8 +45,9 @@ def _as_timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_weights(alphas_cumprod: torch.Tensor, objective: str, loss_weighting: str, gamma: float) -> torch.Tensor:
-    """Per-timestep weights of L_simple in float64: ones, or min-SNR-gamma (Hang et al. 2023, Sec. 3.4)."""
-    if loss_weighting == "none":
+    """Per-timestep weights of L_simple in float64: ones (also for ``"learned"``, whose weight the caller applies),
+    or min-SNR-gamma (Hang et al. 2023, Sec. 3.4)."""
+    if loss_weighting in ("none", "learned"):
         return torch.ones_like(alphas_cumprod)
     snr = alphas_cumprod / (1.0 - alphas_cumprod)  # SNR_t = alpha_t^2 / sigma_t^2
     clipped = snr.clamp(max=gamma)
@@ -79,7 +80,8 @@ class GaussianDiffusion(nn.Module):
         loss_weighting: per-example weight of L_simple: ``"none"`` (the paper) or ``"min_snr"`` (Hang et al. 2023,
             min-SNR-gamma): min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) / (SNR_t + 1) for v and
             min(SNR_t, gamma) for x0, with SNR_t = abar_t / (1 - abar_t), which weights every objective as an x0
-            loss clipped at gamma.
+            loss clipped at gamma. ``"learned"``: weights 1 here; the caller weighs the per-example losses by a learned
+            u(t) (:class:`~ddpm_lightning.diffusion.weighting.LearnedLossWeight`, EDM2's uncertainty weighting).
         min_snr_gamma: gamma of ``"min_snr"`` (Hang et al. use 5).
         loss_type: ``"simple"``: L_simple (Eq. 14), plus lambda L_vlb for a learned variance (L_hybrid); ``"vlb"``:
             the true bound L_vlb alone (Eq. 5; Ho et al.'s Table 2 "L, learned/fixed", improved DDPM's L_vlb),
@@ -307,7 +309,7 @@ class GaussianDiffusion(nn.Module):
         prediction, var_values = self.split_output(output)
         loss = F.mse_loss(prediction, self.training_target(x0, t, noise).float(), reduction="none")
         loss = loss.flatten(1).mean(dim=1)  # (B,)
-        if self.loss_weighting != "none":
+        if self.loss_weighting == "min_snr":
             loss = loss * self.loss_weights_f32.to(t.device)[t]
         if var_values is not None:
             frozen = torch.cat([prediction.detach(), var_values], dim=1)

@@ -5,7 +5,9 @@
 loading outside them are not charged) after ``warmup_steps`` steps, over ``measure_steps`` steps, and then sets the
 run's step count to the steps this candidate makes in ``seconds`` at the measured rate. The run then ends at a fixed
 step like any other (its checkpoint, samples and scores as usual), and ``budget.json`` in the run folder records the
-rate and the steps.
+rate and the steps. Because the run's length is then known, decaying learning-rate schedules (``DiffusionModule``
+reads the fixed step count) and ``GuideCheckpoint(at_fraction=...)`` work with a wall-clock budget (``make demo
+DEMO_TIME=...``).
 """
 
 from __future__ import annotations
@@ -28,13 +30,19 @@ class TrainingBudget(L.Callback):
     """End the fit after the steps that ``seconds`` of this candidate's own steady-state training steps take.
 
     Args:
-        seconds: the training time budget, > 0.
+        seconds: the training time budget, > 0: seconds, or a ``"DD:HH:MM:SS"`` duration (``trainer.max_time``'s
+            format).
         warmup_steps: steps run before timing (first-call allocations, kernels chosen, compilation), >= 0.
         measure_steps: steps timed for the rate, >= 1. A budget spent before the measurement ends stops the run at
             the step where it is spent.
     """
 
-    def __init__(self, seconds: float, warmup_steps: int = 5, measure_steps: int = 20) -> None:
+    #: the step count this callback fixes (``max_steps``) is the run's length for the learning-rate schedule
+    sets_max_steps = True
+
+    def __init__(self, seconds: float | str, warmup_steps: int = 5, measure_steps: int = 20) -> None:
+        if isinstance(seconds, str):
+            seconds = _duration_seconds(seconds)
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
             raise ValueError(f"the training budget must be a positive number of seconds, got {seconds!r}")
         if warmup_steps < 0:
@@ -49,6 +57,11 @@ class TrainingBudget(L.Callback):
         self._measured = 0.0  # seconds of the measured steps
         self.steps_per_second: float | None = None
         self.max_steps: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0 and self.max_steps is None:
+            # a resumed run: its budget counts from the step it restarts at
+            self.warmup_steps += trainer.global_step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         self._start = time.perf_counter()
@@ -85,3 +98,15 @@ class TrainingBudget(L.Callback):
                 "max_steps": max_steps,
             }
             write_json(info, Path(trainer.default_root_dir) / BUDGET_FILE)
+
+
+def _duration_seconds(value: str) -> float:
+    """Seconds of a ``"DD:HH:MM:SS"`` duration (fewer fields: the last ones, e.g. ``"05:00"`` is 5 minutes)."""
+    parts = value.strip().split(":")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if not 1 <= len(numbers) <= 4 or any(n < 0 for n in numbers):
+        raise ValueError(f"the training budget {value!r} is not a duration: give seconds or DD:HH:MM:SS")
+    return sum(n * f for n, f in zip(reversed(numbers), (1, 60, 3600, 86400), strict=False))
