@@ -38,12 +38,15 @@ format: install
 
 DEMO_STEPS ?= 1100
 DEMO_TIME ?=
+# DEMO_TIME: the run measures its own step rate after a short warm-up and fixes its step count (TrainingBudget), so
+# that the lr schedule and the guide know the run's length
+BUDGET = --trainer.max_steps=-1 '--trainer.callbacks+={"class_path": "ddpm_lightning.evaluation.budget.TrainingBudget", "init_args": {"seconds": "$(DEMO_TIME)"}}'
 demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_STEPS optimizer steps (or DEMO_TIME=dd:hh:mm:ss): runs/demo/
-	$(BIN)/ddpm fit -c configs/demo.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
+	$(BIN)/ddpm fit -c configs/demo.yaml $(if $(DEMO_TIME),$(BUDGET),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
 
 DEMO_COND_STEPS ?= 1100
 demo-cond: install  ## the demo, class-conditional (classifier-free guidance), DEMO_COND_STEPS or DEMO_TIME: runs/demo_cond/
-	$(BIN)/ddpm fit -c configs/demo.yaml -c configs/demo_cond.yaml $(if $(DEMO_TIME),--trainer.max_steps=-1 --trainer.max_time=$(DEMO_TIME),--trainer.max_steps=$(DEMO_COND_STEPS)) $(ARGS)
+	$(BIN)/ddpm fit -c configs/demo.yaml -c configs/demo_cond.yaml $(if $(DEMO_TIME),$(BUDGET),--trainer.max_steps=$(DEMO_COND_STEPS)) $(ARGS)
 
 train: install  ## the paper's CIFAR-10 run (needs data/cifar-10-batches-py or data/cifar-10-python.tar.gz)
 	$(BIN)/ddpm fit -c configs/cifar10.yaml $(ARGS)

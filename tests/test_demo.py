@@ -5,7 +5,9 @@ import itertools
 import json
 import math
 import os
+import shlex
 import signal as signal_module
+import subprocess
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -162,13 +164,22 @@ def test_the_report_scores_native_28_pixel_digits_and_padded_32_pixel_ones(tmp_p
 def test_the_demo_trains_a_fixed_number_of_steps_however_slow_the_clock(tmp_path, classifier_cache) -> None:
     trainer = yaml.safe_load(DEMO_CONFIG.read_text())["trainer"]
     assert trainer["max_steps"] > 0 and trainer.get("max_time") is None  # DEMO_STEPS, not a wall-clock budget
-    hours = itertools.count(0, 3600.0)  # every reading of Lightning's Timer clock: one hour later
-    slow_clock = mock.Mock(monotonic=lambda: next(hours))
-    with mock.patch("lightning.pytorch.callbacks.timer.time", slow_clock):
+    hours = itertools.count(0, 3600.0)  # every reading of the clocks: one hour later
+    slow_clock = mock.Mock(monotonic=lambda: next(hours), perf_counter=lambda: next(hours))
+    # make demo DEMO_TIME=...: a TrainingBudget that fixes the step count from the run's own rate
+    make = subprocess.run(
+        ["make", "-n", "demo", "DEMO_TIME=00:00:30:00"], cwd=DEMO_CONFIG.parents[1], capture_output=True, text=True
+    )
+    budget = next(arg for arg in shlex.split(make.stdout.splitlines()[-1]) if "TrainingBudget" in arg)
+    assert '"seconds": "00:00:30:00"' in budget
+    with (
+        mock.patch("lightning.pytorch.callbacks.timer.time", slow_clock),
+        mock.patch("ddpm_lightning.evaluation.budget.time", slow_clock),
+    ):
         steps = json.loads(
             (_demo(tmp_path / "a", classifier_cache, "--trainer.max_steps=4") / "metrics.json").read_text()
         )
-        timed = _demo(tmp_path / "b", classifier_cache, "--trainer.max_steps=4", "--trainer.max_time=00:00:30:00")
+        timed = _demo(tmp_path / "b", classifier_cache, "--trainer.max_steps=-1", budget)
     assert steps["steps"] == 4
     assert json.loads((timed / "metrics.json").read_text())["steps"] < 4  # DEMO_TIME: the clock decides
 
