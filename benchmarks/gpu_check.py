@@ -80,6 +80,8 @@ class Sizes:
     """What the check runs: the paper's sizes on a GPU, tiny ones for a dry run."""
 
     net32: dict[str, Any]
+    #: the magnitude-preserving U-Net of configs/cifar10_edm2.yaml's run, when ``own_net``
+    mp32: dict[str, Any]
     net256: dict[str, Any]
     #: whether ``ddpm fit`` gets ``net32`` rather than configs/cifar10.yaml's own network (the paper's)
     own_net: bool
@@ -107,6 +109,7 @@ def preset(name: str, image_size: int) -> dict[str, Any]:
 def full_sizes() -> Sizes:
     return Sizes(
         net32=preset("unet_cifar10", 32),
+        mp32=preset("mp_unet_cifar10", 32),
         net256=preset("unet_256", 256),
         own_net=False,
         image256=256,
@@ -128,6 +131,7 @@ def dry_sizes() -> Sizes:
     tiny = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16], "num_groups": 4}
     return Sizes(
         net32={**preset("unet_cifar10", 32), **tiny},
+        mp32=preset("mp_unet_tiny_rgb", 32),
         net256={**preset("unet_256", 32), **tiny, "ch_mult": [1, 1, 2]},
         own_net=True,
         image256=32,
@@ -151,8 +155,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit_lightning(sizes: Sizes, device: torch.device, precision: str, compile: bool, stop_at: float) -> dict:
-    """Images/s of ``ddpm fit`` (in this process) over a window of steps after ``warmup_steps``."""
+def fit_lightning(
+    sizes: Sizes, device: torch.device, precision: str, compile: bool, stop_at: float, edm2: bool = False
+) -> dict:
+    """Images/s of ``ddpm fit`` (in this process) over a window of steps after ``warmup_steps``; ``edm2``: with
+    configs/cifar10_edm2.yaml composed on top (the magnitude-preserving U-Net and EDM2's training options)."""
     from ddpm_lightning.cli.fit import fit  # needs jsonargparse: an ImportError is this measurement's error
 
     with tempfile.TemporaryDirectory() as folder:
@@ -187,14 +194,19 @@ def fit_lightning(sizes: Sizes, device: torch.device, precision: str, compile: b
             # every default callback but the final checkpoint (hundreds of MB written after the timed steps)
             "default_callbacks": ["EMA", "RNGStates", "GracefulStop", "ImagesPerSecond", "WandbRunId"],
         }
-        if sizes.own_net:
+        if sizes.own_net and edm2:
+            config["model"]["net"] = {"class_path": "ddpm_lightning.models.MPUNet", "init_args": sizes.mp32}
+        elif sizes.own_net:
             config["model"]["net"] = {"class_path": "ddpm_lightning.models.UNet", "init_args": sizes.net32}
         (Path(folder) / "check.yaml").write_text(yaml.safe_dump(config))
         trainer = "gpu" if device.type == "cuda" else "cpu"
         configs = [ROOT / "configs" / "cifar10.yaml", ROOT / "configs" / "trainer" / f"{trainer}.yaml"]
+        if edm2:
+            configs.insert(1, ROOT / "configs" / "cifar10_edm2.yaml")
         fit([arg for path in [*configs, Path(folder) / "check.yaml"] for arg in ("-c", str(path))])
         timed = json.loads(clock.read_text())
-    result = {"path": "ddpm fit", "precision": precision, "compile": compile, **timed}
+    result = {"path": "ddpm fit" + (" (cifar10_edm2)" if edm2 else ""), "precision": precision, "compile": compile,
+              **timed}  # fmt: skip
     if timed["window_steps"]:
         seconds = timed["window_seconds"]
         result["images_per_second"] = timed["images"] / seconds
@@ -325,6 +337,8 @@ def measurements(sizes: Sizes, device: torch.device) -> list[Measurement]:
                     lambda s: fit_lightning(sizes, device, bf16, False, s)),
         Measurement("training_32", "plain_bf16", f"plain loop, {autocast} + channels_last, batch {batch}", "plain",
                     lambda s: plain_loop(UNet(**sizes.net32), sizes, 32, batch, steps, device, s)),
+        Measurement("training_32", "fit_edm2_bf16", f"ddpm fit, configs/cifar10_edm2.yaml (37.9M MPUNet), {bf16}, "
+                    f"batch {batch}", "fit", lambda s: fit_lightning(sizes, device, bf16, False, s, edm2=True)),
         Measurement("training_32", "fit_fp32", f"ddpm fit, fp32 (TF32 matmuls on a GPU), batch {batch}", "fit",
                     lambda s: fit_lightning(sizes, device, "32-true", False, s)),
         Measurement("training_32", "fit_bf16_compile", f"ddpm fit, {bf16} + torch.compile, batch {batch}",

@@ -50,7 +50,7 @@ def test_the_dry_run_fills_every_section_and_rewrites_the_files_after_each_measu
     assert report["dry_run"] and report["finished"]
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["device_type"] == "cpu"
     rows = _rows(report)
-    assert len(rows) == 12
+    assert len(rows) == 13
     for row in rows:
         if row["status"] == "measured":
             figure = row.get("images_per_second", row.get("train_flops"))
@@ -59,6 +59,8 @@ def test_the_dry_run_fills_every_section_and_rewrites_the_files_after_each_measu
             assert row["status"].startswith("skipped: dry run"), row
     assert report["training_32"]["fit_bf16_compile"]["status"].startswith("skipped")
     assert report["training_32"]["fit_bf16"]["path"] == "ddpm fit"
+    assert report["training_32"]["fit_edm2_bf16"]["path"] == "ddpm fit (cifar10_edm2)"
+    assert report["training_32"]["fit_edm2_bf16"]["status"] == "measured"
     assert report["sampling_32"]["dpmpp_2m"]["finite"] and report["sampling_32"]["dpmpp_2m"]["fid_minutes"] > 0
     assert report["memory_256"]["batch2_checkpointing"]["activation_checkpointing"] is True
     # one write before the first measurement, one after each, one at the end: measurement k is in write k + 1
