@@ -58,6 +58,7 @@ from ddpm_lightning.checkpoint import (
 )
 from ddpm_lightning.cli.config_errors import ConfigErrorParser
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
+from ddpm_lightning.data.base import ImageDataModule
 from ddpm_lightning.diffusion import Spacing
 from ddpm_lightning.lit_module import DiffusionModule
 
@@ -480,6 +481,9 @@ class DDPMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self.config_init.get(str(self.subcommand), self.config_init)
         trainer_config = config.get("trainer")
+        if self.subcommand == "fit" and isinstance(self.datamodule, ImageDataModule):
+            # images too few for one batch: said before the trainer starts processes or writes anything
+            self.datamodule.check_one_batch(trainer_config.get("accumulate_grad_batches") or 1)
         callbacks = with_default_callbacks(
             _entries(kwargs.pop("callbacks", trainer_config.get("callbacks"))),
             config.get("default_callbacks") or [],

@@ -180,6 +180,14 @@ class ImageFolderDataModule(ImageDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return order[num_val:] if split == "train" else order[:num_val]
 
+    def num_train_images(self) -> int:
+        """The number of images of the "train" split (the folder is listed and checked once)."""
+        return len(self.split_indices("train"))
+
+    def _train_images_note(self) -> str:
+        n = len(self._list()[0])
+        return f" in {self.root} ({n} images, {n - self.num_train_images()} held out for validation)"
+
     def real_images_dataset(self, split: Literal["train", "val", "test", "all"] = "train") -> Dataset:
         """Un-augmented ``(image, label)`` items of ``split``, e.g. for FID reference statistics."""
         files, labels, _, _ = self._list()
