@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "EXTRA_HELP", "LIGHTNING_COMMANDS", "format_warning", "main"]
+__all__ = ["COMMANDS", "EXTRA_HELP", "LIGHTNING_COMMANDS", "SYNONYMS", "format_warning", "main"]
 
 # name -> (module with ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,8 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+#: words a user may type for a command, e.g. ``ddpm train`` (or ``ddpm trian``): "did you mean fit?"
+SYNONYMS = {"train": "fit", "generate": "sample", "fid": "evaluate", "eval": "evaluate"}
 EXTRA_HELP = (
-    "usage: ddpm COMMAND [--help]\n\n"
+    "usage: ddpm COMMAND [--help] | ddpm --version\n\n"
     "commands (each takes --help):\n"
     "  fit            train (LightningCLI; also validate, test, predict): see `ddpm fit --help`\n"
     + "".join(f"  {name:<14} {text}\n" for name, (_, text) in COMMANDS.items())
@@ -84,10 +86,16 @@ def _main(argv: Sequence[str] | None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(EXTRA_HELP, end="")
         raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from ddpm_lightning import __version__
+
+        print(f"ddpm-lightning {__version__}")
+        raise SystemExit(0)
     known = (*LIGHTNING_COMMANDS, *COMMANDS)
     if argv[0] not in known and not argv[0].startswith("-"):
-        close = difflib.get_close_matches(argv[0], known, n=1)
-        hint = f"did you mean {close[0]}?" if close else "`ddpm --help` lists the commands"
+        close = difflib.get_close_matches(argv[0], [*known, *SYNONYMS], n=1)
+        command = SYNONYMS.get(close[0], close[0]) if close else None
+        hint = f"did you mean {command}?" if command else "`ddpm --help` lists the commands"
         print(f"ddpm: error: unknown command {argv[0]!r}: {hint}", file=sys.stderr)
         raise SystemExit(2)
     try:
