@@ -1,5 +1,6 @@
 """End to end through the ``ddpm`` command, in-process so the fake CIFAR-10's md5 patch applies."""
 
+import logging
 import math
 import re
 import warnings
@@ -167,9 +168,19 @@ HARMLESS = (r"isinstance\(treespec, LeafSpec\)", r"LightningCLI's args parameter
 
 
 def test_fit_prints_none_of_the_known_harmless_warnings(cifar10_dir, tmp_path):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _fit(cifar10_dir, tmp_path, "--trainer.max_steps=2")
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(cifar10_dir, tmp_path, "--trainer.max_steps=2")
+    finally:
+        lightning_log.removeHandler(handler)
     shown = [str(w.message) for w in caught]  # without the filters every fit shows the first two
     for pattern in HARMLESS:
         assert not [m for m in shown if re.search(pattern, m)], pattern
+    # Lightning's advertisements ("💡 Tip: ... try installing litlogger"), its other messages kept
+    assert any("GPU available" in m for m in logged) and not [m for m in logged if "Tip:" in m]

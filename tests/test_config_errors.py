@@ -1,5 +1,6 @@
 """A config typo or a failed data module is one line naming the key, the file and the closest valid keys."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import one_line_cli_error
 
-from ddpm_lightning.cli import main
+from ddpm_lightning.cli import is_first_process, main
 from ddpm_lightning.cli.config_errors import allowed_values, closest_keys, one_line, shorten_known_subclasses
 
 pytestmark = pytest.mark.integration
@@ -118,3 +119,38 @@ def test_allowed_values_in_words() -> None:
     assert allowed_values("typing.Literal['eps', 'x0', 'v']") == "one of eps, x0, v"
     assert allowed_values("<class 'int'>") == "an integer" and allowed_values("<class 'float'>") == "a number"
     assert allowed_values("list[int]") == "list[int]"
+
+
+def test_more_cpu_processes_than_cores_are_said_once_and_a_batch_they_cannot_share_before_they_start(
+    tmp_path: Path,
+) -> None:
+    cores = os.cpu_count() or 1
+    devices = next(d for d in range(cores + 1, cores + 33) if 32 % d)  # more than the cores; does not divide 32
+    done = subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning", "fit", "-c", str(REPO / "configs" / "demo.yaml"),
+         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.default_root_dir=run"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 2 and len(lines) <= 3, lines
+    assert f"warning: trainer.devices={devices} starts {devices} processes on a CPU of {cores} cores" in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        f"ddpm: error: batch_size=32 is the global batch size and must be divisible by the world size ({devices} "
+    )
+    assert list(tmp_path.iterdir()) == []  # no process started, nothing written
+
+
+def test_an_error_is_printed_by_the_first_process_of_a_run_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["sample", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "samples")]
+    assert "none.ckpt" in one_line_cli_error(argv, capsys)
+    for name, rank in (("LOCAL_RANK", "1"), ("RANK", "2"), ("NODE_RANK", "1"), ("SLURM_PROCID", "3")):
+        with monkeypatch.context() as env:
+            env.setenv(name, rank)
+            assert not is_first_process()
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("SLURM_PROCID", "0")  # one task of a SLURM job
+    assert is_first_process()
