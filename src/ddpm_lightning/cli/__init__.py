@@ -97,10 +97,12 @@ def _show_warning(show: Any) -> Any:
     ) -> None:
         if not os.path.abspath(filename).startswith(_PACKAGE + os.sep):
             return show(message, category, filename, lineno, file, line)
+        current = warnings.formatwarning
+        warnings.formatwarning = format_warning
         try:
-            (file or sys.stderr).write(format_warning(message, category, filename, lineno, line))
-        except OSError:  # stderr closed: as Python does
-            pass
+            return show(message, category, filename, lineno, file, line)
+        finally:
+            warnings.formatwarning = current
 
     return show_warning
 
