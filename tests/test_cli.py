@@ -84,7 +84,7 @@ def test_sample_takes_any_sampler_and_names_a_bad_step_count(trained_run, tmp_pa
     assert "steps must be in [1, 100]" in capsys.readouterr().err
 
 
-def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
+def test_predict_writes_one_png_per_global_index_and_says_where(trained_run, tmp_path, capsys):
     out = tmp_path / "samples"  # SampleWriter's default: <default_root_dir>/samples
     main(
         [
@@ -99,6 +99,7 @@ def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
         ]
     )
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert f"wrote 3 samples to {out}/ (000000.png ...)" in capsys.readouterr().out.splitlines()
 
 
 # bf16: the paper's network with the config's gradient clipping; ~1 min on 2 CPU cores, so in the slow tier (the
