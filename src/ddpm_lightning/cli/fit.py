@@ -79,6 +79,7 @@ __all__ = [
     "model_aliases",
     "package_versions",
     "resolve_ckpt_path",
+    "RunConfigParser",
     "resume_wandb_run",
     "run_cli",
     "run_metadata",
@@ -316,7 +317,7 @@ def shape_from_data(config: Any) -> dict[str, int]:
     both); otherwise ``model`` takes the data's, and so does a network argument of that name left at None (a preset
     without a shape: the U-Net is built for the data). Done here, before the classes are built, and not with a
     LightningCLI link: a link's target cannot be set by the user, and a data module may hold its shape as class
-    attributes rather than arguments. ``--print_config`` shows the config before this step (``null``: from the data).
+    attributes rather than arguments. ``--print_config`` shows the config after this step (:class:`RunConfigParser`).
     """
     model, data = config.get("model"), config.get("data")
     if model is None or data is None:
@@ -336,6 +337,17 @@ def shape_from_data(config: Any) -> dict[str, int]:
         if given is None:
             model[key] = filled[key] = value
     return filled
+
+
+class RunConfigParser(ConfigErrorParser):
+    """The command's parser (one-line errors, :class:`ConfigErrorParser`), whose dump (``--print_config``, the run's
+    ``config.yaml``) shows the image shape the model takes from the data (:func:`shape_from_data`), not null."""
+
+    def dump(self, cfg: Any = None, *args: Any, **kwargs: Any) -> str:
+        if isinstance(cfg, Namespace) and cfg.get("model") is not None and cfg.get("data") is not None:
+            cfg = deepcopy(cfg)
+            shape_from_data(cfg)
+        return super().dump(cfg, *args, **kwargs)
 
 
 def resolve_ckpt_path(trainer_config: Any, ckpt_path: str | Path | None) -> str | Path | None:
@@ -595,7 +607,7 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
                 save_config_callback=LogRunConfig,
                 save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False,
-                parser_class=ConfigErrorParser,  # a config typo is one line with the closest keys
+                parser_class=RunConfigParser,  # a config typo is one line with the closest keys
             )
     finally:
         finish_wandb_run()
