@@ -293,19 +293,18 @@ def test_collecting_an_incomplete_grid_names_the_missing_runs(tmp_path: Path, ca
 
 
 @pytest.mark.unit
-def test_collecting_only_runs_without_a_manifest_names_the_missing_ones_of_the_grid_and_the_unfinished(
+def test_collecting_only_runs_without_a_manifest_names_the_missing_ones_of_the_grid_it_is_given(
     tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "out"  # runs trained with --only: no manifest
     write_run(out, "linear", 0, [1.0], {}, wall=1.0)
-    (ablation.run_dir(out, "cosine", 1)).mkdir(parents=True)  # started, never finished
+    argv = ["--collect", "--out", str(out), "--axis", "schedule=linear,cosine", "--seeds", "0", "1"]
     with pytest.raises(ablation.MissingRunsError) as error:
-        ablate_main(["--collect", "--out", str(out)])
-    assert "1 run(s) of the grid in" in str(error.value) and "schedule=cosine,seed=1" in str(error.value)
-    argv = ["--collect", "--allow-missing", "--out", str(out), "--axis", "schedule=linear,cosine", "--seeds", "0"]
-    assert ablate_main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "missing runs (listed under the table): schedule=cosine,seed=0, schedule=cosine,seed=1" in printed
+        ablate_main(argv)
+    missing = "schedule=cosine,seed=0, schedule=linear,seed=1, schedule=cosine,seed=1"
+    assert f"3 run(s) of the grid in {out} have not finished: {missing}" in str(error.value)
+    assert ablate_main([*argv, "--allow-missing"]) == 0
+    assert f"missing runs (listed under the table): {missing}" in capsys.readouterr().out
 
 
 @pytest.mark.unit

@@ -216,12 +216,9 @@ def write_manifest(
 
 def missing_runs(out: str | Path, expected: Sequence[str] = ()) -> list[str]:
     """The runs without a finished run folder (``run.json``): those of ``OUT/manifest.json`` in task order, or
-    without a manifest those of ``expected`` (the grid the command names) and the run folders that were started and
-    never finished."""
+    without a manifest those of ``expected`` (the grid the command names); [] where neither says."""
     path = Path(out) / MANIFEST
     runs = json.loads(path.read_text())["runs"] if path.is_file() else list(expected)
-    if not path.is_file() and (Path(out) / "runs").is_dir():
-        runs += sorted(p.name for p in (Path(out) / "runs").iterdir() if p.is_dir() and p.name not in runs)
     return [name for name in runs if not (Path(out) / "runs" / name / "run.json").is_file()]
 
 
@@ -293,7 +290,7 @@ def collect(
 ) -> dict[str, Path]:
     """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds, one row per setting), runs.csv and
     curves.png, written to ``dest`` (default ``out``); returns their paths. Runs of the manifest's grid (without one:
-    of ``expected``, and the started ones) that have not finished raise :class:`MissingRunsError` naming them, or
+    of ``expected``) that have not finished raise :class:`MissingRunsError` naming them, or
     with ``allow_missing`` are listed under the table."""
     from ddpm_lightning.plots import curves_figure, save_figure  # matplotlib only once a figure is drawn
 
