@@ -468,7 +468,7 @@ def test_a_hub_id_on_a_machine_without_network_fails_at_once_in_one_line(tmp_pat
     done = subprocess.run(
         [sys.executable, "-m", "ddpm_lightning", "convert", "--from-diffusers", "google/ddpm-cifar10-32",
          "--out", str(tmp_path / "cifar10.ckpt")],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.splitlines()
