@@ -15,7 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if [ "$$(cat $(STAMP) 2>/dev/null)" != "$$(sha256sum pyproject.toml | cut -d' ' -f1)" ]; then \
-		$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' && \
+		echo "installing ddpm-lightning and its dependencies (torch, lightning, ...) into $(VENV): a few minutes the first time"; \
+		$(BIN)/pip install --disable-pip-version-check -e '.[dev]' && \
 		sha256sum pyproject.toml | cut -d' ' -f1 > $(STAMP); \
 	else touch $(STAMP); fi
 

@@ -293,6 +293,21 @@ def test_collecting_an_incomplete_grid_names_the_missing_runs(tmp_path: Path, ca
 
 
 @pytest.mark.unit
+def test_collecting_only_runs_without_a_manifest_names_the_missing_ones_of_the_grid_it_is_given(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"  # runs trained with --only: no manifest
+    write_run(out, "linear", 0, [1.0], {}, wall=1.0)
+    argv = ["--collect", "--out", str(out), "--axis", "schedule=linear,cosine", "--seeds", "0", "1"]
+    with pytest.raises(ablation.MissingRunsError) as error:
+        ablate_main(argv)
+    missing = "schedule=cosine,seed=0, schedule=linear,seed=1, schedule=cosine,seed=1"
+    assert f"3 run(s) of the grid in {out} have not finished: {missing}" in str(error.value)
+    assert ablate_main([*argv, "--allow-missing"]) == 0
+    assert f"missing runs (listed under the table): {missing}" in capsys.readouterr().out
+
+
+@pytest.mark.unit
 def test_a_manifest_of_another_grid_is_not_overwritten(tmp_path: Path) -> None:
     ablation.write_manifest(tmp_path, {"schedule": ["linear", "cosine"]}, [0])
     ablation.write_manifest(tmp_path, {"schedule": ["linear", "cosine"]}, [0])  # the same grid: fine

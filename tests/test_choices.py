@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -57,9 +58,35 @@ def test_top_level_help_lists_every_command_without_importing_them() -> None:
 def test_an_unknown_command_is_one_line_with_the_closest_command(capsys: pytest.CaptureFixture[str]) -> None:
     from ddpm_lightning.cli import main
 
-    for typo, hint in (("tset", "did you mean test?"), ("sampel", "did you mean sample?"), ("xyzzy", "ddpm --help")):
+    for typo, hint in (("tset", "did you mean test?"), ("sampel", "did you mean sample?"), ("xyzzy", "ddpm --help"),
+                       ("trian", "did you mean fit?"), ("train", "did you mean fit?")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             main([typo])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"ddpm: error: unknown command {typo!r}: ") and hint in err and len(err.splitlines()) == 1
+
+
+def test_version_and_python_m_answer_without_importing_torch() -> None:
+    from ddpm_lightning import __version__
+
+    code = (
+        "import runpy, sys\nsys.argv = ['ddpm', '--version']\n"
+        "try:\n    runpy.run_module('ddpm_lightning', run_name='__main__')\n"
+        "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [f"ddpm-lightning {__version__}", "exit 0 False"]
+
+
+def test_the_folders_the_documented_commands_write_are_ignored_by_git() -> None:
+    root = Path(__file__).resolve().parents[1]
+    paths = ["samples/grid.png", "weights/fid-inception.pth", "results/guidance/grid_s3.png", "runs/demo/demo.ckpt"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert done.stdout.split() == paths
+
+
+def test_make_install_says_what_it_does_and_shows_pips_progress() -> None:
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile[makefile.index("$(STAMP): pyproject.toml") :].split("\n\n")[0]
+    assert "pip install -q" not in recipe and "echo" in recipe

@@ -1,5 +1,6 @@
 """End to end through the ``ddpm`` command, in-process so the fake CIFAR-10's md5 patch applies."""
 
+import logging
 import math
 import re
 import warnings
@@ -83,7 +84,7 @@ def test_sample_takes_any_sampler_and_names_a_bad_step_count(trained_run, tmp_pa
     assert "steps must be in [1, 100]" in capsys.readouterr().err
 
 
-def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
+def test_predict_writes_one_png_per_global_index_and_says_where(trained_run, tmp_path, capsys):
     out = tmp_path / "samples"  # SampleWriter's default: <default_root_dir>/samples
     main(
         [
@@ -98,6 +99,7 @@ def test_predict_writes_one_png_per_global_index(trained_run, tmp_path):
         ]
     )
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert f"wrote 3 samples to {out}/ (000000.png ...)" in capsys.readouterr().out.splitlines()
 
 
 # bf16: the paper's network with the config's gradient clipping; ~1 min on 2 CPU cores, so in the slow tier (the
@@ -167,9 +169,19 @@ HARMLESS = (r"isinstance\(treespec, LeafSpec\)", r"LightningCLI's args parameter
 
 
 def test_fit_prints_none_of_the_known_harmless_warnings(cifar10_dir, tmp_path):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _fit(cifar10_dir, tmp_path, "--trainer.max_steps=2")
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(cifar10_dir, tmp_path, "--trainer.max_steps=2")
+    finally:
+        lightning_log.removeHandler(handler)
     shown = [str(w.message) for w in caught]  # without the filters every fit shows the first two
     for pattern in HARMLESS:
         assert not [m for m in shown if re.search(pattern, m)], pattern
+    # Lightning's advertisements ("💡 Tip: ... try installing litlogger"), its other messages kept
+    assert any("GPU available" in m for m in logged) and not [m for m in logged if "Tip:" in m]

@@ -122,3 +122,21 @@ def test_guidance_sweep_and_ablate_refuse_an_output_under_a_file_before_any_work
     assert f"--out {a_file / 'ablation'}: {a_file} is a file" in err
     err = one_line_cli_error(["ablate", "--collect", "--out", str(a_file.parent / "none")], capsys)
     assert "is not a folder" in err
+
+
+def test_a_count_below_one_names_its_option_before_loading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ddpm_lightning.sampling.load_module", never("the checkpoint was loaded"))
+    out = str(tmp_path / "s")
+    err = one_line_cli_error(["sample", "--ckpt", str(CKPT), "--out", out, "--num", "0"], capsys)
+    assert err == "ddpm: error: --num must be positive, got 0"
+    err = one_line_cli_error(["evaluate", "--ckpt", str(CKPT), "--num", "10", "--batch-size", "-1"], capsys)
+    assert err == "ddpm: error: --batch-size must be positive, got -1"
+
+
+def test_steps_are_sampler_steps_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--steps STEPS sampler steps" in help_text and "heun makes 2N - 1 evaluations for N steps" in help_text

@@ -458,3 +458,29 @@ def test_a_hub_id_that_cannot_be_fetched_offline_says_offline(monkeypatch: pytes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="this machine is offline"):
         interop._pretrained(Unreachable, "google/ddpm-cifar10-32", "unet")
+
+
+def test_a_hub_id_on_a_machine_without_network_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    # the hub's address is a local port where nothing listens: no network is touched, and the connection is refused
+    # as on an offline machine (huggingface_hub alone would retry each file for about a minute)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning", "convert", "--from-diffusers", "google/ddpm-cifar10-32",
+         "--out", str(tmp_path / "cifar10.ckpt")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("ddpm: error: cannot read a diffusers UNet2DModel from google/ddpm-cifar10-32, a hub id, ")
+    assert "this machine is offline" in line and line.endswith("or pass a local folder")
+    assert "Retrying" not in done.stderr and not (tmp_path / "cifar10.ckpt").exists()
+
+
+def test_the_hub_is_unreachable_where_nothing_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpm_lightning.interop.diffusers import hub_reachable
+
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert not hub_reachable(timeout=1)

@@ -121,6 +121,15 @@ def test_print_config_shows_the_default_callbacks(capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.integration
+def test_print_config_shows_the_shape_the_model_takes_from_the_data(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", "configs/demo.yaml", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]  # the digits' 1x28x28, not null
+    assert (model["image_size"], model["in_channels"]) == (28, 1)
+    assert (model["net"]["init_args"]["image_size"], model["net"]["init_args"]["in_channels"]) == (28, 1)
+
+
+@pytest.mark.integration
 def test_a_config_with_its_own_callbacks_keeps_the_defaults(tmp_path: Path) -> None:
     trainer = instantiate(tmp_path, "--trainer.enable_progress_bar=true")
     assert {ModelCheckpoint, *map(type, default_callbacks(0.9))} <= set(kinds(trainer))

@@ -3,6 +3,7 @@ quoted in a code block parses, docs/cli.md is the commands' current ``--help``, 
 trains and samples."""
 
 import importlib
+import logging
 import re
 import shlex
 import sys
@@ -219,7 +220,16 @@ def test_the_readmes_python_example_trains_and_samples(tmp_path, monkeypatch):
     assert "max_steps=1100" in example
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(example.replace("max_steps=1100", "max_steps=2, limit_val_batches=0"), scope)
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(handler)
+    try:
+        exec(example.replace("max_steps=1100", "max_steps=2, limit_val_batches=0"), scope)
+    finally:
+        lightning_log.removeHandler(handler)
+    assert not [m for m in logged if "was not set" in m], logged  # the example sets what it means
     x0 = scope["x0"]
     assert x0.shape == (16, 1, 28, 28) and x0.min() >= -1 and x0.max() <= 1
     loaded = load_module(tmp_path / "runs" / "python" / "digits.ckpt")

@@ -167,3 +167,13 @@ def test_no_function_of_the_evaluation_package_hides_one_of_its_modules() -> Non
             module = importlib.import_module(f"ddpm_lightning.evaluation.{path.stem}")
             assert isinstance(getattr(evaluation, path.stem), types.ModuleType), path.stem
             assert getattr(evaluation, path.stem) is module
+
+
+@pytest.mark.unit
+def test_a_reference_folder_written_by_ddpm_sample_leaves_its_grid_out(tmp_path: Path) -> None:
+    from ddpm_lightning.evaluation.fidelity import reference_set
+
+    for name in ("000000.png", "000001.png", "grid.png"):
+        save_png(torch.full((3, 8, 8), 100, dtype=torch.uint8), tmp_path / name)
+    images, name = reference_set(str(tmp_path), "data", "train", image_size=8)
+    assert len(images) == 2 and name.endswith("-all")

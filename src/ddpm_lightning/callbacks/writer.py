@@ -26,6 +26,7 @@ class SampleWriter(BasePredictionWriter):
     def __init__(self, out_dir: str | None = None):
         super().__init__(write_interval="batch")
         self.out_dir = out_dir
+        self._written = 0
 
     def write_on_batch_end(
         self,
@@ -37,6 +38,20 @@ class SampleWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        out = Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
+        out = self.folder(trainer)
         for index, image in zip(batch.tolist(), to_uint8(prediction.cpu()), strict=True):
             save_png(image, out / f"{index:06d}.png")
+        self._written += len(batch)
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        """Where the images go: ``out_dir``, or ``<trainer.default_root_dir>/samples``."""
+        return Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._written = 0
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say where the images went (the first process, for all of them)."""
+        written = int(trainer.strategy.reduce(torch.tensor(self._written, device=pl_module.device), reduce_op="sum"))
+        if trainer.is_global_zero:
+            print(f"wrote {written} samples to {self.folder(trainer)}/ (000000.png ...)", flush=True)

@@ -13,8 +13,9 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any, TextIO
 
-__all__ = ["COMMANDS", "EXTRA_HELP", "LIGHTNING_COMMANDS", "format_warning", "main"]
+__all__ = ["COMMANDS", "EXTRA_HELP", "LIGHTNING_COMMANDS", "SYNONYMS", "format_warning", "is_first_process", "main"]
 
 # name -> (module with ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,8 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+#: words a user may type for a command, e.g. ``ddpm train`` (or ``ddpm trian``): "did you mean fit?"
+SYNONYMS = {"train": "fit", "generate": "sample", "fid": "evaluate", "eval": "evaluate"}
 EXTRA_HELP = (
-    "usage: ddpm COMMAND [--help]\n\n"
+    "usage: ddpm COMMAND [--help] | ddpm --version\n\n"
     "commands (each takes --help):\n"
     "  fit            train (LightningCLI; also validate, test, predict): see `ddpm fit --help`\n"
     + "".join(f"  {name:<14} {text}\n" for name, (_, text) in COMMANDS.items())
@@ -68,14 +71,46 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Bad input (a missing data set, a bad setting, an unreadable checkpoint) ends with a one-paragraph error and exit
     status 2; set ``DDPM_TRACEBACK=1`` to see the full traceback instead. The package's own warnings are shown as
-    ``warning: MESSAGE`` (:func:`format_warning`).
+    ``warning: MESSAGE`` (:func:`format_warning`). In a run of several processes (DDP) only the first prints the
+    error: each process stops with the same one.
     """
-    previous = warnings.formatwarning
+    previous = warnings.formatwarning, warnings.showwarning
     warnings.formatwarning = format_warning
+    warnings.showwarning = _show_warning(previous[1])
     try:
         _main(argv)
     finally:
-        warnings.formatwarning = previous
+        warnings.formatwarning, warnings.showwarning = previous
+
+
+def _show_warning(show: Any) -> Any:
+    """``show`` (a ``warnings.showwarning``), but this package's own warnings as :func:`format_warning` writes them
+    whatever ``warnings.formatwarning`` is by then (Lightning replaces it when imported)."""
+
+    def show_warning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if not os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+            return show(message, category, filename, lineno, file, line)
+        current = warnings.formatwarning
+        warnings.formatwarning = format_warning
+        try:
+            return show(message, category, filename, lineno, file, line)
+        finally:
+            warnings.formatwarning = current
+
+    return show_warning
+
+
+def is_first_process() -> bool:
+    """Whether this is the first process of a run (rank 0 of ``RANK``, ``SLURM_PROCID``, ``NODE_RANK`` and
+    ``LOCAL_RANK``, as torchrun, SLURM and Lightning's launcher set them), or a run of one process."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"))
 
 
 def _main(argv: Sequence[str] | None) -> None:
@@ -84,10 +119,16 @@ def _main(argv: Sequence[str] | None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(EXTRA_HELP, end="")
         raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from ddpm_lightning import __version__
+
+        print(f"ddpm-lightning {__version__}")
+        raise SystemExit(0)
     known = (*LIGHTNING_COMMANDS, *COMMANDS)
     if argv[0] not in known and not argv[0].startswith("-"):
-        close = difflib.get_close_matches(argv[0], known, n=1)
-        hint = f"did you mean {close[0]}?" if close else "`ddpm --help` lists the commands"
+        close = difflib.get_close_matches(argv[0], [*known, *SYNONYMS], n=1)
+        command = SYNONYMS.get(close[0], close[0]) if close else None
+        hint = f"did you mean {command}?" if command else "`ddpm --help` lists the commands"
         print(f"ddpm: error: unknown command {argv[0]!r}: {hint}", file=sys.stderr)
         raise SystemExit(2)
     try:
@@ -105,5 +146,6 @@ def _main(argv: Sequence[str] | None) -> None:
             from ddpm_lightning.cli.config_errors import one_line
 
             message = one_line(message)
-        print(f"ddpm: error: {message}", file=sys.stderr)
+        if is_first_process():  # the other processes of a DDP run stop with the same error
+            print(f"ddpm: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -80,9 +80,10 @@ def run_one(
     return folder
 
 
-def collect_all(out: str | Path, allow_missing: bool = False) -> dict[str, Path]:
-    """:func:`collect` the runs in ``out``, plus ``schedules.png`` (the schedules compared); returns the paths."""
-    paths = collect(out, allow_missing=allow_missing)
+def collect_all(out: str | Path, allow_missing: bool = False, expected: Sequence[str] = ()) -> dict[str, Path]:
+    """:func:`collect` the runs in ``out`` (``expected``: the grid's run names, where no manifest gives them), plus
+    ``schedules.png`` (the schedules compared); returns the paths."""
+    paths = collect(out, allow_missing=allow_missing, expected=expected)
     paths["schedules.png"] = save_figure(schedule_figure(), Path(out) / "schedules.png")
     return paths
 
@@ -235,11 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         position = positions.get(run_name(settings, 0))  # outside the grid: last
         run_one(args.out, settings, seed, fit_args, position, args.budget_seconds)
         return 0
+    # the grid the command names (its axes given), for a folder of --only runs without a manifest
+    expected = [run_name(settings, seed) for settings, seed in runs] if args.axis or args.schedules else []
     if args.collect:
-        paths = collect_all(args.out, allow_missing=args.allow_missing)
+        paths = collect_all(args.out, allow_missing=args.allow_missing, expected=expected)
     else:
         paths = ablate(fit_args, out=args.out, axes=axes, seeds=args.seeds, budget_seconds=args.budget_seconds)
-    missing = missing_runs(args.out)
+    missing = missing_runs(args.out, expected)
     if missing:
         print(f"missing runs (listed under the table): {', '.join(missing)}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

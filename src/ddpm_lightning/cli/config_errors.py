@@ -1,6 +1,8 @@
 """One line for a bad ``ddpm fit`` config instead of jsonargparse's usage dump: the key, the file that holds it and the
-closest valid keys (``model.lrr`` in a YAML file -> ``did you mean model.lr?``), and the one reason of a "Union
-subtypes" error (a data module whose ``root`` folder does not exist).
+closest valid keys (``model.lrr`` in a YAML file -> ``did you mean model.lr?``); a bad value with what is allowed
+(``--model.objective foo is not one of eps, x0, v``); a config file that does not exist (with the closest one) or is
+not YAML (its line, and a tab that indents it); and the one reason of a "Union subtypes" error (a data module whose
+``root`` folder does not exist).
 
 :class:`ConfigErrorParser` is LightningCLI's ``parser_class``; :func:`one_line` shortens any other error message. Its
 help (:class:`ShortHelpFormatter`) lists at most a few of the "known subclasses" of an option: every importable
@@ -22,12 +24,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 __all__ = [
     "ConfigErrorParser",
+    "allowed_values",
+    "bad_value_message",
     "ShortHelpFormatter",
     "closest_keys",
     "config_file_with_key",
+    "missing_config_message",
     "one_line",
     "shorten_known_subclasses",
     "unknown_key_message",
+    "yaml_error_message",
 ]
 
 _NOT_ACCEPTED = re.compile(
@@ -35,6 +41,21 @@ _NOT_ACCEPTED = re.compile(
 )
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (?P<args>.*)", re.S)
 _KNOWN_SUBCLASSES = re.compile(r"known subclasses: (?P<list>[^)]*)")
+_MISSING_FILE = re.compile(r'Parser key "(?:config|[\w.]+\.config)": File does not exist: \'(?P<path>[^\']+)\'')
+_EXPECTED = re.compile(r'Parser key "(?P<key>[^"]+)":\s*Expected a (?P<type>.+?)\. Got value: (?P<value>[^\n]*)', re.S)
+_UNION_OF_TYPES = re.compile(
+    r'Parser key "(?P<key>[^"]+)":\s*Does not validate against any of the Union subtypes', re.S
+)
+_GIVEN_VALUE = re.compile(r"Given value: (?P<value>.*)")
+_EXPECTED_TYPE = re.compile(r"^\s*- Expected a (?P<type>.+?)\.?$", re.M)
+# what a type of jsonargparse's "Expected a TYPE" allows, in words
+_TYPE_WORDS = {
+    "<class 'int'>": "an integer",
+    "<class 'float'>": "a number",
+    "<class 'bool'>": "true or false",
+    "<class 'str'>": "a string",
+    "<class 'NoneType'>": "null",
+}
 #: the most class paths an option's help lists
 MAX_LISTED = 8
 
@@ -95,10 +116,8 @@ def _has_key(tree: Any, key: str) -> bool:
 def config_file_with_key(argv: Sequence[str], key: str, subcommand: str | None = None) -> str | None:
     """The last ``-c``/``--config`` file of ``argv`` that holds the dotted ``key`` (at its top level or under
     ``subcommand``), or None."""
-    files = [b for a, b in zip(argv, argv[1:], strict=False) if a in ("-c", "--config")]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     found = None
-    for name in files:
+    for name in _config_files(argv):
         try:
             tree = yaml.safe_load(Path(name).read_text())
         except (OSError, yaml.YAMLError):
@@ -119,6 +138,107 @@ def unknown_key_message(key: str, valid: Sequence[str], source: str | None, comm
         else f"see `ddpm {command} --help` for the options"
     )
     return f"{where} is not an option of `ddpm {command}`: {hint}"
+
+
+def allowed_values(type_text: str) -> str:
+    """What jsonargparse's ``Expected a TYPE`` allows, in words: ``typing.Literal['eps', 'x0']`` -> ``one of eps,
+    x0``, ``<class 'int'>`` -> ``an integer``; another type as written."""
+    literal = re.fullmatch(r"typing\.Literal\[(?P<values>.*)\]", type_text.strip())
+    if literal:
+        return "one of " + ", ".join(v.strip().strip("'\"") for v in literal["values"].split(","))
+    return _TYPE_WORDS.get(type_text.strip(), type_text.strip())
+
+
+def _given_on_command_line(argv: Sequence[str], key: str) -> str | None:
+    """The option of ``argv`` that sets ``key`` (``--model.objective``, or ``--model.sampler.name`` for the
+    nested parser's key ``name``), or None when no option does."""
+    options = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    found = [o for o in options if o == f"--{key}" or o.endswith(f".{key}")]
+    return found[-1] if found else None
+
+
+def bad_value_message(message: str, argv: Sequence[str], command: str | None = None) -> str | None:
+    """``--trainer.max_steps abc is not an integer`` (or ``model.objective: foo in FILE is not one of eps, x0, v``)
+    for jsonargparse's "Expected a TYPE. Got value: V" of a value of the command line or a config file; None for
+    another message."""
+    match = _EXPECTED.search(message)
+    if match:
+        key, value, allowed = match["key"], match["value"].strip(), allowed_values(match["type"])
+    else:
+        match = _UNION_OF_TYPES.search(message)
+        given = _GIVEN_VALUE.search(message)
+        types = _EXPECTED_TYPE.findall(message)
+        if not match or not given or not types:
+            return None
+        key, value = match["key"], given["value"].strip()
+        allowed = " or ".join(dict.fromkeys(allowed_values(t) for t in types))
+    option = _given_on_command_line(argv, key)
+    if option is not None:
+        where = f"{option} {value}"
+    else:
+        source = config_file_with_key(argv, key, command)
+        if source is None:  # a nested parser's key (``name`` of model.sampler): the full key that holds the value
+            key, source = _key_with_value(argv, key, value) or (key, None)
+        where = f"{key}: {value} in {source}" if source else f"{key}: {value}"
+    return f"{where} is not {allowed}"
+
+
+def _key_with_value(argv: Sequence[str], leaf: str, value: str) -> tuple[str, str] | None:
+    """The last dotted key ending in ``leaf`` whose value is ``value`` in a ``-c`` file of ``argv``, and the file."""
+    found = None
+    for name in _config_files(argv):
+        try:
+            tree = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        stack = [("", tree)]
+        while stack:
+            prefix, node = stack.pop()
+            if not isinstance(node, dict):
+                continue
+            for k, v in node.items():
+                dotted = f"{prefix}{k}"
+                if str(k) == leaf and str(v) == value:
+                    found = (dotted, name)
+                stack.append((f"{dotted}.", v))
+    return found
+
+
+def missing_config_message(path: str, argv: Sequence[str]) -> str:
+    """``config file configs/dmeo.yaml does not exist: did you mean configs/demo.yaml?`` (the file as typed, and the
+    closest YAML file of its folder)."""
+    typed = next((a for a in _config_files(argv) if Path(a).resolve() == Path(path).resolve()), path)
+    folder = Path(typed).parent
+    names = sorted(p.name for p in folder.glob("*.y*ml")) if folder.is_dir() else []
+    close = difflib.get_close_matches(Path(typed).name, names, n=1)
+    hint = f"did you mean {folder / close[0]}?" if close else "give the path of a YAML config"
+    return f"config file {typed} does not exist: {hint}"
+
+
+def yaml_error_message(argv: Sequence[str]) -> str | None:
+    """``FILE line L, column C: a tab indents this line; YAML indents with spaces`` (or the YAML parser's reason)
+    for the first ``-c`` file of ``argv`` that is not valid YAML; None when they all are."""
+    for name in _config_files(argv):
+        try:
+            text = Path(name).read_text()
+            yaml.safe_load(text)
+        except OSError:
+            continue
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            if mark is None:
+                return f"{name} is not valid YAML: {' '.join(str(err).split())}"
+            line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+            where = f"{name} line {mark.line + 1}, column {mark.column + 1}"
+            if "\t" in line[: mark.column + 1]:
+                return f"{where}: a tab indents this line; YAML indents with spaces"
+            return f"{where} is not valid YAML: {getattr(err, 'problem', None) or err}"
+    return None
+
+
+def _config_files(argv: Sequence[str]) -> list[str]:
+    files = [b for a, b in zip(argv, argv[1:], strict=False) if a in ("-c", "--config")]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
 def one_line(message: str) -> str:
@@ -147,8 +267,9 @@ def one_line(message: str) -> str:
 
 
 class ConfigErrorParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors for an unknown config key or a failed class are one line on stderr (exit
-    status 2); every other error is jsonargparse's own."""
+    """LightningCLI's parser, whose errors are one line on stderr (exit status 2) instead of the usage and the
+    message: an unknown key with the closest ones, a bad value with the allowed ones, a missing or unreadable config
+    file, a failed class with its one reason; any other message on one line."""
 
     _argv: list[str] | None = None
 
@@ -161,9 +282,12 @@ class ConfigErrorParser(LightningArgumentParser):
         return super().parse_args(args, *rest, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        line = self._one_line(message, ex) if self.exit_on_error else None
-        if line is None:
+        if not self.exit_on_error:
             super().error(message, ex)
+        line = self._one_line(message, ex)
+        if line is None:  # any other error: its message on one line, without the usage
+            command = next((a for a in self._argv or [] if a in LightningCLI.subcommands()), "fit")
+            line = f"{' '.join(message.split())} (`ddpm {command} --help` lists the options)"
         print(f"ddpm: error: {line}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -183,6 +307,14 @@ class ConfigErrorParser(LightningArgumentParser):
                 key = first[2:].split("=", 1)[0]
                 return unknown_key_message(key, parser_keys(parser, command), None, command or "fit")
             return None
+        match = _MISSING_FILE.search(message)
+        if match:
+            return missing_config_message(match["path"], argv)
+        if message.startswith("Problems parsing config"):
+            return yaml_error_message(argv) or " ".join(message.split())
+        bad_value = bad_value_message(message, argv, command)
+        if bad_value is not None:
+            return bad_value
         if "Union subtypes" in message:
             return one_line(message)
         return None

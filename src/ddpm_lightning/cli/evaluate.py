@@ -8,7 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ddpm_lightning.choices import EVAL_DATASETS as DATASETS
-from ddpm_lightning.choices import METRICS, PAPER_NUM_SAMPLES, SAMPLERS, SPACINGS, add_autoguidance_arguments
+from ddpm_lightning.choices import (
+    METRICS,
+    PAPER_NUM_SAMPLES,
+    SAMPLERS,
+    SPACINGS,
+    STEPS_HELP,
+    add_autoguidance_arguments,
+    check_positive,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-real", type=int, default=None, help="first N reference images (default: all)")
     parser.add_argument("--batch-size", type=int, default=256, help="sampling and Inception batch (default 256)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: the checkpoint's)")
+    parser.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the checkpoint's)")
     parser.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the checkpoint's")
     parser.add_argument(
@@ -57,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm evaluate (--ckpt PATH --num N | --samples DIR) [--weights PATH] [--out report.json]``."""
-    args = vars(build_parser().parse_args(argv))
+    parsed = build_parser().parse_args(argv)
+    check_positive(parsed, "num", "steps", "batch_size", "kid_subset_size")
+    args = vars(parsed)
     from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.fidelity import evaluate
     from ddpm_lightning.io import check_output, write_json

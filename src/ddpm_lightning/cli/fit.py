@@ -23,6 +23,7 @@ needs and the default callbacks, visible in the config.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import platform
 import subprocess
@@ -58,6 +59,7 @@ from ddpm_lightning.checkpoint import (
 )
 from ddpm_lightning.cli.config_errors import ConfigErrorParser
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
+from ddpm_lightning.data.base import ImageDataModule, per_process_batch_size
 from ddpm_lightning.diffusion import Spacing
 from ddpm_lightning.lit_module import DiffusionModule
 
@@ -66,6 +68,7 @@ __all__ = [
     "DefaultCallback",
     "LogRunConfig",
     "checkpoints_in_run_dir",
+    "cpu_world_size",
     "data_shape",
     "ema_decay_alias",
     "finish_wandb_run",
@@ -76,6 +79,7 @@ __all__ = [
     "model_aliases",
     "package_versions",
     "resolve_ckpt_path",
+    "RunConfigParser",
     "resume_wandb_run",
     "run_cli",
     "run_metadata",
@@ -313,7 +317,7 @@ def shape_from_data(config: Any) -> dict[str, int]:
     both); otherwise ``model`` takes the data's, and so does a network argument of that name left at None (a preset
     without a shape: the U-Net is built for the data). Done here, before the classes are built, and not with a
     LightningCLI link: a link's target cannot be set by the user, and a data module may hold its shape as class
-    attributes rather than arguments. ``--print_config`` shows the config before this step (``null``: from the data).
+    attributes rather than arguments. ``--print_config`` shows the config after this step (:class:`RunConfigParser`).
     """
     model, data = config.get("model"), config.get("data")
     if model is None or data is None:
@@ -333,6 +337,17 @@ def shape_from_data(config: Any) -> dict[str, int]:
         if given is None:
             model[key] = filled[key] = value
     return filled
+
+
+class RunConfigParser(ConfigErrorParser):
+    """The command's parser (one-line errors, :class:`ConfigErrorParser`), whose dump (``--print_config``, the run's
+    ``config.yaml``) shows the image shape the model takes from the data (:func:`shape_from_data`), not null."""
+
+    def dump(self, cfg: Any = None, *args: Any, **kwargs: Any) -> str:
+        if isinstance(cfg, Namespace) and cfg.get("model") is not None and cfg.get("data") is not None:
+            cfg = deepcopy(cfg)
+            shape_from_data(cfg)
+        return super().dump(cfg, *args, **kwargs)
 
 
 def resolve_ckpt_path(trainer_config: Any, ckpt_path: str | Path | None) -> str | Path | None:
@@ -480,6 +495,14 @@ class DDPMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self.config_init.get(str(self.subcommand), self.config_init)
         trainer_config = config.get("trainer")
+        if self.subcommand == "fit" and isinstance(self.datamodule, ImageDataModule):
+            # said before the trainer starts processes or writes anything: a batch the processes cannot share,
+            # images too few for one batch
+            accumulate = trainer_config.get("accumulate_grad_batches") or 1
+            world_size = cpu_world_size(trainer_config)
+            if world_size is not None:
+                per_process_batch_size(self.datamodule.batch_size, world_size, accumulate)
+            self.datamodule.check_one_batch(accumulate)
         callbacks = with_default_callbacks(
             _entries(kwargs.pop("callbacks", trainer_config.get("callbacks"))),
             config.get("default_callbacks") or [],
@@ -491,6 +514,26 @@ class DDPMCLI(LightningCLI):
             raise ValueError(f"trainer: {err}") from err
         use_atomic_checkpoints(trainer)
         return trainer
+
+
+def cpu_world_size(trainer_config: Any) -> int | None:
+    """The number of processes of a run on the CPU (``trainer.devices`` x ``trainer.num_nodes``), with a warning when
+    one node starts more processes than the CPU has cores; None for a run on an accelerator or ``devices: auto``."""
+    accelerator = str(trainer_config.get("accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    devices = trainer_config.get("devices")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if not on_cpu or isinstance(devices, bool) or not isinstance(devices, int | list) or devices == -1:
+        return None
+    per_node = len(devices) if isinstance(devices, list) else devices
+    cores = os.cpu_count() or 1
+    if per_node > cores:
+        rank_zero_warn(
+            f"trainer.devices={per_node} starts {per_node} processes on a CPU of {cores} cores: they share the cores "
+            "(slower than one process per core)"
+        )
+    return per_node * int(trainer_config.get("num_nodes") or 1)
 
 
 def init_from(module: DiffusionModule, trainer: L.Trainer, path: str | Path) -> str:
@@ -526,9 +569,19 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
+class _NoTips(logging.Filter):
+    """Leaves out Lightning's advertisements ("💡 Tip: ... try installing litlogger"), printed on every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def run_cli(argv: Sequence[str] | None = None) -> None:
     """LightningCLI's subcommands (fit, validate, test, predict) on ``argv``; None: on ``sys.argv`` (the console
     script), which LightningCLI reads itself."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in log.filters):
+        log.addFilter(_NoTips())
     try:
         with warnings.catch_warnings():
             # harmless, from Lightning's CLI itself: its use of jsonargparse APIs deprecated in jsonargparse 4.49,
@@ -554,7 +607,7 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
                 save_config_callback=LogRunConfig,
                 save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False,
-                parser_class=ConfigErrorParser,  # a config typo is one line with the closest keys
+                parser_class=RunConfigParser,  # a config typo is one line with the closest keys
             )
     finally:
         finish_wandb_run()

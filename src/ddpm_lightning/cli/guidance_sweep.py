@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ddpm_lightning.choices import GUIDANCE_SCALES as SCALES
-from ddpm_lightning.choices import SAMPLERS
+from ddpm_lightning.choices import SAMPLERS, STEPS_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num", type=int, default=250, help="samples per scale (default 250)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: the checkpoint's)")
+    parser.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=250, help="default 250")
     parser.add_argument("--classifier-epochs", type=int, default=6, help="the demo's digit classifier (default 6)")
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``ddpm guidance-sweep --ckpt PATH [--scales 1 2 3 5] [--num 250] [--sampler NAME --steps NFE]``."""
+    """``ddpm guidance-sweep --ckpt PATH [--scales 1 2 3 5] [--num 250] [--sampler NAME --steps N]``."""
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     from ddpm_lightning.checkpoint import check_checkpoint_file

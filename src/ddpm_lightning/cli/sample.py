@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpm_lightning.choices import SAMPLERS, SPACINGS, add_autoguidance_arguments
+from ddpm_lightning.choices import SAMPLERS, SPACINGS, STEPS_HELP, add_autoguidance_arguments, check_positive
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded by seed + i (default 0)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=int, default=None, help="network evaluations (default: the checkpoint's)")
+    parser.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
     parser.add_argument(
         "--spacing", choices=SPACINGS, default=None, help="of the timesteps (default: the checkpoint's)"
@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``ddpm sample --ckpt PATH --num N --out DIR [--seed S] [--sampler NAME --steps NFE] [--class K ...
+    """``ddpm sample --ckpt PATH --num N --out DIR [--seed S] [--sampler NAME --steps N] [--class K ...
     --guidance-scale S --grid-by-class]``."""
     args = build_parser().parse_args(argv)
+    check_positive(args, "num", "steps", "batch_size")
     from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.io import check_output
     from ddpm_lightning.sampling import sample_to_folder

@@ -15,6 +15,7 @@ __all__ = [
     "ImageDataModule",
     "ResumableDataLoader",
     "ResumableSampler",
+    "check_one_batch",
     "images_of",
     "labels_of",
     "per_process_batch_size",
@@ -56,6 +57,17 @@ def labels_of(batch: Any) -> torch.Tensor | None:
     else:
         labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
     return None if labels is None else torch.as_tensor(labels, device=images_of(batch).device).long()
+
+
+def check_one_batch(num_images: int, batch_size: int, where: str = "") -> None:
+    """ValueError when ``num_images`` training images cannot fill one global batch of ``batch_size``: the loader drops
+    a short last batch, so the run would train on nothing (on any number of processes: each reads
+    ``num_images // world_size`` images in batches of ``batch_size // world_size``)."""
+    if num_images < batch_size:
+        raise ValueError(
+            f"{num_images} training images{where} are fewer than the batch of {batch_size}: lower --data.batch_size "
+            f"to {max(num_images, 1)} or less, or add images"
+        )
 
 
 def per_process_batch_size(batch_size: int, world_size: int, accumulate: int = 1) -> int:
@@ -175,6 +187,22 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def num_train_images(self) -> int | None:
+        """How many images training reads, where it is known before ``setup()`` (the command checks that they fill a
+        batch before starting anything); None where it is not."""
+        return None
+
+    def check_one_batch(self, accumulate: int = 1) -> None:
+        """ValueError when the training images (:meth:`num_train_images`) cannot fill one batch of each of the
+        ``accumulate`` optimizer micro-steps; nothing when their number is not known yet."""
+        num_images = self.num_train_images()
+        if num_images is not None:
+            check_one_batch(num_images, self.batch_size // max(accumulate, 1), self._train_images_note())
+
+    def _train_images_note(self) -> str:
+        """Where the training images come from, for the message of :func:`check_one_batch` (e.g. `` in FOLDER``)."""
+        return ""
+
     def _update_per_process_batch_size(self) -> None:
         world_size = self.trainer.world_size if self.trainer is not None else 1
         # an optimizer step sees the global batch whatever the gradient accumulation: each process loads micro-batches
@@ -186,6 +214,8 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader.")
         sampler = None
         if train:
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            check_one_batch(len(dataset) // world_size * world_size, self.per_process_batch_size * world_size)  # type: ignore[arg-type]
             # The order of epoch e depends on (seed, e) alone (Lightning calls set_epoch) and the loader's position
             # is saved in checkpoints, so a resumed run sees the batches of an uninterrupted one; each process reads
             # its own shard.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,7 @@ class ImageFolderDataModule(ImageDataModule):
     "test"; at least one, and at least one left for training); "train" is the rest, flipped left-right at random when
     ``random_flip``.
 
+    Files named in ``exclude`` (e.g. ``grid.png``, the grid ``ddpm sample`` writes beside its samples) are left out.
     Files PIL cannot open are found when the folder is first listed and reported by name: ``unreadable="skip"`` leaves
     them out with one warning (their number in ``num_unreadable``), ``"stop"`` raises :class:`UnreadableImageError`.
     ``batch_size`` is the global batch size, divided by the world size in ``setup()``.
@@ -99,9 +101,11 @@ class ImageFolderDataModule(ImageDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
         num_predict: int = 64,
+        exclude: Sequence[str] = (),
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed, num_predict)
         self.save_hyperparameters()
+        self.exclude = tuple(exclude)
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
@@ -125,7 +129,11 @@ class ImageFolderDataModule(ImageDataModule):
         """(readable files, their labels, the class names, unreadable files), listed and checked once."""
         if self._listing is not None:
             return self._listing
-        found = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        found = sorted(
+            p
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in EXTENSIONS and p.name not in self.exclude and p.is_file()
+        )
         if not found:
             raise FileNotFoundError(f"no {'/'.join(EXTENSIONS)} files below {self.root}")
         bad = [(p, reason) for p in found if (reason := _check_image(p)) is not None]
@@ -179,6 +187,14 @@ class ImageFolderDataModule(ImageDataModule):
         # a generator of its own: the split depends on the seed alone, never on the global RNG
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return order[num_val:] if split == "train" else order[:num_val]
+
+    def num_train_images(self) -> int:
+        """The number of images of the "train" split (the folder is listed and checked once)."""
+        return len(self.split_indices("train"))
+
+    def _train_images_note(self) -> str:
+        n = len(self._list()[0])
+        return f" in {self.root} ({n} images, {n - self.num_train_images()} held out for validation)"
 
     def real_images_dataset(self, split: Literal["train", "val", "test", "all"] = "train") -> Dataset:
         """Un-augmented ``(image, label)`` items of ``split``, e.g. for FID reference statistics."""

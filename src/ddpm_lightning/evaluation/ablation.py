@@ -214,13 +214,11 @@ def write_manifest(
     return write_json(manifest, path)
 
 
-def missing_runs(out: str | Path) -> list[str]:
-    """The runs of ``OUT/manifest.json`` without a finished run folder (``run.json``), in task order; [] without a
-    manifest (nothing is known of the grid)."""
+def missing_runs(out: str | Path, expected: Sequence[str] = ()) -> list[str]:
+    """The runs without a finished run folder (``run.json``): those of ``OUT/manifest.json`` in task order, or
+    without a manifest those of ``expected`` (the grid the command names); [] where neither says."""
     path = Path(out) / MANIFEST
-    if not path.is_file():
-        return []
-    runs = json.loads(path.read_text())["runs"]
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else list(expected)
     return [name for name in runs if not (Path(out) / "runs" / name / "run.json").is_file()]
 
 
@@ -287,16 +285,20 @@ def load_runs(out: str | Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (r["position"], r["label"], r["seed"]))
 
 
-def collect(out: str | Path, dest: str | Path | None = None, allow_missing: bool = False) -> dict[str, Path]:
+def collect(
+    out: str | Path, dest: str | Path | None = None, allow_missing: bool = False, expected: Sequence[str] = ()
+) -> dict[str, Path]:
     """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds, one row per setting), runs.csv and
-    curves.png, written to ``dest`` (default ``out``); returns their paths. Runs of the manifest's grid that have not
-    finished raise :class:`MissingRunsError` naming them, or with ``allow_missing`` are listed under the table."""
+    curves.png, written to ``dest`` (default ``out``); returns their paths. Runs of the manifest's grid (without one:
+    of ``expected``) that have not finished raise :class:`MissingRunsError` naming them, or
+    with ``allow_missing`` are listed under the table."""
     from ddpm_lightning.plots import curves_figure, save_figure  # matplotlib only once a figure is drawn
 
-    missing = missing_runs(out)
+    missing = missing_runs(out, expected)
     if missing and not allow_missing:
+        grid_of = Path(out) / MANIFEST if (Path(out) / MANIFEST).is_file() else f"the grid in {out}"
         raise MissingRunsError(
-            f"{len(missing)} run(s) of {Path(out) / MANIFEST} have not finished: {', '.join(missing)} (train them "
+            f"{len(missing)} run(s) of {grid_of} have not finished: {', '.join(missing)} (train them "
             "with --only NAME or --task K, or pass --allow-missing for a table that lists them as missing)"
         )
     runs = load_runs(out)

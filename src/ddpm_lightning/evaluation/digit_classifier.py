@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
 
 from ddpm_lightning import io
 from ddpm_lightning.data.digits import EmbeddedDigitsDataModule
@@ -90,9 +91,10 @@ def train_digit_classifier(
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[DigitClassifier, float]:
     """Train on ``train`` = (images, labels) with augmentation; returns the model (eval mode) and its accuracy on
-    ``val``. Seeded, and the global RNG is left untouched."""
+    ``val``. Seeded, and the global RNG is left untouched. ``progress``: a bar of the optimizer steps."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     images, labels = train
@@ -104,6 +106,8 @@ def train_digit_classifier(
         steps = epochs * (len(labels) // batch_size)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
         model.train()
+        bar = tqdm(total=steps, desc="training the digit classifier (once; cached)", unit="step", leave=False,
+                   disable=not progress)  # fmt: skip
         for _ in range(epochs):
             order = torch.randperm(len(labels), generator=generator)
             for i in range(len(labels) // batch_size):
@@ -113,6 +117,8 @@ def train_digit_classifier(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                bar.update()
+        bar.close()
     accuracy = (_predict(model, val[0]).argmax(1) == val[1]).float().mean().item()
     return model.eval(), accuracy
 
@@ -124,6 +130,7 @@ def load_or_train_digit_classifier(
     cache_dir: str | Path | None = None,
     epochs: int = 8,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[DigitClassifier, float, Path]:
     """The classifier of :func:`train_digit_classifier`, trained once and then loaded from
     ``cache_dir/digit_classifier-<hash>.pt`` (default: :func:`ddpm_lightning.io.cache_dir`); the hash covers the
@@ -141,7 +148,7 @@ def load_or_train_digit_classifier(
         model = DigitClassifier()
         model.load_state_dict(stored["state_dict"])
         return model.eval(), float(stored["val_accuracy"]), path
-    model, accuracy = train_digit_classifier(train, val, epochs=epochs, seed=seed)
+    model, accuracy = train_digit_classifier(train, val, epochs=epochs, seed=seed, progress=progress)
     # atomic: a concurrent or interrupted run never sees half a file
     io.atomic_write(path, lambda tmp: torch.save({"state_dict": model.state_dict(), "val_accuracy": accuracy}, tmp))
     return model, accuracy, path
@@ -252,10 +259,14 @@ class DigitScorer:
         *,
         epochs: int = 8,
         cache_dir: str | Path | None = None,
+        progress: bool = False,
     ) -> DigitScorer:
-        """The cached classifier of :func:`load_or_train_digit_classifier` and the reference statistics."""
+        """The cached classifier of :func:`load_or_train_digit_classifier` (``progress``: a bar while it trains) and
+        the reference statistics."""
         train, val = (to_classifier_size(train[0]), train[1]), (to_classifier_size(val[0]), val[1])
-        classifier, accuracy, path = load_or_train_digit_classifier(train, val, cache_dir=cache_dir, epochs=epochs)
+        classifier, accuracy, path = load_or_train_digit_classifier(
+            train, val, cache_dir=cache_dir, epochs=epochs, progress=progress
+        )
         half = len(val[0]) // 2
         with torch.no_grad():
             reference = reference_statistics(classifier.features(val[0][:half]))
@@ -263,11 +274,20 @@ class DigitScorer:
 
     @classmethod
     def from_digits(
-        cls, digits: EmbeddedDigitsDataModule, *, epochs: int = 8, cache_dir: str | Path | None = None
+        cls,
+        digits: EmbeddedDigitsDataModule,
+        *,
+        epochs: int = 8,
+        cache_dir: str | Path | None = None,
+        progress: bool = False,
     ) -> DigitScorer:
         """The scorer of the train/validation split of ``digits`` (:meth:`from_splits`)."""
         return cls.from_splits(
-            digits.split_arrays("train"), digits.split_arrays("val"), epochs=epochs, cache_dir=cache_dir
+            digits.split_arrays("train"),
+            digits.split_arrays("val"),
+            epochs=epochs,
+            cache_dir=cache_dir,
+            progress=progress,
         )
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:

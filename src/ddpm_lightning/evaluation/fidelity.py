@@ -156,10 +156,11 @@ def generate(
 
 def reference_set(dataset: str, data_dir: str | Path, split: str, image_size: int) -> tuple[Dataset, str]:
     """The real images of ``dataset`` and the name their cached statistics are kept under: ``split`` of a data set in
-    :data:`DATASETS`, or every image of a folder (resized and center-cropped to ``image_size``; the name holds a digest
-    of its files)."""
+    :data:`DATASETS`, or every image of a folder but ``grid.png`` (resized and center-cropped to ``image_size``; the
+    name holds a digest of its files)."""
     if dataset not in DATASETS and Path(dataset).is_dir():
-        folder = ImageFolderDataModule(dataset, image_size=image_size, channels=3)
+        # not the grid of a folder `ddpm sample` wrote: its images are there already
+        folder = ImageFolderDataModule(dataset, image_size=image_size, channels=3, exclude=("grid.png",))
         return folder.real_images_dataset("all"), f"{folder.name}-all"
     return reference_images(dataset, data_dir, split), dataset
 

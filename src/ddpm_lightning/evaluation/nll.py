@@ -9,7 +9,7 @@ with the images' true labels: the bound of the conditional likelihood log p(x | 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,13 +67,17 @@ def bpd_of_images(
     was_training = net.training
     net.eval()
     out: dict[str, list[torch.Tensor]] = {name: [] for name in TERMS}
+    starts = range(0, len(images), batch_size)
+    # the bar counts network evaluations (each on a batch): T per batch, or K + 1 with t_samples = K
+    per_batch = diffusion.num_timesteps if t_samples is None else t_samples + 1
+    bar = tqdm(total=per_batch * len(starts), desc=f"bits/dim of {len(images)} images", unit="eval", leave=False,
+               disable=not progress)  # fmt: skip
     try:
-        starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="bits/dim", leave=False, disable=not progress):
+        for start in starts:
             x0 = images[start : start + batch_size].to(module.device)
             y = None if labels is None else labels[start : start + batch_size].to(module.device)
             result = diffusion.calc_bpd_loop(
-                module.denoiser(net, y),
+                _counted(module.denoiser(net, y), bar.update),
                 x0,
                 clip_denoised=clip_denoised,
                 t_samples=t_samples,
@@ -82,8 +86,20 @@ def bpd_of_images(
             for name in TERMS:
                 out[name].append(result[f"{name}_bpd"].cpu())
     finally:
+        bar.close()
         net.train(was_training)
     return {name: torch.cat(values) if values else torch.zeros(0, dtype=torch.float64) for name, values in out.items()}
+
+
+def _counted(denoiser: Callable[..., torch.Tensor], update: Callable[[int], Any]) -> Callable[..., torch.Tensor]:
+    """``denoiser`` that calls ``update(1)`` after each evaluation (a progress bar's)."""
+
+    def evaluate(*args: Any, **kwargs: Any) -> torch.Tensor:
+        output = denoiser(*args, **kwargs)
+        update(1)
+        return output
+
+    return evaluate
 
 
 def summarize(per_image: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

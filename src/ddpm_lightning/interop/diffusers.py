@@ -14,9 +14,13 @@ diffusers' ``from_pretrained``) only when one is given.
 from __future__ import annotations
 
 import os
+import socket
+import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import lightning as L
 import torch
@@ -32,6 +36,7 @@ __all__ = [
     "LayoutError",
     "diffusers_state_dict",
     "from_diffusers",
+    "hub_reachable",
     "scheduler_settings",
     "to_diffusers",
     "unet_from_config",
@@ -320,9 +325,13 @@ def _scheduler_config(module: DiffusionModule) -> dict[str, Any]:
 _OFFLINE_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout")
 
 
+def _offline_by_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _offline(err: BaseException) -> bool:
     """Whether ``err`` (or an error in its chain) says the hub could not be reached, or HF_HUB_OFFLINE is set."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if _offline_by_env():
         return True
     seen: BaseException | None = err
     while seen is not None:
@@ -332,26 +341,66 @@ def _offline(err: BaseException) -> bool:
     return False
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a connection to the Hugging Face hub (``HF_ENDPOINT``, or the HTTPS proxy when one is set) opens within
+    ``timeout`` seconds: asked once before a hub id is fetched, instead of huggingface_hub's retries (about a minute
+    offline)."""
+    proxy = next(
+        (os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), None
+    )
+    url = proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parsed = urlsplit(url if "://" in url else f"http://{url}")
+    if not parsed.hostname:
+        return True  # an address this check cannot read: let huggingface_hub try it
+    try:
+        socket.create_connection(
+            (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)), timeout
+        ).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode (``HF_HUB_OFFLINE``) inside the block: its cache only, no requests."""
+    import huggingface_hub.constants as hub_constants
+
+    before = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub_constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before[1]
+        if before[0] is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before[0]
+
+
 def _pretrained(cls: Any, source: str, subfolder: str, method: str = "from_pretrained", **options: Any) -> Any:
     """``cls.from_pretrained(source, subfolder=...)`` for a pipeline folder, else from the folder itself."""
     load = getattr(cls, method)
     try:
-        return load(source, subfolder=subfolder, **options)
+        with warnings.catch_warnings():  # diffusers' use of an argument huggingface_hub deprecates
+            warnings.filterwarnings("ignore", message=r".*local_dir_use_symlinks", category=UserWarning)
+            return load(source, subfolder=subfolder, **options)
     except OSError:
         try:
-            return load(source, **options)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*local_dir_use_symlinks", category=UserWarning)
+                return load(source, **options)
         except OSError as err:
-            if Path(source).is_dir():
-                where = "a local folder"
-            elif _offline(err):
-                where = (
-                    "a hub id, and this machine is offline (no network, or HF_HUB_OFFLINE set) with no copy in the "
-                    "Hugging Face cache: download it where there is network (`huggingface-cli download ID`, then "
-                    "copy the cache) or pass a local folder"
-                )
-            else:
-                where = "a hub id (fetched only when online)"
-            raise FileNotFoundError(f"cannot read a diffusers {cls.__name__} from {source}, {where}: {err}") from err
+            what = f"cannot read a diffusers {cls.__name__} from {source}"
+            if not Path(source).is_dir() and _offline(err):  # huggingface_hub's own reason would say a file is missing
+                raise FileNotFoundError(
+                    f"{what}, a hub id, and this machine is offline (no network, or HF_HUB_OFFLINE set) with no copy "
+                    "in the Hugging Face cache: download it where there is network (`huggingface-cli download ID`, "
+                    "then copy the cache) or pass a local folder"
+                ) from err
+            where = "a local folder" if Path(source).is_dir() else "a hub id (fetched only when online)"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FileNotFoundError(f"{what}, {where}: {reason}") from err
 
 
 def from_diffusers(
@@ -369,11 +418,14 @@ def from_diffusers(
     ``variance``
     (``"fixed_large"`` or ``"fixed_small"``) replaces the scheduler's fixed variance, a sampling choice.
     """
-    diffusers = import_diffusers()
     source = str(source)
-    # low_cpu_mem_usage=False: the plain load, without asking for the accelerate package
-    model = _pretrained(diffusers.UNet2DModel, source, "unet", low_cpu_mem_usage=False)
-    scheduler_config = _pretrained(diffusers.DDPMScheduler, source, "scheduler", "load_config")
+    # a hub id on a machine without network: the cache only, at once (huggingface_hub would retry for a minute)
+    offline = not Path(source).is_dir() and not _offline_by_env() and not hub_reachable()
+    diffusers = import_diffusers()
+    with _hub_offline() if offline else nullcontext():
+        # low_cpu_mem_usage=False: the plain load, without asking for the accelerate package
+        model = _pretrained(diffusers.UNet2DModel, source, "unet", low_cpu_mem_usage=False)
+        scheduler_config = _pretrained(diffusers.DDPMScheduler, source, "scheduler", "load_config")
     settings = scheduler_settings(scheduler_config)
     if variance is not None:
         fixed = ("fixed_large", "fixed_small")
