@@ -170,7 +170,7 @@ class DiffusionModule(NonFiniteGuard):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema_decay: float | None = None,
-        sampler: SamplerConfig | Sampler = PAPER_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = PAPER_SAMPLER,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         compile: bool = False,
         channels_last: bool = True,

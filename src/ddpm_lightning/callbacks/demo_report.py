@@ -15,6 +15,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ class DemoReport(Callback):
         num_eval_samples: int = 250,
         chain_samples: int = 8,
         chain_steps: int = 10,
-        sampler: SamplerConfig | Sampler = DEMO_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = DEMO_SAMPLER,
         num_steps: int | None = None,
         eta: float | None = None,
         seed: int = 0,

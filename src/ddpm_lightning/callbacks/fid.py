@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -89,7 +90,7 @@ class FIDCallback(EveryNSteps):
         every_n_steps: int | None = 10_000,
         num_samples: int = 10_000,
         batch_size: int = 256,
-        sampler: SamplerConfig | Sampler = MONITORING_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = MONITORING_SAMPLER,
         num_steps: int | None = None,
         eta: float | None = None,
         seed: int = 0,

@@ -145,7 +145,7 @@ class SamplingCallback(EveryNSteps):
         num_samples: int = 64,
         chain_samples: int = 8,
         chain_steps: int = 10,
-        sampler: SamplerConfig | Sampler = MONITORING_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = MONITORING_SAMPLER,
         num_steps: int | None = None,
         eta: float | None = None,
         seed: int = 0,

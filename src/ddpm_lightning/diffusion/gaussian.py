@@ -38,7 +38,8 @@ def extract(buffer: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 
-def _as_timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
+def as_timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
+    """Integer timesteps of shape (B,) for ``x``: a bare int broadcast to the batch."""
     if isinstance(t, int):
         return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     return t.to(device=x.device, dtype=torch.long)
@@ -331,7 +332,7 @@ class GaussianDiffusion(nn.Module):
         t - 1. ``clip_denoised`` clips the predicted x_0 to [-1, 1] inside the mean (improved-diffusion's
         evaluation clips, its training does not).
         """
-        t = _as_timesteps(t, x_t)
+        t = as_timesteps(t, x_t)
         true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
         mean, log_variance, _ = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance)) / math.log(2.0)
@@ -403,7 +404,7 @@ class GaussianDiffusion(nn.Module):
     # ----------------------------------------------------------------------------------- the noise levels
     def abar(self, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
         """abar_t for a batch, shaped to broadcast against x; t < 0 is the clean data (abar = 1)."""
-        t = _as_timesteps(t, x)
+        t = as_timesteps(t, x)
         padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
         return extract(padded, t.clamp(min=-1) + 1, x)
 

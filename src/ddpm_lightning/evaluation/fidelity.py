@@ -145,7 +145,7 @@ def generate(
     return images, {
         "sampler": config.name,
         "steps": nfe,
-        "eta": config.eta if config.name == "ddim" else None,
+        "eta": config.eta if config.spec.uses_eta else None,
         "spacing": config.spacing if nfe < T else None,
         "label": config.label(T),
         "seed": seed,
