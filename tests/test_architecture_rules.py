@@ -1,0 +1,46 @@
+"""The code's rules that keep it easy to change, each shown to fail on a planted violation: no sampler named in a
+comparison outside its own file."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from ddpm_lightning.choices import SAMPLERS
+
+pytestmark = pytest.mark.unit
+PACKAGE = Path(__file__).parents[1] / "src" / "ddpm_lightning"
+MODULES = {
+    ".".join(("ddpm_lightning", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+    for p in PACKAGE.rglob("*.py")
+}
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+def sampler_checks(tree: ast.AST, own: str | None = None) -> list[str]:
+    """Comparisons with a sampler's name (``config.name == "heun"``, ``name in ("ddim", "ddpm")``) other than
+    ``own``: what a sampler needs belongs in its own file and options, not in checks elsewhere."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                named = {v.value for v in values if isinstance(v, ast.Constant) and v.value in SAMPLERS} - {own}
+                found += [f"line {node.lineno}: {ast.unparse(node)}" for _ in named]
+    return found
+
+
+def test_no_sampler_is_named_in_a_check_outside_its_own_file():
+    found = {}
+    for name, path in MODULES.items():
+        own = name.rsplit(".", 1)[-1] if name.startswith("ddpm_lightning.diffusion.samplers.") else None
+        if lines := sampler_checks(ast.parse(path.read_text()), own):
+            found[name] = lines
+    assert found == {}
+
+
+def test_the_sampler_check_finds_a_check_of_a_samplers_name():
+    planted = "steps = (nfe + 1) // 2 if base.name == 'heun' else nfe\nok = config.name == 'mine'\n"
+    assert sampler_checks(ast.parse(planted)) == ["line 1: base.name == 'heun'"]
+    assert sampler_checks(ast.parse("if name in ('ddim', 'x'): pass\n")) == ["line 1: name in ('ddim', 'x')"]
+    assert sampler_checks(ast.parse(planted), own="heun") == []
