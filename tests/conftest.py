@@ -25,12 +25,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks import FIDCallback, default_callbacks
-from ddpm_lightning.checkpoint import read_checkpoint, upgrade_hyperparameters
+from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation import ablation, prepare_fid_weights
 from ddpm_lightning.evaluation.digit_classifier import load_or_train_digit_classifier
+from ddpm_lightning.legacy import upgrade_hyperparameters
 from ddpm_lightning.lit_module import DiffusionModule
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -212,7 +213,7 @@ class FrozenDiffusion(DiffusionModule):
 def flat(**settings: Any) -> dict[str, Any]:
     """Module settings written with the flat U-Net keys of earlier versions (``ch=32, ...``) as the module takes them:
     the U-Net those keys built (symmetric padding, GroupNorm eps 1e-5) as ``net``, the flat sampler keys in
-    ``sampler`` (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`, as for a checkpoint of those versions)."""
+    ``sampler`` (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`, as for a checkpoint of those versions)."""
     return upgrade_hyperparameters(settings)
 
 

@@ -1,5 +1,5 @@
 """The code's rules that keep it easy to change, each shown to fail on a planted violation: no sampler named in a
-comparison outside its own file."""
+comparison outside its own file, no name of an earlier version outside :mod:`ddpm_lightning.legacy`."""
 
 import ast
 from pathlib import Path
@@ -44,3 +44,41 @@ def test_the_sampler_check_finds_a_check_of_a_samplers_name():
     assert sampler_checks(ast.parse(planted)) == ["line 1: base.name == 'heun'"]
     assert sampler_checks(ast.parse("if name in ('ddim', 'x'): pass\n")) == ["line 1: name in ('ddim', 'x')"]
     assert sampler_checks(ast.parse(planted), own="heun") == []
+
+
+# ------------------------------------------------------------------------------------------------ old names
+#: names of earlier versions that only :mod:`ddpm_lightning.legacy` may know (as a string, a parameter, a variable or
+#: an attribute)
+OLD_NAMES = ("sample_steps", "sample_spacing", "--nfe", "unet.", "LEGACY_SETTINGS", "_ALIAS_TYPES")
+
+
+def old_names(tree: ast.AST) -> list[str]:
+    """Each use of a name of :data:`OLD_NAMES` in ``tree``: in a string (``"--nfe"``, ``"unet.*"``) or as an
+    identifier (``sample_steps=``, ``x.sample_steps``)."""
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [n for n in OLD_NAMES if n in node.value.split() or node.value.startswith(n)]
+        elif isinstance(node, (ast.Name, ast.arg, ast.Attribute, ast.keyword, ast.alias)):
+            ident = {ast.Name: "id", ast.arg: "arg", ast.Attribute: "attr", ast.keyword: "arg", ast.alias: "name"}
+            names = [n for n in OLD_NAMES if getattr(node, ident[type(node)]) == n]
+        found += [(node.lineno, name) for name in names if hasattr(node, "lineno")]
+    return [f"line {line}: {name}" for line, name in sorted(found)]
+
+
+def test_no_old_name_outside_the_legacy_module():
+    found = {}
+    for name, path in MODULES.items():
+        if name != "ddpm_lightning.legacy" and (lines := old_names(ast.parse(path.read_text()))):
+            found[name] = lines
+    assert found == {}
+
+
+def test_the_old_name_check_finds_an_old_name_in_a_string_a_parameter_and_an_attribute():
+    planted = (
+        "def f(sample_steps=None):\n    return argv == '--nfe' or key.startswith('unet.') or cfg.sample_spacing\n"
+        "steps = config.steps\n"
+    )
+    assert old_names(ast.parse(planted)) == ["line 1: sample_steps", "line 2: --nfe", "line 2: sample_spacing",
+                                             "line 2: unet."]  # fmt: skip

@@ -21,18 +21,13 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning import compat
 from ddpm_lightning.averaging import WeightAverage
-from ddpm_lightning.checkpoint import (
-    check_state_dict_shapes,
-    read_checkpoint,
-    upgrade_hyperparameters,
-    upgrade_net_spec,
-    upgrade_state_dict,
-)
+from ddpm_lightning.checkpoint import check_state_dict_shapes, read_checkpoint
 from ddpm_lightning.data.base import images_of, labels_of
 from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
 from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps, is_check_step
+from ddpm_lightning.legacy import upgrade_hyperparameters, upgrade_net_spec, upgrade_state_dict
 from ddpm_lightning.models import UNet
 from ddpm_lightning.optim import LRSchedule, LRScheduleName
 
@@ -72,7 +67,7 @@ def net_spec(net: nn.Module) -> dict[str, Any]:
 
 def build_net(spec: Mapping[str, Any]) -> nn.Module:
     """The network of a ``{"class_path", "init_args"}`` mapping (:func:`net_spec`); a U-Net stored before a setting
-    was recorded gets the value it was trained with (:func:`~ddpm_lightning.checkpoint.upgrade_net_spec`)."""
+    was recorded gets the value it was trained with (:func:`~ddpm_lightning.legacy.upgrade_net_spec`)."""
     spec = upgrade_net_spec(spec)
     class_path, init_args = spec.get("class_path"), spec.get("init_args")
     if not class_path or init_args is None:
@@ -145,7 +140,7 @@ class DiffusionModule(NonFiniteGuard):
             so that one network learns the conditional and the unconditional model (Ho & Salimans use 0.1 or 0.2).
 
     The flat settings of earlier versions (``model.ch`` ..., ``model.sample_steps`` ...) are mapped onto these where
-    configs and checkpoints are read (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: ``ddpm fit`` and
+    configs and checkpoints are read (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`: ``ddpm fit`` and
     :meth:`load_from_checkpoint`), not here.
     """
 
@@ -376,7 +371,7 @@ class DiffusionModule(NonFiniteGuard):
     def load_from_checkpoint(cls, checkpoint_path: Any, **kwargs: Any) -> DiffusionModule:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint`` (``map_location``, ``weights_only``, settings to override ...), with
         the settings of a checkpoint of an earlier version mapped onto today's first
-        (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: flat U-Net and sampler aliases, U-Net settings
+        (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`: flat U-Net and sampler aliases, U-Net settings
         recorded later), so that it builds the network it was trained with."""
         if kwargs.get("hparams_file") is None and isinstance(checkpoint_path, (str, os.PathLike)):
             stored = read_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters") or {}

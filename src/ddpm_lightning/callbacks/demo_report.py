@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from ddpm_lightning import io
 from ddpm_lightning.callbacks.guide import GuideCheckpoint
 from ddpm_lightning.callbacks.resilience import last_checkpoint_path
-from ddpm_lightning.callbacks.sampling import callback_sampler, render_samples
+from ddpm_lightning.callbacks.sampling import render_samples
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
+from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import class_rows, iter_samples, load_module
 
 __all__ = ["DEMO_SAMPLER", "DemoReport"]

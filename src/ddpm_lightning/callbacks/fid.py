@@ -25,11 +25,12 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from ddpm_lightning import compat, io
 from ddpm_lightning.callbacks.periodic import EveryNSteps, gather_by_index, rank_indices
-from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER, callback_sampler
+from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER
 from ddpm_lightning.data import images_of, to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import build_fid_extractor, resolve_fid_weights
 from ddpm_lightning.evaluation.real_stats import real_stats_key, real_stats_name
+from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import iter_samples
 
 __all__ = ["FIDCallback", "module_digest"]
