@@ -1,7 +1,9 @@
 """The code's rules that keep it easy to change, each shown to fail on a planted violation: no sampler named in a
-comparison outside its own file, no name of an earlier version outside :mod:`ddpm_lightning.legacy`."""
+comparison outside its own file, no name of an earlier version outside :mod:`ddpm_lightning.legacy`, every module
+named in docs/index.md's layout."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import pytest
 from ddpm_lightning.choices import SAMPLERS
 
 pytestmark = pytest.mark.unit
-PACKAGE = Path(__file__).parents[1] / "src" / "ddpm_lightning"
+REPO = Path(__file__).parents[1]
+PACKAGE = REPO / "src" / "ddpm_lightning"
 MODULES = {
     ".".join(("ddpm_lightning", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
     for p in PACKAGE.rglob("*.py")
@@ -82,3 +85,44 @@ def test_the_old_name_check_finds_an_old_name_in_a_string_a_parameter_and_an_att
     )
     assert old_names(ast.parse(planted)) == ["line 1: sample_steps", "line 2: --nfe", "line 2: sample_spacing",
                                              "line 2: unet."]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ the docs' layout
+def layout_block(text: str) -> str:
+    """The code block under ``## Layout`` of docs/index.md."""
+    section = text.split("## Layout", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def missing_from_layout(layout: str, modules: dict[str, Path]) -> list[str]:
+    """The modules under src/ the layout does not name: a top-level module as ``name.py``, a package as
+    ``name/``, a module of a package by its name (``ema``, ``gaussian.py``)."""
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*(?:\.py|/)?", layout))
+    missing = []
+    for name in sorted(modules):
+        parts = name.split(".")[1:]
+        if not parts or parts[-1] == "__main__":
+            continue
+        if len(parts) == 1:
+            wanted = {f"{parts[0]}/"} if modules[name].name == "__init__.py" else {f"{parts[0]}.py"}
+        else:
+            wanted = {parts[-1], f"{parts[-1]}.py", f"{parts[-1]}/"}
+        if not wanted & words:
+            missing.append(name)
+    return missing
+
+
+def test_the_docs_layout_names_every_module_under_src():
+    assert missing_from_layout(layout_block((REPO / "docs" / "index.md").read_text()), MODULES) == []
+
+
+def test_the_layout_check_finds_a_module_left_out():
+    layout = "src/ddpm_lightning/\n  io.py  atomic writes\n  callbacks/  ema, fid\n"
+    modules = {
+        "ddpm_lightning.io": PACKAGE / "io.py",
+        "ddpm_lightning.guard": PACKAGE / "guard.py",
+        "ddpm_lightning.callbacks": PACKAGE / "callbacks" / "__init__.py",
+        "ddpm_lightning.callbacks.ema": PACKAGE / "callbacks" / "ema.py",
+        "ddpm_lightning.callbacks.bpd": PACKAGE / "callbacks" / "bpd.py",
+    }
+    assert missing_from_layout(layout, modules) == ["ddpm_lightning.callbacks.bpd", "ddpm_lightning.guard"]

@@ -26,12 +26,12 @@ from ddpm_lightning.data.base import images_of, labels_of
 from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
-from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps, is_check_step
+from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps
 from ddpm_lightning.legacy import upgrade_hyperparameters, upgrade_net_spec, upgrade_state_dict
 from ddpm_lightning.models import UNet
 from ddpm_lightning.optim import LRSchedule, LRScheduleName
 
-__all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
+__all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "net_spec"]
 
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
 

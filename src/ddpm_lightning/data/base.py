@@ -2,7 +2,7 @@
 middle of an epoch exactly where they stopped, and the images and labels of a batch or item (:func:`images_of`,
 :func:`labels_of`)."""
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -56,6 +56,13 @@ def labels_of(batch: Any) -> torch.Tensor | None:
     else:
         labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
     return None if labels is None else torch.as_tensor(labels, device=images_of(batch).device).long()
+
+
+def stack_items(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images (N, C, H, W) and labels (N,) of data set items, stacked; labels None unless every item has one."""
+    images = torch.stack([images_of(item) for item in items])
+    labels = [labels_of(item) for item in items]
+    return images, torch.stack(labels) if labels and all(y is not None for y in labels) else None
 
 
 def per_process_batch_size(batch_size: int, world_size: int, accumulate: int = 1) -> int:

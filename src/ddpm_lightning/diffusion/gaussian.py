@@ -274,10 +274,6 @@ class GaussianDiffusion(nn.Module):
         mean_output, var_values = self.split_output(model(x_t, t).float())
         return Prediction(self.model_output_to_eps(mean_output, x_t, t), var_values)
 
-    def predict_eps(self, model: Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Run the network and return its eps prediction in float32."""
-        return self.predict(model, x_t, t).eps
-
     # ------------------------------------------------------------------------------------------ training
     def training_loss(
         self,
@@ -428,16 +424,6 @@ class GaussianDiffusion(nn.Module):
         """The schedule's sigma_t nearest to each ``sigma`` (float64): the noise levels a network of integer t has
         seen."""
         return self.sigmas.to(sigma.device)[self.timestep_of_sigma(sigma)]
-
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The continuous timestep of each ``sigma`` (float64): t interpolated linearly in log sigma between the
-        integer timesteps, clamped to [0, T - 1]; a network that takes real t can visit any noise level."""
-        log_sigmas = self.sigmas.to(sigma.device).log()
-        log_sigma = sigma.to(torch.float64).log().clamp(log_sigmas[0], log_sigmas[-1])
-        upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, self.num_timesteps - 1)
-        lower = upper - 1
-        frac = (log_sigma - log_sigmas[lower]) / (log_sigmas[upper] - log_sigmas[lower])
-        return lower.to(torch.float64) + frac
 
     def respaced(self, timesteps: Sequence[int]) -> GaussianDiffusion:
         """The process on the sub-chain of ``timesteps`` S, indexed 0..len(S)-1 from low to high t.

@@ -61,8 +61,8 @@ FINAL_FRACTION = 0.1  # "final loss" = mean train/loss over the last 10% of logg
 #: DemoReport's scores of the trained model (metrics.json), as table columns.
 QUALITY_KEYS = {"frechet_distance": "Frechet dist.", "confident_share": "confident", "class_entropy": "class entropy"}
 MANIFEST = "manifest.json"
-_BUDGET_FILE = "budget.json"  # written by evaluation.budget.TrainingBudget into the run folder
 _VALUE = re.compile(r"[A-Za-z0-9_.+\-]+|\[[A-Za-z0-9_.+\-,]*\]")  # a word, or a flat list such as [1,2,4]
+_BUDGET_FILE = "budget.json"  # written by callbacks.budget.TrainingBudget into the run folder
 
 
 def _split(text: str) -> list[str]:
