@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
-from conftest import CLASSIFIER_TEST_EPOCHS, flat, write_run
+from helpers import CLASSIFIER_TEST_EPOCHS, flat, write_run
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.ablate import main as ablate_main

@@ -126,3 +126,80 @@ def test_the_layout_check_finds_a_module_left_out():
         "ddpm_lightning.callbacks.bpd": PACKAGE / "callbacks" / "bpd.py",
     }
     assert missing_from_layout(layout, modules) == ["ddpm_lightning.callbacks.bpd", "ddpm_lightning.guard"]
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_PARAMETERS = 17
+MAX_LIT_MODULE_LINES = 350
+#: the one function allowed to be longer: the U-Net's constructor, the paper's architecture read top to bottom
+LONG_FUNCTIONS_ALLOWED = {"ddpm_lightning.models.unet.UNet.__init__"}
+#: what is still over the limits, at its size today: a ratchet (a size may only go down; a paid debt leaves the list)
+DEBTS = {
+    "ddpm_lightning.evaluation.sampler_sweep.sweep": 144,
+    "ddpm_lightning.evaluation.fidelity.evaluate": 133,
+    "ddpm_lightning.evaluation.ablation.collect": 90,
+    "DiffusionModule.__init__ parameters": 26,
+    "lit_module.py lines": 484,
+}
+
+
+def function_sizes(tree: ast.AST, module: str) -> dict[str, int]:
+    """The lines of every function of ``tree`` (decorators included), by qualified name."""
+    sizes = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    first = child.decorator_list[0].lineno if child.decorator_list else child.lineno
+                    sizes[name] = child.end_lineno - first + 1
+                visit(child, name)
+
+    visit(tree, module)
+    return sizes
+
+
+def oversized(modules: dict[str, Path]) -> dict[str, int]:
+    """Everything over the limits: functions longer than :data:`MAX_FUNCTION_LINES` (but the allowed ones), the
+    module's ``__init__`` parameters over :data:`MAX_MODULE_PARAMETERS`, lit_module.py over its lines."""
+    found = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        for function, lines in function_sizes(tree, name).items():
+            if lines > MAX_FUNCTION_LINES and function not in LONG_FUNCTIONS_ALLOWED:
+                found[function] = lines
+        if name == "ddpm_lightning.lit_module":
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LIT_MODULE_LINES:
+                found["lit_module.py lines"] = lines
+            init = next(
+                n
+                for n in ast.walk(tree)
+                if isinstance(n, ast.ClassDef) and n.name == "DiffusionModule"
+                for n in n.body
+                if isinstance(n, ast.FunctionDef) and n.name == "__init__"
+            )
+            parameters = len(init.args.args) - 1 + len(init.args.kwonlyargs)
+            if parameters > MAX_MODULE_PARAMETERS:
+                found["DiffusionModule.__init__ parameters"] = parameters
+    return found
+
+
+def test_no_function_or_module_grows_past_the_size_limits():
+    found = oversized(MODULES)
+    grown = {k: v for k, v in found.items() if v > DEBTS.get(k, 0)}
+    paid = sorted(set(DEBTS) - set(found))
+    assert grown == {}, f"over the limits (functions <= {MAX_FUNCTION_LINES} lines; debts may only shrink): {grown}"
+    assert paid == [], f"within the limits now: take them out of DEBTS: {paid}"
+
+
+def test_the_size_check_finds_a_long_function_and_too_many_parameters(tmp_path):
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * 80 + "\n\nclass A:\n    def g(self):\n        return 1\n")
+    lit = tmp_path / "lit_module.py"
+    params = ", ".join(f"a{i}=0" for i in range(18))
+    lit.write_text(f"class DiffusionModule:\n    def __init__(self, {params}):\n        pass\n")
+    found = oversized({"ddpm_lightning.long": long, "ddpm_lightning.lit_module": lit})
+    assert found == {"ddpm_lightning.long.f": 81, "DiffusionModule.__init__ parameters": 18}

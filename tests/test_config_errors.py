@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import one_line_cli_error
+from helpers import one_line_cli_error
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.config_errors import closest_keys, one_line, shorten_known_subclasses

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
+from helpers import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_args
+from helpers import fit_args
 
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import flat
+from helpers import flat
 
 from ddpm_lightning.diffusion import (
     SAMPLERS,

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import EMA_DECAY, LOG_EVERY, TransfersPerStep, tiny, trainer
+from helpers import EMA_DECAY, LOG_EVERY, TransfersPerStep, tiny, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from ddpm_lightning.callbacks import EMA, ProgressBar
