@@ -85,13 +85,7 @@ def guidance_sweep(
     rows: list[dict[str, Any]] = []
     per_row = max(1, min(8, num // K))
     for config in configs:
-        start = time.perf_counter()
-        batches = iter_samples(
-            module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True,
-            desc=f"s={config.guidance_scale:g}", labels=cycle_labels(range(K)),
-        )  # fmt: skip
-        images = torch.cat([batch.cpu() for _, batch in batches])
-        seconds = time.perf_counter() - start
+        images, seconds = _sample(module, config, num, seed, batch_size)
         scores = scorer(images)
         grid = out / f"grid_s{config.guidance_scale:g}.png"
         save_grid(class_rows(images, labels.tolist(), range(K), per_row), grid, nrow=per_row)
@@ -113,6 +107,17 @@ def guidance_sweep(
         text = table_md(rows, info)
         atomic_write(paths["table.md"], lambda tmp, text=text: tmp.write_text(text))
     return paths
+
+
+def _sample(module: Any, config: SamplerConfig, num: int, seed: int, batch_size: int) -> tuple[torch.Tensor, float]:
+    """``num`` samples of ``config``, the classes cycled (sample i seeded by i), and the seconds they took."""
+    start = time.perf_counter()
+    batches = iter_samples(
+        module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True,
+        desc=f"s={config.guidance_scale:g}", labels=cycle_labels(range(module.num_classes)),
+    )  # fmt: skip
+    images = torch.cat([batch.cpu() for _, batch in batches])
+    return images, time.perf_counter() - start
 
 
 def _load(
