@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -52,7 +53,7 @@ def _labels(batch: Any, num_classes: int) -> torch.Tensor:
     return labels
 
 
-class DiffusionModule(NonFiniteGuard):
+class DiffusionModule(L.LightningModule):
     """A DDPM: an injected noise-prediction network trained with L_simple, sampled with the EMA weights.
 
     The defaults are Ho et al. 2020's CIFAR-10 setup: the 35.7M U-Net, T=1000 linear betas 1e-4..0.02, eps
@@ -150,8 +151,7 @@ class DiffusionModule(NonFiniteGuard):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
+        self.guard = NonFiniteGuard(nonfinite_loss)
         timestep_config = TimestepSamplingConfig.parse(timestep_sampling)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
@@ -246,7 +246,7 @@ class DiffusionModule(NonFiniteGuard):
         return super().load_from_checkpoint(checkpoint_path, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+        checkpoint["nonfinite_skips"] = self.guard.skips
         if self.timestep_sampler is not None:
             checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
 
@@ -254,9 +254,40 @@ class DiffusionModule(NonFiniteGuard):
         upgrade_state_dict(checkpoint["state_dict"])
         source = str(self.trainer.ckpt_path) if compat.attached_trainer(self) is not None else "being loaded"
         check_state_dict_shapes(self, checkpoint["state_dict"], source)
-        super().on_load_checkpoint(checkpoint)
+        self.guard.load(checkpoint.get("nonfinite_skips", 0))
         if self.timestep_sampler is not None and "timestep_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+    # -------------------------------------------------------------------------------------------- the guard
+    @property
+    def nonfinite_skips(self) -> int:
+        """Optimizer steps skipped for non-finite gradients so far (reads a device counter: a sync)."""
+        return self.guard.skips
+
+    @property
+    def last_loss(self) -> float | None:
+        """The training loss as last read on the host (logging steps)."""
+        return self.guard.last_loss
+
+    def on_fit_start(self) -> None:
+        self.guard.fit_start(self)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.guard.before_optimizer_step(self, optimizer)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        self.guard.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.guard.batch_end(self)
+
+    def on_train_end(self) -> None:
+        self.guard.check(self)
 
     # -------------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -314,7 +345,7 @@ class DiffusionModule(NonFiniteGuard):
                 # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
                 self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
             loss = (losses * weights).mean()
-        self._loss = loss.detach()
+        self.guard.loss = loss.detach()
         # not prog_bar=True: Lightning would read it on every step (a host-device sync); see callbacks.ProgressBar
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
@@ -352,7 +383,11 @@ class DiffusionModule(NonFiniteGuard):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.Adam(
-            self._trainable(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, fused=True
+            [p for p in self.parameters() if p.requires_grad],
+            lr=hp.lr,
+            betas=tuple(hp.adam_betas),
+            weight_decay=hp.weight_decay,
+            fused=True,
         )
         # a function of the step alone, rebuilt here on every fit: a resumed run continues from its restored step
         schedule, warmup = self.lr_schedule, hp.warmup_steps
