@@ -138,7 +138,6 @@ LONG_FUNCTIONS_ALLOWED = {"ddpm_lightning.models.unet.UNet.__init__"}
 DEBTS = {
     "ddpm_lightning.evaluation.sampler_sweep.sweep": 144,
     "ddpm_lightning.evaluation.fidelity.evaluate": 133,
-    "ddpm_lightning.evaluation.ablation.collect": 90,
     "DiffusionModule.__init__ parameters": 26,
     "lit_module.py lines": 519,
 }

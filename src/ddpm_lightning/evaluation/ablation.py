@@ -353,6 +353,17 @@ def collect(out: str | Path, dest: str | Path | None = None, allow_missing: bool
     md_header = [*axes, "seeds", "steps", *md_names, "wall time (s)"]
     lines = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows_md]
+    note = _table_note(runs, has_bpd, has_rate, quality, missing)
+    text = "\n".join(lines) + "\n" + note + "\n"
+    atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
+    save_figure(curves_figure(runs), paths["curves.png"])
+    return paths
+
+
+def _table_note(
+    runs: Sequence[dict[str, Any]], has_bpd: bool, has_rate: bool, quality: Sequence[str], missing: Sequence[str]
+) -> str:
+    """The lines under the table: what its columns mean, and the runs missing from it."""
     note = (
         f"\nMean ± std over seeds (the value alone for one seed). Final train loss: mean of the logged training loss "
         f"over the last {FINAL_FRACTION:.0%} of logged steps; final val loss: the last evaluation (fixed t and noise "
@@ -373,10 +384,7 @@ def collect(out: str | Path, dest: str | Path | None = None, allow_missing: bool
         )
     if missing:
         note += f"\n\n**Missing runs** (in the manifest, not finished; not in the table): {', '.join(missing)}."
-    text = "\n".join(lines) + "\n" + note + "\n"
-    atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
-    save_figure(curves_figure(runs), paths["curves.png"])
-    return paths
+    return note
 
 
 def _write_csv(rows: Sequence[Sequence[Any]], path: Path) -> Path:
