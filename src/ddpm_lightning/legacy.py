@@ -1,6 +1,6 @@
 """Every name of earlier versions, in one place: the checkpoints, configs and arguments that use them are upgraded
 here, where they are read; nothing else in the package knows an old name. Deprecated in 0.1, removed in 0.2.0
-(CHANGELOG.md).
+(CHANGELOG.md). Torch is imported only inside the functions that need it, so that a command's ``--help`` stays fast.
 
 - :func:`upgrade_state_dict`: the weights of checkpoints written before the network was injected (``unet.*`` ->
   ``net.*``).
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
-from ddpm_lightning.models import UNet
+from ddpm_lightning import choices
+
+if TYPE_CHECKING:
+    from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 
 __all__ = [
     "FLAT_MODEL_SETTINGS",
@@ -40,7 +42,7 @@ __all__ = [
 # prefix of the network's weights in checkpoints of earlier versions -> today's
 _LEGACY_PREFIXES = {"unet.": "net."}
 # the class paths a stored U-Net may have
-_UNET_PATHS = ("ddpm_lightning.models.UNet", f"{UNet.__module__}.{UNet.__qualname__}")
+_UNET_PATHS = ("ddpm_lightning.models.UNet", "ddpm_lightning.models.unet.UNet")
 #: the settings of U-Nets stored before they were recorded: symmetric down-sampling padding and torch's GroupNorm eps
 UNET_LEGACY_SETTINGS = {"downsample_padding": "symmetric", "norm_eps": 1e-5}
 #: deprecated flat model settings of the default U-Net (``model.ch`` ...), from before the network was injected
@@ -56,7 +58,7 @@ FLAT_MODEL_SETTINGS: dict[str, Any] = {
     "dropout": float,
     "sample_steps": int,
     "eta": float,
-    "sample_spacing": Spacing,
+    "sample_spacing": Literal[choices.SPACINGS],  # type: ignore[valid-type]
 }
 assert tuple(FLAT_MODEL_SETTINGS) == (*UNET_ALIASES, *SAMPLER_ALIASES), "FLAT_MODEL_SETTINGS: an alias is missing"
 
@@ -114,6 +116,8 @@ def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
                 "model.net.init_args"
             )
     if sampler:
+        from ddpm_lightning.diffusion import SamplerConfig  # torch: not for the commands' --help
+
         hparams["sampler"] = SamplerConfig.parse(hparams.get("sampler"), **sampler).to_dict()
     if "net" in hparams:
         hparams["net"] = upgrade_net_spec(hparams["net"])
@@ -139,6 +143,8 @@ def callback_sampler(
             DeprecationWarning,
             stacklevel=3,
         )
+    from ddpm_lightning.diffusion import SamplerConfig
+
     base = SamplerConfig(name="ddim", steps=default_steps)
     return SamplerConfig.parse(sampler, base, steps=num_steps, eta=eta, spacing=spacing)
 
