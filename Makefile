@@ -41,7 +41,7 @@ DEMO_STEPS ?= 1100
 DEMO_TIME ?=
 # DEMO_TIME: the run measures its own step rate after a short warm-up and fixes its step count (TrainingBudget), so
 # that the lr schedule and the guide know the run's length
-BUDGET = --trainer.max_steps=-1 '--trainer.callbacks+={"class_path": "ddpm_lightning.evaluation.budget.TrainingBudget", "init_args": {"seconds": "$(DEMO_TIME)"}}'
+BUDGET = --trainer.max_steps=-1 '--trainer.callbacks+={"class_path": "ddpm_lightning.callbacks.TrainingBudget", "init_args": {"seconds": "$(DEMO_TIME)"}}'
 demo: install  ## a small DDPM on the embedded MNIST digits, DEMO_STEPS optimizer steps (or DEMO_TIME=dd:hh:mm:ss): runs/demo/
 	$(BIN)/ddpm fit -c configs/demo.yaml $(if $(DEMO_TIME),$(BUDGET),--trainer.max_steps=$(DEMO_STEPS)) $(ARGS)
 

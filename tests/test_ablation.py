@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
-from conftest import CLASSIFIER_TEST_EPOCHS, flat, write_run
+from helpers import CLASSIFIER_TEST_EPOCHS, flat, write_run
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.ablate import main as ablate_main
@@ -234,7 +234,7 @@ def _tiny_fit(tmp_path: Path, budget, steps: int = -1, stop_when_set: bool = Fal
 
 @pytest.mark.integration
 def test_a_training_budget_sets_the_steps_from_the_runs_own_measured_rate(tmp_path: Path) -> None:
-    from ddpm_lightning.evaluation.budget import TrainingBudget
+    from ddpm_lightning.callbacks import TrainingBudget
 
     budget = TrainingBudget(1e6, warmup_steps=2, measure_steps=3)  # a budget far longer than the measurement
     trainer = _tiny_fit(tmp_path, budget, stop_when_set=True)  # stopped once the steps are set, not after 1e6 s
@@ -246,7 +246,7 @@ def test_a_training_budget_sets_the_steps_from_the_runs_own_measured_rate(tmp_pa
 
 @pytest.mark.integration
 def test_a_tiny_budget_stops_the_run_where_it_is_spent(tmp_path: Path) -> None:
-    from ddpm_lightning.evaluation.budget import TrainingBudget
+    from ddpm_lightning.callbacks import TrainingBudget
 
     trainer = _tiny_fit(tmp_path, TrainingBudget(1e-9, warmup_steps=2, measure_steps=3))
     assert trainer.global_step == 1  # the first step spends it
@@ -256,7 +256,7 @@ def test_a_tiny_budget_stops_the_run_where_it_is_spent(tmp_path: Path) -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("seconds", [0, -1.0, float("inf"), True])
 def test_a_bad_budget_is_refused(seconds) -> None:
-    from ddpm_lightning.evaluation.budget import TrainingBudget
+    from ddpm_lightning.callbacks import TrainingBudget
 
     with pytest.raises(ValueError, match="positive number of seconds"):
         TrainingBudget(seconds)

@@ -14,14 +14,14 @@ import yaml
 from torch import nn
 
 from ddpm_lightning.callbacks import default_callbacks
-from ddpm_lightning.checkpoint import SAMPLER_ALIASES, UNET_ALIASES, upgrade_hyperparameters
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.fit import DDPMCLI, data_shape, shape_from_data
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.legacy import SAMPLER_ALIASES, UNET_ALIASES, upgrade_hyperparameters
+from ddpm_lightning.legacy import UNET_LEGACY_SETTINGS as LEGACY
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
-from ddpm_lightning.models.unet import LEGACY_SETTINGS as LEGACY
 from ddpm_lightning.sampling import load_module
 
 FIXTURES = Path(__file__).parent / "fixtures"

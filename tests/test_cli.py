@@ -33,7 +33,7 @@ def trained_run(tmp_path_factory, fake_cifar10_dir) -> Path:
     """One tiny fit on the fake CIFAR-10 shared by the tests below."""
     run_dir = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
-        from conftest import patch_cifar_md5
+        from helpers import patch_cifar_md5
 
         patch_cifar_md5(mp, fake_cifar10_dir)
         _fit(fake_cifar10_dir, run_dir, "--trainer.max_steps=6")

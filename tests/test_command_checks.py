@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line_cli_error
+from helpers import one_line_cli_error
 from PIL import Image
 
 from ddpm_lightning.cli import main

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CLASSIFIER_TEST_EPOCHS, LOG_EVERY, TransfersPerStep, fit_args, tiny, trainer, weights
+from helpers import CLASSIFIER_TEST_EPOCHS, LOG_EVERY, TransfersPerStep, fit_args, tiny, trainer, weights
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch import nn

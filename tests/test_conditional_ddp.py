@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import IMAGE_SIZE, DigestDump, FrozenDiffusion, TinyExtractor, TinyImages, fid_callback
+from helpers import IMAGE_SIZE, DigestDump, FrozenDiffusion, TinyExtractor, TinyImages, fid_callback
 
 from ddpm_lightning.callbacks import default_callbacks
 from ddpm_lightning.diffusion import SamplerConfig

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import one_line_cli_error
+from helpers import one_line_cli_error
 
 from ddpm_lightning.cli import is_first_process, main
 from ddpm_lightning.cli.config_errors import allowed_values, closest_keys, one_line, shorten_known_subclasses

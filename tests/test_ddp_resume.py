@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEPS_PER_EPOCH, fit_args, weights
+from helpers import STEPS_PER_EPOCH, fit_args, weights
 
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main

@@ -173,7 +173,7 @@ def test_the_step_bar_is_drawn_with_its_total_and_no_empty_bar_before_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import torch
-    from conftest import tiny, trainer
+    from helpers import tiny, trainer
 
     data = torch.utils.data.DataLoader(torch.rand(8, 1, 8, 8) * 2 - 1, batch_size=4)
     trainer(tmp_path, 3, [], max_epochs=-1, num_sanity_val_steps=0).fit(tiny(), data)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
+from helpers import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
@@ -174,7 +174,7 @@ def test_the_demo_trains_a_fixed_number_of_steps_however_slow_the_clock(tmp_path
     assert '"seconds": "00:00:30:00"' in budget
     with (
         mock.patch("lightning.pytorch.callbacks.timer.time", slow_clock),
-        mock.patch("ddpm_lightning.evaluation.budget.time", slow_clock),
+        mock.patch("ddpm_lightning.callbacks.budget.time", slow_clock),
     ):
         steps = json.loads(
             (_demo(tmp_path / "a", classifier_cache, "--trainer.max_steps=4") / "metrics.json").read_text()

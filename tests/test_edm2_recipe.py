@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from ddpm_lightning.callbacks import GuideTraining, LossWeightCurve, PowerEMA
-from ddpm_lightning.callbacks.posthoc_ema import sigma_rel_to_gamma
+from ddpm_lightning.callbacks import budget as budget_module
+from ddpm_lightning.callbacks.budget import TrainingBudget
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import make_betas
 from ddpm_lightning.diffusion.assignment import assign_noise
 from ddpm_lightning.diffusion.weighting import LearnedLossWeight
-from ddpm_lightning.evaluation import budget as budget_module
-from ddpm_lightning.evaluation.budget import TrainingBudget
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
+from ddpm_lightning.posthoc import sigma_rel_to_gamma
 from ddpm_lightning.sampling import load_module
 
 REPO = Path(__file__).resolve().parents[1]

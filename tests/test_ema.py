@@ -12,19 +12,19 @@ from torch import nn
 
 from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.callbacks import EMA, PostHocEMA
-from ddpm_lightning.callbacks.posthoc_ema import (
-    power_beta,
-    power_profile_inner,
-    reconstruct_posthoc_ema,
-    sigma_rel_to_gamma,
-    solve_posthoc_coefficients,
-)
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.fit import DDPMCLI, LogRunConfig
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
+from ddpm_lightning.posthoc import (
+    power_beta,
+    power_profile_inner,
+    reconstruct_posthoc_ema,
+    sigma_rel_to_gamma,
+    solve_posthoc_coefficients,
+)
 from ddpm_lightning.sampling import load_module
 
 TINY = {"in_channels": 1, "ch": 32, "ch_mult": (1,), "num_res_blocks": 1, "image_size": 8, "attn_resolutions": ()}

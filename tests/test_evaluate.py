@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import closed_form_fid, run_cli
+from helpers import closed_form_fid, run_cli
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import CIFAR10DataModule, to_uint8

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_REAL, TinyExtractor, TinyImages, closed_form_fid, fid_callback, real_images, tiny_diffusion
+from helpers import NUM_REAL, TinyExtractor, TinyImages, closed_form_fid, fid_callback, real_images, tiny_diffusion
 from torch import nn
 
 from ddpm_lightning.callbacks import BPDCallback, EveryNSteps, FIDCallback, default_callbacks

@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import DigestDump, TinyExtractor, TinyImages, fid_callback, tiny_diffusion
+from helpers import DigestDump, TinyExtractor, TinyImages, fid_callback, tiny_diffusion
 
 from ddpm_lightning.callbacks import default_callbacks
 

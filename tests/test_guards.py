@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_args
+from helpers import fit_args
 
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
@@ -122,11 +122,11 @@ def test_steps_skipped_by_float16_loss_scaling_are_counted(monkeypatch: pytest.M
     optimizer = torch.optim.Adam(module.parameters())
     for p in module.parameters():
         p.grad = torch.zeros_like(p)
-    module._loss = torch.tensor(1.0)
+    module.guard.loss = torch.tensor(1.0)
     module.on_before_optimizer_step(optimizer)  # finite: not a skip
     next(module.parameters()).grad.fill_(float("inf"))
-    module._loss = torch.tensor(float("inf"))
+    module.guard.loss = torch.tensor(float("inf"))
     module.on_before_optimizer_step(optimizer)
     assert module.nonfinite_skips == 1
     assert next(module.parameters()).grad is not None  # the scaler decides the step itself
-    module._check_nonfinite()  # loss scaling expects skips: no NonFiniteLossError under "stop"
+    module.guard.check(module)  # loss scaling expects skips: no NonFiniteLossError under "stop"

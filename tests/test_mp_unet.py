@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import STEPS_PER_EPOCH, fit_args, one_line_cli_error, weights
+from helpers import STEPS_PER_EPOCH, fit_args, one_line_cli_error, weights
 
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main

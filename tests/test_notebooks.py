@@ -4,7 +4,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import write_run
+from helpers import write_run
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import flat
+from helpers import flat
 
 from ddpm_lightning.callbacks import default_callbacks
 from ddpm_lightning.data import EmbeddedDigitsDataModule
@@ -45,7 +45,7 @@ def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path,
 @pytest.mark.slow
 def test_the_gpu_speed_options_together_train_and_give_a_loadable_checkpoint(tmp_path):
     """README's GPU options (compile, bf16-mixed, TF32, gradient clipping with fused Adam) in one run, on the CPU."""
-    from conftest import fit_args
+    from helpers import fit_args
 
     from ddpm_lightning.checkpoint import read_checkpoint
     from ddpm_lightning.cli import main

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny
+from helpers import tiny
 
 from ddpm_lightning.callbacks.demo_report import DemoReport
 from ddpm_lightning.diffusion import SamplerConfig

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_lightning.checkpoint import read_checkpoint, upgrade_hyperparameters
+from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.resume import parse_max_time, reconcile_model_settings
+from ddpm_lightning.legacy import upgrade_hyperparameters
 
 pytestmark = pytest.mark.integration
 

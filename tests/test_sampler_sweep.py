@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import CLASSIFIER_TEST_EPOCHS, run_cli
+from helpers import CLASSIFIER_TEST_EPOCHS, run_cli
 from PIL import Image
 
 from ddpm_lightning.cli import main

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import flat
+from helpers import flat
 
 from ddpm_lightning.diffusion import (
     SAMPLERS,
@@ -336,12 +336,9 @@ def test_sigmas_are_the_variance_exploding_view_of_the_process():
     np.testing.assert_allclose(diffusion.sigmas.numpy(), expected, rtol=1e-12)
     grid = torch.tensor(expected[[0, 10, 500, 999]])
     assert diffusion.timestep_of_sigma(grid).tolist() == [0, 10, 500, 999]
-    np.testing.assert_allclose(diffusion.sigma_to_t(grid).numpy(), [0, 10, 500, 999], atol=1e-9)
-    # between two grid points: the nearest by |sigma - sigma_t| and a t interpolated in log sigma
+    # between two grid points: the nearest by |sigma - sigma_t|
     a, b = expected[500], expected[501]
     for sigma in (a + 0.4 * (b - a), a + 0.6 * (b - a)):
-        t = float(diffusion.sigma_to_t(torch.tensor(sigma)))
-        assert t == pytest.approx(500 + (math.log(sigma) - math.log(a)) / (math.log(b) - math.log(a)), rel=1e-12)
         assert int(diffusion.timestep_of_sigma(torch.tensor(sigma))) == (500 if sigma - a < b - sigma else 501)
     assert float(diffusion.round_sigma(torch.tensor(1e6))) == pytest.approx(expected[-1], rel=1e-12)
     assert float(diffusion.round_sigma(torch.tensor(1e-9))) == pytest.approx(expected[0], rel=1e-12)

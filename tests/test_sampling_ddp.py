@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import flat
+from helpers import flat
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 

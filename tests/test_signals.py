@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fit_args
+from helpers import fit_args
 
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main

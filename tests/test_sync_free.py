@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import EMA_DECAY, LOG_EVERY, TransfersPerStep, tiny, trainer
+from helpers import EMA_DECAY, LOG_EVERY, TransfersPerStep, tiny, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from ddpm_lightning.callbacks import EMA, ProgressBar
@@ -103,7 +103,7 @@ def test_gradient_clipping_matches_the_float64_formula(algorithm: str, clip: flo
         p.grad = torch.randn_like(p) * 0.1
     grads = [p.grad.double().clone() for p in params]
     total = torch.sqrt(sum((g**2).sum() for g in grads))
-    module._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    module.guard.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     module.configure_gradient_clipping(None, clip, algorithm)
     for p, g in zip(params, grads, strict=True):
         expected = g.clamp(-clip, clip) if algorithm == "value" else g * min(1.0, clip / (float(total) + 1e-6))

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import flat
+from helpers import flat
 from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import flat
+from helpers import flat
 from torch.utils.data import DataLoader, TensorDataset
 
 import ddpm_lightning.evaluation.nll as nll_module

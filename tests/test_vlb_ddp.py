@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TinyImages, flat, tiny_diffusion
+from helpers import TinyImages, flat, tiny_diffusion
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks import BPDCallback, default_callbacks

@@ -1,15 +1,8 @@
-"""Checkpoints: atomic writes, reads with clear errors, and the one mapping for checkpoints of earlier versions.
+"""Checkpoints: atomic writes, reads with clear errors, and the network's weights of a checkpoint.
 
 - :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the target folder and renames it, so a crash
   mid-write leaves the previous ``last.ckpt`` intact; it reads with ``weights_only=True`` and clear errors.
-- :func:`upgrade_state_dict` renames the weights of checkpoints written before the network was injected
-  (``unet.*`` -> ``net.*``).
-- :func:`upgrade_hyperparameters` maps the model settings of earlier versions onto today's, for checkpoints
-  (``DiffusionModule.load_from_checkpoint``, a resumed fit) and configs (``ddpm fit``) alike: the flat U-Net aliases
-  (:data:`UNET_ALIASES`, ``model.ch`` ...) into the network's ``init_args``, the flat sampler aliases
-  (:data:`SAMPLER_ALIASES`) into ``sampler``, and a stored U-Net without a setting recorded later gets the value it
-  ran with (:func:`upgrade_net_spec`, :data:`~ddpm_lightning.models.unet.LEGACY_SETTINGS`: symmetric down-sampling
-  padding, GroupNorm eps 1e-5).
+- Checkpoints of earlier versions are upgraded where they are read, by :mod:`ddpm_lightning.legacy`.
 """
 
 from __future__ import annotations
@@ -17,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +17,18 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.io import atomic_write
-from ddpm_lightning.models import UNet
-from ddpm_lightning.models.unet import LEGACY_SETTINGS
+from ddpm_lightning.legacy import upgrade_state_dict
 
 __all__ = [
-    "SAMPLER_ALIASES",
-    "UNET_ALIASES",
     "AtomicCheckpointIO",
     "CheckpointError",
     "check_checkpoint_file",
     "check_state_dict_shapes",
     "read_checkpoint",
     "read_net_weights",
-    "upgrade_hyperparameters",
-    "upgrade_net_spec",
-    "upgrade_state_dict",
     "use_atomic_checkpoints",
 ]
-
-# prefix of the network's weights in checkpoints of earlier versions -> today's
-_LEGACY_PREFIXES = {"unet.": "net."}
-# the class paths a stored U-Net may have
-_UNET_PATHS = ("ddpm_lightning.models.UNet", f"{UNet.__module__}.{UNet.__qualname__}")
-#: deprecated flat model settings of the default U-Net (``model.ch`` ...), from before the network was injected
-UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
-#: deprecated flat sampler settings -> the field of ``model.sampler`` each one sets
-SAMPLER_ALIASES = {"sample_steps": "steps", "eta": "eta", "sample_spacing": "spacing"}
 
 
 class CheckpointError(ValueError):
@@ -100,59 +76,6 @@ def read_checkpoint(
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint written by `ddpm fit` (it has no state_dict)")
     return checkpoint
-
-
-def upgrade_state_dict(state_dict: dict[str, Any], prefix: str = "") -> None:
-    """Rename, in place, the keys of an earlier version's state dict (below ``prefix``) to today's names."""
-    for key in list(state_dict):
-        for old, new in _LEGACY_PREFIXES.items():
-            if key.startswith(prefix + old):
-                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
-
-
-def upgrade_net_spec(spec: Any) -> Any:
-    """A ``{"class_path", "init_args"}`` network spec whose U-Net ``init_args`` lack a setting added later, with that
-    setting at the value the network was trained with (:data:`~ddpm_lightning.models.unet.LEGACY_SETTINGS`);
-    anything else unchanged."""
-    if not isinstance(spec, Mapping) or spec.get("class_path") not in _UNET_PATHS:
-        return spec
-    init_args = spec.get("init_args")
-    if not isinstance(init_args, Mapping) or LEGACY_SETTINGS.keys() <= init_args.keys():
-        return spec
-    return {**spec, "init_args": {**LEGACY_SETTINGS, **init_args}}
-
-
-def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a checkpoint's hyper-parameters (or of a config's model settings) in today's form, without the
-    deprecated aliases: the U-Net aliases (:data:`UNET_ALIASES`) and the flat shape set in the network's
-    ``init_args``, or without a network the U-Net of those versions with them
-    (:data:`~ddpm_lightning.models.unet.LEGACY_SETTINGS`); the sampler aliases (:data:`SAMPLER_ALIASES`) set in
-    ``sampler``; the network spec upgraded (:func:`upgrade_net_spec`).
-
-    ValueError for a U-Net alias given with another network (a ``class_path`` mapping or an ``nn.Module``).
-    """
-    hparams = dict(hparams)
-    unet = {key: value for key in UNET_ALIASES if (value := hparams.pop(key, None)) is not None}
-    sampler = {field: value for key, field in SAMPLER_ALIASES.items() if (value := hparams.pop(key, None)) is not None}
-    if unet:
-        # the flat shape set the U-Net's too
-        unet |= {key: hparams[key] for key in ("image_size", "in_channels") if hparams.get(key) is not None}
-        net = hparams.get("net")
-        if net is None:
-            hparams["net"] = {"class_path": _UNET_PATHS[0], "init_args": {**LEGACY_SETTINGS, **unet}}
-        elif isinstance(net, Mapping) and net.get("class_path") in _UNET_PATHS:
-            hparams["net"] = {**net, "init_args": {**(net.get("init_args") or {}), **unet}}
-        else:
-            name = net.get("class_path") if isinstance(net, Mapping) else type(net).__name__
-            raise ValueError(
-                f"model.{next(iter(unet))} is a setting of the default U-Net, but model.net is {name}: set it under "
-                "model.net.init_args"
-            )
-    if sampler:
-        hparams["sampler"] = SamplerConfig.parse(hparams.get("sampler"), **sampler).to_dict()
-    if "net" in hparams:
-        hparams["net"] = upgrade_net_spec(hparams["net"])
-    return hparams
 
 
 def check_state_dict_shapes(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -1,15 +1,13 @@
 """The non-finite guard: optimizer steps whose gradients hold a NaN or an infinity are skipped on the device, counted,
 and reported at the logging steps; gradient clipping reuses the guard's norm.
 
-:class:`NonFiniteGuard` is the LightningModule base that :class:`~ddpm_lightning.lit_module.DiffusionModule` builds on:
-it owns the hooks around the optimizer step (``on_before_optimizer_step``, ``configure_gradient_clipping``) and the
-count kept in checkpoints (``nonfinite_skips``). A subclass sets ``self._loss`` (the detached training loss) in its
-``training_step`` and has a ``nonfinite_loss`` hyper-parameter (``"stop"`` or ``"skip"``).
+:class:`NonFiniteGuard` is an object a module holds (``DiffusionModule.guard``) and calls from its hooks around the
+optimizer step (``on_before_optimizer_step``, ``configure_gradient_clipping``, ``on_train_batch_end``); the module
+sets ``guard.loss`` (the detached training loss) in its ``training_step`` and keeps the count in checkpoints
+(``nonfinite_skips``).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import lightning as L
 import torch
@@ -65,56 +63,57 @@ class NonFiniteSteps:
         return int(self.count), int(self.first_step), float(self.first_loss)
 
 
-class NonFiniteGuard(L.LightningModule):
-    """A LightningModule whose optimizer steps with non-finite gradients are skipped on the device, without a sync.
+class NonFiniteGuard:
+    """The non-finite guard a LightningModule holds (composition, not a base class): optimizer steps with non-finite
+    gradients are skipped on the device, without a sync; the module calls it from its hooks, passing itself.
 
-    ``hparams.nonfinite_loss``: ``"stop"`` ends the run at the next logging step with :class:`NonFiniteLossError`
-    naming the first such step; ``"skip"`` warns and carries on.
+    ``mode``: ``"stop"`` ends the run at the next logging step with :class:`NonFiniteLossError` naming the first such
+    step; ``"skip"`` warns and carries on. The module sets :attr:`loss` (the detached training loss) in its
+    ``training_step``.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._nonfinite = NonFiniteSteps()
-        self._loss: torch.Tensor | None = None  # the detached training loss of the step, set by training_step
-        self._grad_norm: torch.Tensor | None = None
-        self._skips_reported = 0
+    def __init__(self, mode: str = "stop") -> None:
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"unknown nonfinite_loss {mode!r}; allowed: stop, skip")
+        self.mode = mode
+        self.steps = NonFiniteSteps()
+        self.loss: torch.Tensor | None = None  # the detached training loss of the step
+        self.grad_norm: torch.Tensor | None = None
+        self.reported = 0
         self.last_loss: float | None = None  # the training loss as last read on the host (logging steps)
 
     @property
-    def nonfinite_skips(self) -> int:
+    def skips(self) -> int:
         """Optimizer steps skipped for non-finite gradients so far (reads a device counter: a sync)."""
-        return int(self._nonfinite.count)
+        return int(self.steps.count)
 
-    def _trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def load(self, skips: int) -> None:
+        """Continue the count of a checkpoint."""
+        self.steps = NonFiniteSteps(skips)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite_skips"] = self.nonfinite_skips
+    def fit_start(self, module: L.LightningModule) -> None:
+        self.reported = self.skips
+        self.steps = NonFiniteSteps(self.reported, module.device)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._nonfinite = NonFiniteSteps(checkpoint.get("nonfinite_skips", 0))
-
-    def on_fit_start(self) -> None:
-        self._skips_reported = self.nonfinite_skips
-        self._nonfinite = NonFiniteSteps(self._skips_reported, self.device)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self._trainable() if p.grad is not None]
-        grad_norm, found_inf = self._nonfinite.update(grads, self._loss, self.global_step)
-        self._grad_norm = grad_norm
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+    def before_optimizer_step(self, module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """Check the gradients' norm; a non-finite one skips the step (``found_inf`` of fused Adam, else no grads)."""
+        grads = [p.grad for p in _trainable(module) if p.grad is not None]
+        grad_norm, found_inf = self.steps.update(grads, self.loss, module.global_step)
+        self.grad_norm = grad_norm
+        if getattr(module.trainer.precision_plugin, "scaler", None) is None:
             # fused optimizers read found_inf after the closure: 1.0 leaves weights and moments as they were
             if not compat.set_found_inf(optimizer, found_inf) and found_inf.item():
                 # any other optimizer (a host sync): without gradients it updates nothing
-                for p in self._trainable():
+                for p in _trainable(module):
                     p.grad = None
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+            module.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         # float16 loss scaling skips the steps with non-finite gradients itself (they may still be scaled here, so no
         # grad_norm): counted all the same
-        self.log("train/nonfinite_skips", self._nonfinite.count.float(), on_step=True, on_epoch=False)
+        module.log("train/nonfinite_skips", self.steps.count.float(), on_step=True, on_epoch=False)
 
-    def configure_gradient_clipping(
+    def clip_gradients(
         self,
+        module: L.LightningModule,
         optimizer: torch.optim.Optimizer,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
@@ -122,46 +121,48 @@ class NonFiniteGuard(L.LightningModule):
         """Clip the gradients (``trainer.gradient_clip_val``), by their total norm unless the algorithm is "value".
 
         Done here rather than by Lightning's precision plugin, which refuses to clip for fused Adam under mixed
-        precision. The norm is the one the non-finite guard has just computed: no second pass over the gradients.
+        precision. The norm is the one the guard has just computed: no second pass over the gradients.
         """
         if not gradient_clip_val:
             return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = getattr(module.trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             scaler.unscale_(optimizer)  # fused Adam would unscale inside its step, after the clipping
-        parameters = [p for p in self._trainable() if p.grad is not None]
+        parameters = [p for p in _trainable(module) if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
             return
-        grad_norm = self._grad_norm if scaler is None else torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        grad_norm = self.grad_norm if scaler is None else torch.nn.utils.get_total_norm([p.grad for p in parameters])
         torch.nn.utils.clip_grads_with_norm_(parameters, gradient_clip_val, grad_norm)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for optimizer in self.trainer.optimizers:
+    def batch_end(self, module: L.LightningModule) -> None:
+        """Clear the skip flags; on the logging steps read the loss and report new skips (a sync)."""
+        for optimizer in module.trainer.optimizers:
             compat.clear_found_inf(optimizer)
-        if is_check_step(self.trainer) or self.global_step == 1:
-            self.last_loss = float(self._loss)
-            self._check_nonfinite()
+        if is_check_step(module.trainer) or module.global_step == 1:
+            self.last_loss = float(self.loss)
+            self.check(module)
 
-    def on_train_end(self) -> None:
-        self._check_nonfinite()
-
-    def _check_nonfinite(self) -> None:
+    def check(self, module: L.LightningModule) -> None:
         """Stop naming the first step whose gradients were not finite (``"stop"``), or warn (``"skip"``): a sync."""
-        count, step, loss = self._nonfinite.read()
-        if count == self._skips_reported:
+        count, step, loss = self.steps.read()
+        if count == self.reported:
             return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            self._skips_reported = count  # float16 loss scaling expects skipped steps while it calibrates its scale
+        if getattr(module.trainer.precision_plugin, "scaler", None) is not None:
+            self.reported = count  # float16 loss scaling expects skipped steps while it calibrates its scale
             return
-        if self.hparams.nonfinite_loss == "stop":
+        if self.mode == "stop":
             raise NonFiniteLossError(
                 f"the training loss is {loss} at step {step} and its gradients are not finite: that optimizer step "
-                f"was skipped, {count} in all up to step {self.global_step}; check the data and the learning rate, "
+                f"was skipped, {count} in all up to step {module.global_step}; check the data and the learning rate, "
                 "or set model.nonfinite_loss=skip"
             )
         plural = "s" if count > 1 else ""
         rank_zero_warn(
             f"{count} optimizer step{plural} skipped for non-finite gradients so far, the first at step {step}"
         )
-        self._skips_reported = count
+        self.reported = count
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]

@@ -9,36 +9,36 @@ CLI, visibly in its config, or by :func:`ddpm_lightning.callbacks.default_callba
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_lightning import compat
 from ddpm_lightning.averaging import WeightAverage
-from ddpm_lightning.checkpoint import (
-    check_state_dict_shapes,
-    read_checkpoint,
-    upgrade_hyperparameters,
-    upgrade_net_spec,
-    upgrade_state_dict,
-)
+from ddpm_lightning.checkpoint import check_state_dict_shapes, read_checkpoint
 from ddpm_lightning.data.base import images_of, labels_of
 from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
 from ddpm_lightning.diffusion.assignment import assign_noise
 from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
 from ddpm_lightning.diffusion.weighting import LearnedLossWeight
-from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps, is_check_step
-from ddpm_lightning.models import MPUNet, UNet
+from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps
+from ddpm_lightning.legacy import upgrade_hyperparameters, upgrade_net_spec, upgrade_state_dict
+from ddpm_lightning.models.build import (
+    check_output_shape,
+    make_net,
+    net_spec,
+    resolve_image_shape,
+    resolve_num_classes,
+)
 from ddpm_lightning.optim import LRSchedule, LRScheduleName
 
-__all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps", "is_check_step", "net_spec"]
+__all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps"]
 
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
 
@@ -55,42 +55,7 @@ def _labels(batch: Any, num_classes: int) -> torch.Tensor:
     return labels
 
 
-def accepts_labels(net: nn.Module) -> bool:
-    """Whether ``net.forward`` takes the labels keyword ``y`` (or any keyword)."""
-    parameters = inspect.signature(net.forward).parameters.values()
-    return any(p.name == "y" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def net_spec(net: nn.Module) -> dict[str, Any]:
-    """``{"class_path", "init_args"}`` of a network, as YAML and checkpoints store it.
-
-    The arguments are the network's ``init_args`` attribute (the template's networks keep theirs); for another class
-    ``init_args`` is None and a checkpoint of it loads only when the network is passed again.
-    """
-    cls = type(net)
-    init_args = getattr(net, "init_args", None)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args) if init_args else None}
-
-
-def build_net(spec: Mapping[str, Any]) -> nn.Module:
-    """The network of a ``{"class_path", "init_args"}`` mapping (:func:`net_spec`); a U-Net stored before a setting
-    was recorded gets the value it was trained with (:func:`~ddpm_lightning.checkpoint.upgrade_net_spec`)."""
-    spec = upgrade_net_spec(spec)
-    class_path, init_args = spec.get("class_path"), spec.get("init_args")
-    if not class_path or init_args is None:
-        raise ValueError(
-            f"the network {class_path or spec!r} was stored without its arguments (it was built in Python): pass "
-            "the network again, e.g. load_module(ckpt, net=MyNet(...))"
-        )
-    module_name, _, name = str(class_path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import the network class {class_path!r}: {err}") from err
-    return cls(**init_args)
-
-
-class DiffusionModule(NonFiniteGuard):
+class DiffusionModule(L.LightningModule):
     """A DDPM: an injected noise-prediction network trained with L_simple, sampled with the EMA weights.
 
     The defaults are Ho et al. 2020's CIFAR-10 setup: the 35.7M U-Net, T=1000 linear betas 1e-4..0.02, eps
@@ -156,7 +121,7 @@ class DiffusionModule(NonFiniteGuard):
     called after every optimizer step: EDM2's forced weight normalisation.
 
     The flat settings of earlier versions (``model.ch`` ..., ``model.sample_steps`` ...) are mapped onto these where
-    configs and checkpoints are read (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: ``ddpm fit`` and
+    configs and checkpoints are read (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`: ``ddpm fit`` and
     :meth:`load_from_checkpoint`), not here.
     """
 
@@ -181,7 +146,7 @@ class DiffusionModule(NonFiniteGuard):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema_decay: float | None = None,
-        sampler: SamplerConfig | Sampler = PAPER_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = PAPER_SAMPLER,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         compile: bool = False,
         channels_last: bool = True,
@@ -198,8 +163,7 @@ class DiffusionModule(NonFiniteGuard):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"unknown nonfinite_loss {nonfinite_loss!r}; allowed: stop, skip")
+        self.guard = NonFiniteGuard(nonfinite_loss)
         timestep_config = TimestepSamplingConfig.parse(timestep_sampling)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
@@ -218,22 +182,27 @@ class DiffusionModule(NonFiniteGuard):
         if loss_weighting == "learned":
             self.loss_weight = LearnedLossWeight(self.diffusion.alphas_cumprod)
         out_factor = self.diffusion.output_channels_factor
-        self.net = self._make_net(net, image_size, in_channels, out_factor, num_classes)
-        self.image_shape = self._image_shape(self.net, image_size, in_channels)
-        self.num_classes = self._num_classes(self.net, num_classes)
+        self.net = make_net(upgrade_net_spec(net), image_size, in_channels, out_factor, num_classes)
+        self.image_shape = resolve_image_shape(self.net, image_size, in_channels)
+        self.num_classes = resolve_num_classes(self.net, num_classes)
         # fail at construction, not at the first sampling callback
         self.sampler_config = SamplerConfig.parse(sampler)
         self.sampler_config = self.sampler_config_for(self.sampler_config)  # checked against T and num_classes
         self.lr_schedule = LRSchedule.parse(lr_schedule)
-        self._check_output_shape()
+        check_output_shape(self.net, self.image_shape, out_factor, variance, self.num_classes)
         if channels_last:
             # before any callback copies the module (EMA), so that the copies run in the same format
             self.net.to(memory_format=torch.channels_last)
 
-        # saved once, in the canonical form: plain types that load with weights_only=True, the resolved shape and
-        # settings. A network given in YAML (LightningCLI) or as a mapping keeps its class_path/init_args as written
-        # (other classes do not say their arguments). No `_instantiator` key: load_from_checkpoint then calls
-        # DiffusionModule(**hparams), which rebuilds the network from its spec
+        self._save_settings(settings, net, timestep_config)
+        # checkpoints written before the network was injected name it `unet`: renamed on every load_state_dict
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
+
+    def _save_settings(self, settings: dict[str, Any], net: Any, timestep_config: TimestepSamplingConfig) -> None:
+        """Save the hyper-parameters once, in the canonical form: plain types that load with weights_only=True, the
+        resolved shape and settings. A network given in YAML (LightningCLI) or as a mapping keeps its
+        class_path/init_args as written (other classes do not say their arguments). No `_instantiator` key:
+        load_from_checkpoint then calls DiffusionModule(**hparams), which rebuilds the network from its spec."""
         spec, given = net_spec(self.net), net if isinstance(net, Mapping) else compat.given_hyperparameters().get("net")
         if spec["init_args"] is None and isinstance(given, Mapping) and given.get("init_args") is not None:
             spec = {"class_path": given["class_path"], "init_args": dict(given["init_args"])}
@@ -249,113 +218,6 @@ class DiffusionModule(NonFiniteGuard):
                 "lr_schedule": self.lr_schedule.to_dict(),
             }
         )
-        # checkpoints written before the network was injected name it `unet`: renamed on every load_state_dict
-        self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
-
-    # -------------------------------------------------------------------------------------------- the network
-    @staticmethod
-    def _make_net(
-        net: nn.Module | Mapping[str, Any] | None,
-        image_size: int | None,
-        in_channels: int | None,
-        out_factor: int = 1,
-        num_classes: int | None = None,
-    ) -> nn.Module:
-        if isinstance(net, Mapping):  # a checkpoint's {"class_path", "init_args"} outside the CLI
-            net = build_net(net)
-        classes = {} if num_classes is None else {"num_classes": num_classes}
-        if net is None:
-            shape = {"image_size": 32 if image_size is None else image_size}
-            shape["in_channels"] = 3 if in_channels is None else in_channels
-            out = {"out_channels": out_factor * shape["in_channels"]} if out_factor > 1 else {}
-            return UNet(**shape, **out, **classes)
-        if type(net) in (UNet, MPUNet):
-            # the flat shape (model.image_size, model.in_channels) composed over a U-Net preset wins over it
-            shape = {"image_size": image_size, "in_channels": in_channels}
-            changes = {k: v for k, v in shape.items() if v is not None}
-            if out_factor > 1 and net.init_args.get("out_channels") is None:
-                # a learned variance: the preset's U-Net with twice the image channels out
-                changes["out_channels"] = out_factor * changes.get("in_channels", net.init_args["in_channels"])
-            if num_classes is not None and net.num_classes is None:
-                changes["num_classes"] = num_classes  # an unconditional preset made conditional
-            if any(net.init_args.get(k) != v for k, v in changes.items()):
-                net = type(net)(**{**net.init_args, **changes})
-        if not isinstance(net, nn.Module):
-            raise ValueError(f"model.net must be a torch.nn.Module, got {type(net).__name__}")
-        return net
-
-    @staticmethod
-    def _num_classes(net: nn.Module, num_classes: int | None) -> int | None:
-        """The model's number of classes: the argument, else the network's ``num_classes`` attribute; a clear error
-        when they disagree or when a conditional model's network does not take labels."""
-        own = getattr(net, "num_classes", None)
-        if num_classes is not None and own is not None and num_classes != own:
-            raise ValueError(
-                f"model.num_classes={num_classes} but the network {type(net).__name__} has num_classes={own}: set one "
-                "of them"
-            )
-        value = num_classes if num_classes is not None else own
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"model.num_classes must be a positive integer or null (unconditional), got {value!r}")
-        if not accepts_labels(net):
-            raise ValueError(
-                f"model.num_classes={value} makes the model class-conditional, but the network {type(net).__name__} "
-                "does not take labels: its forward must accept net(x_t, t, y=labels) (the U-Net does with "
-                "num_classes), or set model.num_classes=null"
-            )
-        return value
-
-    @staticmethod
-    def _image_shape(net: nn.Module, image_size: int | None, in_channels: int | None) -> tuple[int, int, int]:
-        """(C, H, W) from the arguments, else from the network's attributes; a clear error when they disagree."""
-        shape = {}
-        for name, given in (("in_channels", in_channels), ("image_size", image_size)):
-            own = getattr(net, name, None)
-            if given is not None and own is not None and given != own:
-                raise ValueError(
-                    f"model.{name}={given} but the network {type(net).__name__} has {name}={own}: set one of them"
-                )
-            value = given if given is not None else own
-            if value is None:
-                raise ValueError(f"set model.{name}: the network {type(net).__name__} does not say its {name}")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-            shape[name] = value
-        return shape["in_channels"], shape["image_size"], shape["image_size"]
-
-    @torch.no_grad()
-    def _check_output_shape(self) -> None:
-        """One forward of a dummy x_t (in eval mode: no dropout, no random numbers drawn) through the network: it
-        must return x_t's shape, with twice the channels for a learned variance."""
-        x_t = torch.zeros(1, *self.image_shape)
-        factor = self.diffusion.output_channels_factor
-        expected = (1, factor * self.image_shape[0], *self.image_shape[1:])
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            t = torch.zeros(1, dtype=torch.long)
-            out = self.net(x_t, t, **self._label_kwargs(None if self.num_classes is None else t))
-        except Exception as err:
-            raise ValueError(
-                f"the network {type(self.net).__name__} fails on x_t of shape {tuple(x_t.shape)} and t of shape (1,): "
-                f"{err}"
-            ) from err
-        finally:
-            self.net.train(was_training)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            if factor > 1:
-                raise ValueError(
-                    f"the network {type(self.net).__name__} returns {got} for x_t of shape {tuple(x_t.shape)}, but "
-                    f"model.variance={self.diffusion.variance!r} needs {expected}: twice the image channels (the "
-                    "mean and the variance; set the network's out_channels), or a fixed variance"
-                )
-            raise ValueError(
-                f"the network {type(self.net).__name__} returns {got} for x_t of shape {tuple(x_t.shape)}: it must "
-                "return a tensor shaped like x_t (check its channels against model.in_channels)"
-            )
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x_t, t, **self._label_kwargs(y))
@@ -392,7 +254,7 @@ class DiffusionModule(NonFiniteGuard):
     def load_from_checkpoint(cls, checkpoint_path: Any, **kwargs: Any) -> DiffusionModule:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint`` (``map_location``, ``weights_only``, settings to override ...), with
         the settings of a checkpoint of an earlier version mapped onto today's first
-        (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: flat U-Net and sampler aliases, U-Net settings
+        (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`: flat U-Net and sampler aliases, U-Net settings
         recorded later), so that it builds the network it was trained with."""
         if kwargs.get("hparams_file") is None and isinstance(checkpoint_path, (str, os.PathLike)):
             stored = read_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters") or {}
@@ -400,7 +262,7 @@ class DiffusionModule(NonFiniteGuard):
         return super().load_from_checkpoint(checkpoint_path, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+        checkpoint["nonfinite_skips"] = self.guard.skips
         if self.timestep_sampler is not None:
             checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
 
@@ -408,9 +270,40 @@ class DiffusionModule(NonFiniteGuard):
         upgrade_state_dict(checkpoint["state_dict"])
         source = str(self.trainer.ckpt_path) if compat.attached_trainer(self) is not None else "being loaded"
         check_state_dict_shapes(self, checkpoint["state_dict"], source)
-        super().on_load_checkpoint(checkpoint)
+        self.guard.load(checkpoint.get("nonfinite_skips", 0))
         if self.timestep_sampler is not None and "timestep_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+    # -------------------------------------------------------------------------------------------- the guard
+    @property
+    def nonfinite_skips(self) -> int:
+        """Optimizer steps skipped for non-finite gradients so far (reads a device counter: a sync)."""
+        return self.guard.skips
+
+    @property
+    def last_loss(self) -> float | None:
+        """The training loss as last read on the host (logging steps)."""
+        return self.guard.last_loss
+
+    def on_fit_start(self) -> None:
+        self.guard.fit_start(self)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.guard.before_optimizer_step(self, optimizer)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        self.guard.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.guard.batch_end(self)
+
+    def on_train_end(self) -> None:
+        self.guard.check(self)
 
     # -------------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -458,7 +351,7 @@ class DiffusionModule(NonFiniteGuard):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)
-        self._loss = loss.detach()
+        self.guard.loss = loss.detach()
         # not prog_bar=True: Lightning would read it on every step (a host-device sync); see callbacks.ProgressBar
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=images_of(batch).shape[0])
         return loss
@@ -523,17 +416,14 @@ class DiffusionModule(NonFiniteGuard):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.Adam(
-            self._trainable(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay, fused=True
+            [p for p in self.parameters() if p.requires_grad],
+            lr=hp.lr,
+            betas=tuple(hp.adam_betas),
+            weight_decay=hp.weight_decay,
+            fused=True,
         )
         # a function of the step alone, rebuilt here on every fit: a resumed run continues from its restored step
-        schedule, warmup = self.lr_schedule, hp.warmup_steps
-        trainer = compat.attached_trainer(self)
-        budget = next((c for c in trainer.callbacks if getattr(c, "sets_max_steps", False)), None) if trainer else None
-        if budget is None:
-            total = schedule.decay_steps(trainer.max_steps if trainer is not None else None)
-            factor = functools.partial(schedule.factor, warmup_steps=warmup, total_steps=total)
-        else:
-            factor = functools.partial(_budgeted_factor, schedule, warmup, budget)
+        factor = self.lr_schedule.step_function(hp.warmup_steps, compat.attached_trainer(self))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         normalize = getattr(self.net, "normalize_weights_", None)
         if callable(normalize):
@@ -660,14 +550,6 @@ class DiffusionModule(NonFiniteGuard):
                 f"{self.num_classes} for the null class (unconditional)"
             )
         return labels
-
-
-def _budgeted_factor(schedule: LRSchedule, warmup: int, budget: Any, step: int) -> float:
-    """The schedule's factor in a run whose length a step budget (``TrainingBudget``) fixes once it has measured its
-    rate: the warm-up, then 1 until the length is known, then the schedule over that length."""
-    if budget.max_steps is None:
-        return schedule.factor(step, warmup, None) if step < warmup or schedule.name == "inverse_sqrt" else 1.0
-    return schedule.factor(step, warmup, schedule.decay_steps(budget.max_steps))
 
 
 def _upgrade_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

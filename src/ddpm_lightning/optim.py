@@ -10,8 +10,9 @@ from that step on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
 __all__ = ["DECAYING", "LR_SCHEDULES", "LRSchedule", "LRScheduleName"]
@@ -118,3 +119,20 @@ class LRSchedule:
         if self.name == "linear":
             return 1.0 - (1.0 - r) * p
         return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    def step_function(self, warmup_steps: int, trainer: Any = None) -> Callable[[int], float]:
+        """The factor as a function of the step for ``LambdaLR``, over the run of ``trainer`` (None: no run length):
+        its ``max_steps``, or the length a step budget among its callbacks (``TrainingBudget``: ``sets_max_steps``)
+        fixes once it has measured the run's rate (the lr stays at 1 after the warm-up until then)."""
+        callbacks = getattr(trainer, "callbacks", None) or []
+        budget = next((c for c in callbacks if getattr(c, "sets_max_steps", False)), None)
+        if budget is None:
+            total = self.decay_steps(trainer.max_steps if trainer is not None else None)
+            return functools.partial(self.factor, warmup_steps=warmup_steps, total_steps=total)
+        return functools.partial(self._budgeted_factor, warmup_steps, budget)
+
+    def _budgeted_factor(self, warmup_steps: int, budget: Any, step: int) -> float:
+        if budget.max_steps is None:
+            waiting = step >= warmup_steps and self.name != "inverse_sqrt"
+            return 1.0 if waiting else self.factor(step, warmup_steps, None)
+        return self.factor(step, warmup_steps, self.decay_steps(budget.max_steps))

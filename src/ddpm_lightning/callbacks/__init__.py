@@ -1,6 +1,6 @@
 """Lightning callbacks: EMA and post-hoc EMA of the weights, resilience, tracking, periodic sampling, FID and bits/dim
-(on one base for evaluations every N steps, :class:`EveryNSteps`), the demo report and the autoguidance guide's
-checkpoint.
+(on one base for evaluations every N steps, :class:`EveryNSteps`), the demo report, the autoguidance guide's
+checkpoint and the training budget of an ablation run (:class:`TrainingBudget`).
 
 :func:`default_callbacks` are the ones every ``ddpm fit`` gets (the CLI adds them, visibly: its ``default_callbacks``
 option lists them); Python code that builds its own Trainer passes them itself.
@@ -11,6 +11,7 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import Callback
 
 from ddpm_lightning.callbacks.bpd import BPDCallback
+from ddpm_lightning.callbacks.budget import TrainingBudget
 from ddpm_lightning.callbacks.demo_report import DemoReport
 from ddpm_lightning.callbacks.ema import EMA, PowerEMA
 from ddpm_lightning.callbacks.fid import FIDCallback
@@ -42,6 +43,7 @@ __all__ = [
     "RNGStates",
     "SampleWriter",
     "SamplingCallback",
+    "TrainingBudget",
     "WandbRunId",
     "default_callbacks",
     "last_checkpoint_path",

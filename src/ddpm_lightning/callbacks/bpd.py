@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from ddpm_lightning.callbacks.periodic import EveryNSteps, gather_by_index, rank_indices
-from ddpm_lightning.data import images_of, labels_of
+from ddpm_lightning.data import stack_items
 from ddpm_lightning.evaluation.nll import bpd_of_images, off_grid_distance, quantize_to_grid
 
 __all__ = ["BPDCallback"]
@@ -65,9 +65,7 @@ class BPDCallback(EveryNSteps):
         dataset = datamodule.real_images_dataset(self.split)
         if len(dataset) < self.num_images:
             raise ValueError(f"BPDCallback: num_images={self.num_images} but the {self.split} split has {len(dataset)}")
-        items = [dataset[i] for i in indices]
-        images = torch.stack([images_of(item) for item in items])
-        labels = torch.stack([labels_of(item) for item in items]) if items and labels_of(items[0]) is not None else None
+        images, labels = stack_items([dataset[i] for i in indices])
         return quantize_to_grid(images) if len(images) and off_grid_distance(images) > 1e-3 else images, labels
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from tqdm.auto import tqdm
 from ddpm_lightning import io
 from ddpm_lightning.callbacks.guide import GuideCheckpoint, GuideTraining
 from ddpm_lightning.callbacks.resilience import last_checkpoint_path
-from ddpm_lightning.callbacks.sampling import callback_sampler, render_samples
+from ddpm_lightning.callbacks.sampling import render_samples
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
+from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import class_rows, iter_samples, load_module
 
 __all__ = ["DEMO_SAMPLER", "DemoReport"]
@@ -89,7 +91,7 @@ class DemoReport(Callback):
         num_eval_samples: int = 250,
         chain_samples: int = 8,
         chain_steps: int = 10,
-        sampler: SamplerConfig | Sampler = DEMO_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = DEMO_SAMPLER,
         num_steps: int | None = None,
         eta: float | None = None,
         seed: int = 0,

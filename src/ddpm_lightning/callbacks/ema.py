@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 
 from ddpm_lightning import compat
 from ddpm_lightning.averaging import WeightAverage
-from ddpm_lightning.callbacks.posthoc_ema import power_beta, sigma_rel_to_gamma
+from ddpm_lightning.posthoc import power_beta, sigma_rel_to_gamma
 
 __all__ = ["EMA", "PowerEMA"]
 

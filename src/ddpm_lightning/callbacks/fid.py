@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -24,11 +25,12 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from ddpm_lightning import compat, io
 from ddpm_lightning.callbacks.periodic import EveryNSteps, gather_by_index, rank_indices
-from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER, callback_sampler
+from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER
 from ddpm_lightning.data import images_of, to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.evaluation.inception_weights import build_fid_extractor, resolve_fid_weights
 from ddpm_lightning.evaluation.real_stats import real_stats_key, real_stats_name
+from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import iter_samples
 
 __all__ = ["FIDCallback", "module_digest"]
@@ -89,7 +91,7 @@ class FIDCallback(EveryNSteps):
         every_n_steps: int | None = 10_000,
         num_samples: int = 10_000,
         batch_size: int = 256,
-        sampler: SamplerConfig | Sampler = MONITORING_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = MONITORING_SAMPLER,
         num_steps: int | None = None,
         eta: float | None = None,
         seed: int = 0,

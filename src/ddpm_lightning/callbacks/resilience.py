@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ddpm_lightning import compat
-from ddpm_lightning.lit_module import is_check_step
+from ddpm_lightning.guard import is_check_step
 
 __all__ = ["FinalCheckpoint", "GracefulStop", "RNGStates", "last_checkpoint_path"]
 

@@ -8,7 +8,6 @@ gradient all-reduce; no barrier is needed.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,12 @@ from ddpm_lightning.callbacks.periodic import EveryNSteps
 from ddpm_lightning.data.transforms import to_uint8
 from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
 from ddpm_lightning.io import image_grid, save_png
+from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import class_rows
 
 __all__ = [
     "MONITORING_SAMPLER",
     "SamplingCallback",
-    "callback_sampler",
     "chain_timesteps",
     "log_image",
     "render_samples",
@@ -36,29 +35,6 @@ __all__ = [
 
 #: The callbacks' default: 50 deterministic DDIM steps, cheap enough for monitoring during training.
 MONITORING_SAMPLER = SamplerConfig("ddim", 50)
-
-
-def callback_sampler(
-    sampler: SamplerConfig | Mapping[str, Any] | Sampler,
-    num_steps: int | None,
-    eta: float | None,
-    spacing: Spacing | None,
-    default_steps: int,
-    owner: str,
-) -> SamplerConfig:
-    """The sampler setting of a callback from its ``sampler`` argument and the deprecated ``num_steps``, ``eta`` and
-    ``spacing``; a bare sampler name runs ``default_steps`` network evaluations (the callback's former default)."""
-    old = {"num_steps": num_steps, "eta": eta, "spacing": spacing}
-    given = [name for name, value in old.items() if value is not None]
-    if given:
-        warnings.warn(
-            f"{owner}({', '.join(given)}=...) is deprecated: give sampler={{name: ..., steps: ..., eta: ..., "
-            "spacing: ...} (a SamplerConfig)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-    base = SamplerConfig(name="ddim", steps=default_steps)
-    return SamplerConfig.parse(sampler, base, steps=num_steps, eta=eta, spacing=spacing)
 
 
 def chain_timesteps(timesteps: list[int], count: int) -> list[int]:
@@ -145,7 +121,7 @@ class SamplingCallback(EveryNSteps):
         num_samples: int = 64,
         chain_samples: int = 8,
         chain_steps: int = 10,
-        sampler: SamplerConfig | Sampler = MONITORING_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = MONITORING_SAMPLER,
         num_steps: int | None = None,
         eta: float | None = None,
         seed: int = 0,

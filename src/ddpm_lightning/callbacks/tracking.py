@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
 from ddpm_lightning.data import images_of
-from ddpm_lightning.lit_module import is_check_step
+from ddpm_lightning.guard import is_check_step
 
 __all__ = ["WANDB_RUN_ID_KEY", "ImagesPerSecond", "ProgressBar", "WandbRunId", "read_wandb_run_id", "wandb_run_id"]
 

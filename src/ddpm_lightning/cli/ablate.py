@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ddpm_lightning.callbacks.budget import TrainingBudget
 from ddpm_lightning.cli.fit import fit
 from ddpm_lightning.diffusion import SCHEDULES
 from ddpm_lightning.evaluation.ablation import (
@@ -42,7 +43,6 @@ from ddpm_lightning.evaluation.ablation import (
     run_name,
     write_manifest,
 )
-from ddpm_lightning.evaluation.budget import TrainingBudget
 from ddpm_lightning.io import check_output, write_json
 from ddpm_lightning.plots import save_figure, schedule_figure
 

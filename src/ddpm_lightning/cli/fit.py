@@ -49,18 +49,15 @@ from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, EMA, default_callbacks
 from ddpm_lightning.callbacks.tracking import read_wandb_run_id
 from ddpm_lightning.checkpoint import (
-    SAMPLER_ALIASES,
-    UNET_ALIASES,
     check_state_dict_shapes,
     read_checkpoint,
     read_net_weights,
-    upgrade_hyperparameters,
     use_atomic_checkpoints,
 )
 from ddpm_lightning.cli.config_errors import ConfigErrorParser
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
 from ddpm_lightning.data.base import ImageDataModule, per_process_batch_size
-from ddpm_lightning.diffusion import Spacing
+from ddpm_lightning.legacy import FLAT_MODEL_SETTINGS, flat_setting_target, upgrade_hyperparameters
 from ddpm_lightning.lit_module import DiffusionModule
 
 __all__ = [
@@ -101,18 +98,6 @@ _SAME_KIND: dict[str, tuple[type, ...]] = {
     "ProgressBar": (LightningProgressBar,),
 }
 _EMA_CLASS_PATH = "ddpm_lightning.callbacks.EMA"
-# the types of the deprecated flat model settings (options of the command, mapped by model_aliases)
-_ALIAS_TYPES: dict[str, Any] = {
-    "ch": int,
-    "ch_mult": list[int],
-    "num_res_blocks": int,
-    "attn_resolutions": list[int],
-    "dropout": float,
-    "sample_steps": int,
-    "eta": float,
-    "sample_spacing": Spacing,
-}
-assert tuple(_ALIAS_TYPES) == (*UNET_ALIASES, *SAMPLER_ALIASES), "_ALIAS_TYPES: an alias is missing"
 
 # a logger's save_dir with one of these values follows trainer.default_root_dir (WandbLogger's own default is ".")
 RUN_DIR_PLACEHOLDERS = (None, "", ".", "${trainer.default_root_dir}")
@@ -274,16 +259,16 @@ def ema_decay_alias(config: Any) -> float | None:
 
 def model_aliases(model: Any) -> dict[str, Any]:
     """The settings ``net`` and ``sampler`` of a parsed config's ``model`` with its deprecated flat aliases set
-    (:func:`~ddpm_lightning.checkpoint.upgrade_hyperparameters`: ``model.ch`` into ``model.net.init_args.ch``, or a
+    (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`: ``model.ch`` into ``model.net.init_args.ch``, or a
     U-Net of those versions without a network; ``model.sample_steps`` into ``model.sampler.steps`` ...), with a
     warning; empty when none is set. The CLI then removes the aliases from the config: the module does not take them.
     """
-    given = {key: value for key in _ALIAS_TYPES if (value := model.get(key)) is not None}
+    given = {key: value for key in FLAT_MODEL_SETTINGS if (value := model.get(key)) is not None}
     if not given:
         return {}
     plain = {key: _plain(model.get(key)) for key in ("net", "sampler")}
     upgraded = upgrade_hyperparameters({**plain, **given})
-    names = [f"model.net.init_args.{k}" if k in UNET_ALIASES else f"model.sampler.{SAMPLER_ALIASES[k]}" for k in given]
+    names = [flat_setting_target(k) for k in given]
     rank_zero_warn(
         f"{', '.join(f'model.{k}={v!r}' for k, v in given.items())}: deprecated, set {', '.join(names)} instead",
         category=FutureWarning,
@@ -424,8 +409,8 @@ class DDPMCLI(LightningCLI):
             help="fit only: start from the network weights (and their EMA) of this checkpoint, e.g. one written by "
             "`ddpm convert`: a new run for fine-tuning, not a resume (that is --ckpt_path)",
         )
-        for name, kind in _ALIAS_TYPES.items():
-            new = f"model.net.init_args.{name}" if name in UNET_ALIASES else f"model.sampler.{SAMPLER_ALIASES[name]}"
+        for name, kind in FLAT_MODEL_SETTINGS.items():
+            new = flat_setting_target(name)
             parser.add_argument(f"--model.{name}", type=kind | None, default=None, help=f"deprecated: {new}")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -476,7 +461,7 @@ class DDPMCLI(LightningCLI):
             prefix = [str(self.subcommand)] if self.subcommand else []
             self.config = self.parser.parse_object(_nested([*prefix, "model"], changes), self.config)
         config = self.config.get(str(self.subcommand), self.config)
-        for key in _ALIAS_TYPES:
+        for key in FLAT_MODEL_SETTINGS:
             if key in config.model:
                 del config.model[key]
         shape_from_data(config)

@@ -1,5 +1,5 @@
 """``ddpm posthoc-ema --run DIR --sigma-rel 0.05 0.1 [--out DIR] [--step N]``: sampling checkpoints of any EMA length
-from the post-hoc EMA snapshots of a run (:func:`~ddpm_lightning.callbacks.posthoc_ema.reconstruct_posthoc_ema`)."""
+from the post-hoc EMA snapshots of a run (:func:`~ddpm_lightning.posthoc.reconstruct_posthoc_ema`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm posthoc-ema --run DIR --sigma-rel S [S ...] [--out DIR] [--step N]``."""
     args = build_parser().parse_args(argv)
-    from ddpm_lightning.callbacks.posthoc_ema import reconstruct_posthoc_ema  # torch only once the command runs
+    from ddpm_lightning.posthoc import reconstruct_posthoc_ema  # torch only once the command runs
 
     for path in reconstruct_posthoc_ema(args.run, args.sigma_rel, args.out, args.step):
         print(f"wrote {path}")

@@ -25,9 +25,10 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-from ddpm_lightning.checkpoint import UNET_ALIASES, read_checkpoint
+from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.diffusion.timesteps import TimestepSamplingConfig
+from ddpm_lightning.legacy import UNET_ALIASES
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 from ddpm_lightning.optim import LRSchedule

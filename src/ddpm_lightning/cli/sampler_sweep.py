@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,12 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--steps",
-        "--nfe",
         dest="steps",
         nargs="+",
         type=int,
         default=list(STEPS),
-        help="network evaluations (NFE), default: 1000 250 100 50 20 10; --nfe is a deprecated alias",
+        help="network evaluations (NFE), default: 1000 250 100 50 20 10",
     )
     add_autoguidance_arguments(parser, default=1.0)
     parser.add_argument("--num", type=int, default=250, help="samples per (sampler, NFE) (default 250)")
@@ -61,10 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm sampler-sweep --ckpt PATH [--num 250] [--steps 1000 250 ...] [--samplers ...] [--fid]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if any(a == "--nfe" or a.startswith("--nfe=") for a in argv):
-        warnings.warn("ddpm sampler-sweep: --nfe is deprecated, use --steps", FutureWarning, stacklevel=2)
+    from ddpm_lightning.legacy import upgrade_sweep_argv
+
+    args = build_parser().parse_args(upgrade_sweep_argv(sys.argv[1:] if argv is None else argv))
     start = time.perf_counter()
     from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.sampler_sweep import sweep

@@ -2,7 +2,7 @@
 middle of an epoch exactly where they stopped, and the images and labels of a batch or item (:func:`images_of`,
 :func:`labels_of`)."""
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -68,6 +68,13 @@ def check_one_batch(num_images: int, batch_size: int, where: str = "") -> None:
             f"{num_images} training images{where} are fewer than the batch of {batch_size}: lower --data.batch_size "
             f"to {max(num_images, 1)} or less, or add images"
         )
+
+
+def stack_items(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images (N, C, H, W) and labels (N,) of data set items, stacked; labels None unless every item has one."""
+    images = torch.stack([images_of(item) for item in items])
+    labels = [labels_of(item) for item in items]
+    return images, torch.stack(labels) if labels and all(y is not None for y in labels) else None
 
 
 def per_process_batch_size(batch_size: int, world_size: int, accumulate: int = 1) -> int:

@@ -38,7 +38,8 @@ def extract(buffer: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 
-def _as_timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
+def as_timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
+    """Integer timesteps of shape (B,) for ``x``: a bare int broadcast to the batch."""
     if isinstance(t, int):
         return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     return t.to(device=x.device, dtype=torch.long)
@@ -275,10 +276,6 @@ class GaussianDiffusion(nn.Module):
         mean_output, var_values = self.split_output(model(x_t, t).float())
         return Prediction(self.model_output_to_eps(mean_output, x_t, t), var_values)
 
-    def predict_eps(self, model: Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Run the network and return its eps prediction in float32."""
-        return self.predict(model, x_t, t).eps
-
     # ------------------------------------------------------------------------------------------ training
     def training_loss(
         self,
@@ -333,7 +330,7 @@ class GaussianDiffusion(nn.Module):
         t - 1. ``clip_denoised`` clips the predicted x_0 to [-1, 1] inside the mean (improved-diffusion's
         evaluation clips, its training does not).
         """
-        t = _as_timesteps(t, x_t)
+        t = as_timesteps(t, x_t)
         true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
         mean, log_variance, _ = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance)) / math.log(2.0)
@@ -405,7 +402,7 @@ class GaussianDiffusion(nn.Module):
     # ----------------------------------------------------------------------------------- the noise levels
     def abar(self, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
         """abar_t for a batch, shaped to broadcast against x; t < 0 is the clean data (abar = 1)."""
-        t = _as_timesteps(t, x)
+        t = as_timesteps(t, x)
         padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
         return extract(padded, t.clamp(min=-1) + 1, x)
 
@@ -429,16 +426,6 @@ class GaussianDiffusion(nn.Module):
         """The schedule's sigma_t nearest to each ``sigma`` (float64): the noise levels a network of integer t has
         seen."""
         return self.sigmas.to(sigma.device)[self.timestep_of_sigma(sigma)]
-
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The continuous timestep of each ``sigma`` (float64): t interpolated linearly in log sigma between the
-        integer timesteps, clamped to [0, T - 1]; a network that takes real t can visit any noise level."""
-        log_sigmas = self.sigmas.to(sigma.device).log()
-        log_sigma = sigma.to(torch.float64).log().clamp(log_sigmas[0], log_sigmas[-1])
-        upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, self.num_timesteps - 1)
-        lower = upper - 1
-        frac = (log_sigma - log_sigmas[lower]) / (log_sigmas[upper] - log_sigmas[lower])
-        return lower.to(torch.float64) + frac
 
     def respaced(self, timesteps: Sequence[int]) -> GaussianDiffusion:
         """The process on the sub-chain of ``timesteps`` S, indexed 0..len(S)-1 from low to high t.

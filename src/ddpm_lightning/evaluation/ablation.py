@@ -61,8 +61,8 @@ FINAL_FRACTION = 0.1  # "final loss" = mean train/loss over the last 10% of logg
 #: DemoReport's scores of the trained model (metrics.json), as table columns.
 QUALITY_KEYS = {"frechet_distance": "Frechet dist.", "confident_share": "confident", "class_entropy": "class entropy"}
 MANIFEST = "manifest.json"
-_BUDGET_FILE = "budget.json"  # written by evaluation.budget.TrainingBudget into the run folder
 _VALUE = re.compile(r"[A-Za-z0-9_.+\-]+|\[[A-Za-z0-9_.+\-,]*\]")  # a word, or a flat list such as [1,2,4]
+_BUDGET_FILE = "budget.json"  # written by callbacks.budget.TrainingBudget into the run folder
 
 
 def _split(text: str) -> list[str]:
@@ -355,6 +355,17 @@ def collect(
     md_header = [*axes, "seeds", "steps", *md_names, "wall time (s)"]
     lines = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows_md]
+    note = _table_note(runs, has_bpd, has_rate, quality, missing)
+    text = "\n".join(lines) + "\n" + note + "\n"
+    atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
+    save_figure(curves_figure(runs), paths["curves.png"])
+    return paths
+
+
+def _table_note(
+    runs: Sequence[dict[str, Any]], has_bpd: bool, has_rate: bool, quality: Sequence[str], missing: Sequence[str]
+) -> str:
+    """The lines under the table: what its columns mean, and the runs missing from it."""
     note = (
         f"\nMean ± std over seeds (the value alone for one seed). Final train loss: mean of the logged training loss "
         f"over the last {FINAL_FRACTION:.0%} of logged steps; final val loss: the last evaluation (fixed t and noise "
@@ -375,10 +386,7 @@ def collect(
         )
     if missing:
         note += f"\n\n**Missing runs** (in the manifest, not finished; not in the table): {', '.join(missing)}."
-    text = "\n".join(lines) + "\n" + note + "\n"
-    atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
-    save_figure(curves_figure(runs), paths["curves.png"])
-    return paths
+    return note
 
 
 def _write_csv(rows: Sequence[Sequence[Any]], path: Path) -> Path:

@@ -30,6 +30,7 @@ from ddpm_lightning.evaluation.inception_weights import (
     resolve_fid_weights,
 )
 from ddpm_lightning.evaluation.real_stats import file_digest, real_stats_key, real_stats_name
+from ddpm_lightning.lit_module import PAPER_SAMPLER
 from ddpm_lightning.sampling import default_device, iter_samples, load_for_sampling, proportional_labels
 
 __all__ = [
@@ -145,7 +146,7 @@ def generate(
     return images, {
         "sampler": config.name,
         "steps": nfe,
-        "eta": config.eta if config.name == "ddim" else None,
+        "eta": config.eta if config.spec.uses_eta else None,
         "spacing": config.spacing if nfe < T else None,
         "label": config.label(T),
         "seed": seed,
@@ -381,7 +382,7 @@ def evaluate(
 
     paper = (
         ckpt is not None
-        and source["sampler"] == "ddpm"
+        and source["sampler"] == PAPER_SAMPLER.name
         and source["steps"] == source["num_timesteps"]
         and len(generated) >= PAPER_NUM_SAMPLES
         and (data, split, num_real) == ("cifar10", "train", None)

@@ -61,17 +61,8 @@ def guidance_sweep(
         raise ValueError("give at least one guidance scale")
     check_output(out, "out", folder=True)
     check_output(classifier_cache_dir or io.cache_dir(), "classifier_cache_dir", folder=True)
-    module = load_module(ckpt, device)
+    module, scorer = _load(ckpt, device, classifier_epochs, classifier_cache_dir)
     K = module.num_classes
-    if K is None:
-        raise ValueError(f"{ckpt} is an unconditional model (num_classes=None): guidance needs a class-conditional one")
-    trained_on, data_kwargs = checkpoint_data(ckpt)
-    if module.image_shape[0] != 1 or trained_on not in (None, "digits"):
-        raise ValueError(f"the digit classifier scores digits, but {ckpt} was trained on {trained_on or 'other data'}")
-    # the split of the model's data at the classifier's 32 pixels: the demo report's classifier and reference digits
-    # (native 28x28 digits padded to 32 are the very same images)
-    digits = training_digits(trained_on, data_kwargs)
-    scorer = DigitScorer.from_digits(digits, epochs=classifier_epochs, cache_dir=classifier_cache_dir)
     base = module.sampler_config_for(sampler, steps=steps)
     configs = [dataclasses.replace(base, guidance_scale=float(s)) for s in scales]  # each validated
     T = module.diffusion.num_timesteps
@@ -94,13 +85,7 @@ def guidance_sweep(
     rows: list[dict[str, Any]] = []
     per_row = max(1, min(8, num // K))
     for config in configs:
-        start = time.perf_counter()
-        batches = iter_samples(
-            module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True,
-            desc=f"s={config.guidance_scale:g}", labels=cycle_labels(range(K)),
-        )  # fmt: skip
-        images = torch.cat([batch.cpu() for _, batch in batches])
-        seconds = time.perf_counter() - start
+        images, seconds = _sample(module, config, num, seed, batch_size)
         scores = scorer(images)
         grid = out / f"grid_s{config.guidance_scale:g}.png"
         save_grid(class_rows(images, labels.tolist(), range(K), per_row), grid, nrow=per_row)
@@ -122,6 +107,33 @@ def guidance_sweep(
         text = table_md(rows, info)
         atomic_write(paths["table.md"], lambda tmp, text=text: tmp.write_text(text))
     return paths
+
+
+def _sample(module: Any, config: SamplerConfig, num: int, seed: int, batch_size: int) -> tuple[torch.Tensor, float]:
+    """``num`` samples of ``config``, the classes cycled (sample i seeded by i), and the seconds they took."""
+    start = time.perf_counter()
+    batches = iter_samples(
+        module, range(num), sampler=config, seed=seed, batch_size=batch_size, progress=True,
+        desc=f"s={config.guidance_scale:g}", labels=cycle_labels(range(module.num_classes)),
+    )  # fmt: skip
+    images = torch.cat([batch.cpu() for _, batch in batches])
+    return images, time.perf_counter() - start
+
+
+def _load(
+    ckpt: str | Path, device: str | torch.device | None, epochs: int, cache_dir: str | Path | None
+) -> tuple[Any, DigitScorer]:
+    """The class-conditional digits checkpoint and the digit scorer of its data."""
+    module = load_module(ckpt, device)
+    if module.num_classes is None:
+        raise ValueError(f"{ckpt} is an unconditional model (num_classes=None): guidance needs a class-conditional one")
+    trained_on, data_kwargs = checkpoint_data(ckpt)
+    if module.image_shape[0] != 1 or trained_on not in (None, "digits"):
+        raise ValueError(f"the digit classifier scores digits, but {ckpt} was trained on {trained_on or 'other data'}")
+    # the split of the model's data at the classifier's 32 pixels: the demo report's classifier and reference digits
+    # (native 28x28 digits padded to 32 are the very same images)
+    digits = training_digits(trained_on, data_kwargs)
+    return module, DigitScorer.from_digits(digits, epochs=epochs, cache_dir=cache_dir)
 
 
 def table_md(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:

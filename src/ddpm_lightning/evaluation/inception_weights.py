@@ -24,7 +24,6 @@ __all__ = [
     "WeightsSource",
     "build_fid_extractor",
     "check_fid_weights",
-    "convert_fid_helper_weights",
     "find_cached_weights",
     "hub_cache_path",
     "missing_weights_message",
@@ -156,11 +155,6 @@ def fid_helper_to_torch_fidelity(state: dict[str, torch.Tensor]) -> dict[str, to
     out["fc.weight"] = torch.full((1008, 2048), float("nan"))
     out["fc.bias"] = torch.full((1008,), float("nan"))
     return out
-
-
-def convert_fid_helper_weights(out: Path) -> Path:
-    """Write fid-helper's TorchScript Inception as a torch-fidelity state_dict at ``out`` (atomically)."""
-    return atomic_write(Path(out).expanduser(), _write_converted)
 
 
 def find_cached_weights() -> Path | None:

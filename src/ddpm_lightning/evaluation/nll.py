@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ddpm_lightning.checkpoint import read_checkpoint
-from ddpm_lightning.data import EmbeddedDigitsDataModule, ImageFolderDataModule, images_of, labels_of
+from ddpm_lightning.data import EmbeddedDigitsDataModule, ImageFolderDataModule, stack_items
 from ddpm_lightning.evaluation.fidelity import DATASETS, reference_images
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.sampling import load_module
@@ -141,14 +141,11 @@ def nll(
     module = load_module(ckpt, device)
     dataset = real_images(data, data_dir, split, module.image_shape[-1], module.image_shape[0], ckpt)
     count = len(dataset) if num is None else min(num, len(dataset))  # type: ignore[arg-type]
-    items = [dataset[i] for i in range(count)]
-    images = torch.stack([images_of(item) for item in items])
-    labels = None
-    if module.num_classes is not None:
-        found = [labels_of(item) for item in items]
-        if any(y is None for y in found):
-            raise ValueError(f"{ckpt} is class-conditional: its NLL needs labels, and the {data} images have none")
-        labels = torch.stack(found)
+    images, labels = stack_items([dataset[i] for i in range(count)])
+    if module.num_classes is None:
+        labels = None
+    elif labels is None:
+        raise ValueError(f"{ckpt} is class-conditional: its NLL needs labels, and the {data} images have none")
     if tuple(images.shape[1:]) != tuple(module.image_shape):
         raise ValueError(
             f"the {data} images are {tuple(images.shape[1:])} but the model {ckpt} expects {tuple(module.image_shape)}"

@@ -119,9 +119,8 @@ def _settings(settings: Sequence[str] | Mapping[str, SamplerConfig]) -> dict[str
 
 def at_evaluations(base: SamplerConfig, nfe: int) -> SamplerConfig:
     """``base`` with the steps that make ``nfe`` network evaluations of the main model, or the nearest below: NFE
-    steps, or (NFE + 1) // 2 Heun steps (2 steps - 1 evaluations)."""
-    steps = (nfe + 1) // 2 if base.name == "heun" else nfe
-    return dataclasses.replace(base, steps=steps)
+    steps, or (NFE + 1) // 2 Heun steps (2 steps - 1 evaluations): :meth:`SamplerConfig.steps_for_evaluations`."""
+    return dataclasses.replace(base, steps=base.steps_for_evaluations(nfe))
 
 
 def sweep(
@@ -245,7 +244,7 @@ def sweep(
         for name, base, n in [(name, base, n) for name, base in configs.items() for n in steps]:
             config = dataclasses.replace(at_evaluations(base, n), autoguidance_scale=autoguidance_scale)
             nfe = SamplerConfig.parse(config, autoguidance_scale=1.0).nfe(T)
-            key = (label, config.name, config.eta, config.S_churn, tuple(config.visited(module.diffusion)))
+            key = (label, config.name, config.eta, config.options, tuple(config.visited(module.diffusion)))
             setting = f"{label} {name}" if label else name
             row = {"setting": setting, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": nfe}
             row["column"] = n  # the pivot's column: Heun's 2 steps - 1 evaluations sit in the column of NFE n

@@ -225,8 +225,18 @@ class MPUNet(nn.Module):
         self.emb_label = MPConv(num_classes, c_emb) if num_classes is not None else None
         self.out_gain = nn.Parameter(torch.zeros([]))
 
+        c_out = self._build_encoder(in_channels + 1, widths, c_emb, image_size, num_blocks, attn_resolutions, block)
+        c_out = self._build_decoder(
+            c_out, widths, c_emb, image_size, num_blocks, attn_resolutions, mid_attention, block
+        )
+        self.out_conv = MPConv(c_out, self.out_channels, 3)
+
+    def _build_encoder(
+        self, c_out: int, widths: list[int], c_emb: int, image_size: int, num_blocks: int,
+        attn_resolutions: list[int], block: dict,
+    ) -> int:  # fmt: skip
+        """The encoder (``c_out``: the input's channels, the constant-ones one included); its output channels."""
         self.enc = nn.ModuleDict()
-        c_out = in_channels + 1  # the constant-ones channel
         for level, width in enumerate(widths):
             res = image_size >> level
             if level == 0:
@@ -239,7 +249,13 @@ class MPUNet(nn.Module):
                 self.enc[f"{res}x{res}_block{i}"] = MPBlock(c_out, width, c_emb, decoder=False, attention=attention,
                                                             **block)  # fmt: skip
                 c_out = width
+        return c_out
 
+    def _build_decoder(
+        self, c_out: int, widths: list[int], c_emb: int, image_size: int, num_blocks: int,
+        attn_resolutions: list[int], mid_attention: bool, block: dict,
+    ) -> int:  # fmt: skip
+        """The decoder, taking the encoder's skips in reverse order; its output channels."""
         self.dec = nn.ModuleDict()
         skips = [m.c_out for m in self.enc.values()]
         for level, width in reversed(list(enumerate(widths))):
@@ -256,7 +272,7 @@ class MPUNet(nn.Module):
                                                             attention=attention, **block)  # fmt: skip
                 self.dec[f"{res}x{res}_block{i}"].takes_skip = True
                 c_out = width
-        self.out_conv = MPConv(c_out, self.out_channels, 3)
+        return c_out
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:

@@ -44,9 +44,6 @@ DownsamplePadding = Literal["same", "symmetric"]
 DOWNSAMPLE_PADDINGS: tuple[DownsamplePadding, ...] = ("same", "symmetric")
 TimeConditioning = Literal["add", "scale_shift"]
 TIME_CONDITIONINGS: tuple[TimeConditioning, ...] = ("add", "scale_shift")
-#: the settings of U-Nets stored before they were recorded: symmetric down-sampling padding and torch's GroupNorm eps
-#: (:func:`ddpm_lightning.checkpoint.upgrade_net_spec` gives them to such checkpoints)
-LEGACY_SETTINGS = {"downsample_padding": "symmetric", "norm_eps": 1e-5}
 
 
 def _conv3x3(c_in: int, c_out: int, scale: float = 1.0, stride: int = 1, padding: int = 1) -> nn.Conv2d:

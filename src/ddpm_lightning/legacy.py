@@ -1,0 +1,159 @@
+"""Every name of earlier versions, in one place: the checkpoints, configs and arguments that use them are upgraded
+here, where they are read; nothing else in the package knows an old name. Deprecated in 0.1, removed in 0.2.0
+(CHANGELOG.md). Torch is imported only inside the functions that need it, so that a command's ``--help`` stays fast.
+
+- :func:`upgrade_state_dict`: the weights of checkpoints written before the network was injected (``unet.*`` ->
+  ``net.*``).
+- :func:`upgrade_hyperparameters`: the model settings of earlier versions onto today's, for checkpoints
+  (``DiffusionModule.load_from_checkpoint``, a resumed fit) and configs (``ddpm fit``) alike: the flat U-Net aliases
+  (:data:`UNET_ALIASES`, ``model.ch`` ...) into the network's ``init_args``, the flat sampler aliases
+  (:data:`SAMPLER_ALIASES`) into ``sampler``, and a stored U-Net without a setting recorded later gets the value it
+  ran with (:func:`upgrade_net_spec`, :data:`UNET_LEGACY_SETTINGS`: symmetric down-sampling padding, GroupNorm eps
+  1e-5).
+- :data:`FLAT_MODEL_SETTINGS`: the types of the flat aliases, which ``ddpm fit`` accepts as options of the command.
+- :func:`callback_sampler`: the callbacks' flat ``num_steps``, ``eta`` and ``spacing`` into their ``sampler``.
+- :func:`upgrade_sweep_argv`: ``ddpm sampler-sweep --nfe`` as ``--steps``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from ddpm_lightning import choices
+
+if TYPE_CHECKING:
+    from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
+
+__all__ = [
+    "FLAT_MODEL_SETTINGS",
+    "SAMPLER_ALIASES",
+    "UNET_ALIASES",
+    "UNET_LEGACY_SETTINGS",
+    "callback_sampler",
+    "flat_setting_target",
+    "upgrade_hyperparameters",
+    "upgrade_net_spec",
+    "upgrade_state_dict",
+    "upgrade_sweep_argv",
+]
+
+# prefix of the network's weights in checkpoints of earlier versions -> today's
+_LEGACY_PREFIXES = {"unet.": "net."}
+# the class paths a stored U-Net may have
+_UNET_PATHS = ("ddpm_lightning.models.UNet", "ddpm_lightning.models.unet.UNet")
+#: the settings of U-Nets stored before they were recorded: symmetric down-sampling padding and torch's GroupNorm eps
+UNET_LEGACY_SETTINGS = {"downsample_padding": "symmetric", "norm_eps": 1e-5}
+#: deprecated flat model settings of the default U-Net (``model.ch`` ...), from before the network was injected
+UNET_ALIASES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
+#: deprecated flat sampler settings -> the field of ``model.sampler`` each one sets
+SAMPLER_ALIASES = {"sample_steps": "steps", "eta": "eta", "sample_spacing": "spacing"}
+#: the types of the deprecated flat model settings (options of ``ddpm fit``, not of the module)
+FLAT_MODEL_SETTINGS: dict[str, Any] = {
+    "ch": int,
+    "ch_mult": list[int],
+    "num_res_blocks": int,
+    "attn_resolutions": list[int],
+    "dropout": float,
+    "sample_steps": int,
+    "eta": float,
+    "sample_spacing": Literal[choices.SPACINGS],  # type: ignore[valid-type]
+}
+assert tuple(FLAT_MODEL_SETTINGS) == (*UNET_ALIASES, *SAMPLER_ALIASES), "FLAT_MODEL_SETTINGS: an alias is missing"
+
+
+def flat_setting_target(name: str) -> str:
+    """Where today's config sets the flat model setting ``name``: ``model.net.init_args.ch``, ``model.sampler.steps``
+    ..."""
+    return f"model.net.init_args.{name}" if name in UNET_ALIASES else f"model.sampler.{SAMPLER_ALIASES[name]}"
+
+
+def upgrade_state_dict(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Rename, in place, the keys of an earlier version's state dict (below ``prefix``) to today's names."""
+    for key in list(state_dict):
+        for old, new in _LEGACY_PREFIXES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+
+
+def upgrade_net_spec(spec: Any) -> Any:
+    """A ``{"class_path", "init_args"}`` network spec whose U-Net ``init_args`` lack a setting added later, with that
+    setting at the value the network was trained with (:data:`UNET_LEGACY_SETTINGS`);
+    anything else unchanged."""
+    if not isinstance(spec, Mapping) or spec.get("class_path") not in _UNET_PATHS:
+        return spec
+    init_args = spec.get("init_args")
+    if not isinstance(init_args, Mapping) or UNET_LEGACY_SETTINGS.keys() <= init_args.keys():
+        return spec
+    return {**spec, "init_args": {**UNET_LEGACY_SETTINGS, **init_args}}
+
+
+def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a checkpoint's hyper-parameters (or of a config's model settings) in today's form, without the
+    deprecated aliases: the U-Net aliases (:data:`UNET_ALIASES`) and the flat shape set in the network's
+    ``init_args``, or without a network the U-Net of those versions with them
+    (:data:`UNET_LEGACY_SETTINGS`); the sampler aliases (:data:`SAMPLER_ALIASES`) set in
+    ``sampler``; the network spec upgraded (:func:`upgrade_net_spec`).
+
+    ValueError for a U-Net alias given with another network (a ``class_path`` mapping or an ``nn.Module``).
+    """
+    hparams = dict(hparams)
+    unet = {key: value for key in UNET_ALIASES if (value := hparams.pop(key, None)) is not None}
+    sampler = {field: value for key, field in SAMPLER_ALIASES.items() if (value := hparams.pop(key, None)) is not None}
+    if unet:
+        # the flat shape set the U-Net's too
+        unet |= {key: hparams[key] for key in ("image_size", "in_channels") if hparams.get(key) is not None}
+        net = hparams.get("net")
+        if net is None:
+            hparams["net"] = {"class_path": _UNET_PATHS[0], "init_args": {**UNET_LEGACY_SETTINGS, **unet}}
+        elif isinstance(net, Mapping) and net.get("class_path") in _UNET_PATHS:
+            hparams["net"] = {**net, "init_args": {**(net.get("init_args") or {}), **unet}}
+        else:
+            name = net.get("class_path") if isinstance(net, Mapping) else type(net).__name__
+            raise ValueError(
+                f"model.{next(iter(unet))} is a setting of the default U-Net, but model.net is {name}: set it under "
+                "model.net.init_args"
+            )
+    if sampler:
+        from ddpm_lightning.diffusion import SamplerConfig  # torch: not for the commands' --help
+
+        hparams["sampler"] = SamplerConfig.parse(hparams.get("sampler"), **sampler).to_dict()
+    if "net" in hparams:
+        hparams["net"] = upgrade_net_spec(hparams["net"])
+    return hparams
+
+
+def callback_sampler(
+    sampler: SamplerConfig | Mapping[str, Any] | Sampler,
+    num_steps: int | None,
+    eta: float | None,
+    spacing: Spacing | None,
+    default_steps: int,
+    owner: str,
+) -> SamplerConfig:
+    """The sampler setting of a callback from its ``sampler`` argument and the deprecated ``num_steps``, ``eta`` and
+    ``spacing``; a bare sampler name runs ``default_steps`` network evaluations (the callback's former default)."""
+    old = {"num_steps": num_steps, "eta": eta, "spacing": spacing}
+    given = [name for name, value in old.items() if value is not None]
+    if given:
+        warnings.warn(
+            f"{owner}({', '.join(given)}=...) is deprecated: give sampler={{name: ..., steps: ..., eta: ..., "
+            "spacing: ...} (a SamplerConfig)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    from ddpm_lightning.diffusion import SamplerConfig
+
+    base = SamplerConfig(name="ddim", steps=default_steps)
+    return SamplerConfig.parse(sampler, base, steps=num_steps, eta=eta, spacing=spacing)
+
+
+def upgrade_sweep_argv(argv: Sequence[str]) -> list[str]:
+    """``ddpm sampler-sweep`` arguments with the deprecated ``--nfe`` written as ``--steps``, with a warning."""
+    argv = list(argv)
+    if not any(a == "--nfe" or a.startswith("--nfe=") for a in argv):
+        return argv
+    warnings.warn("ddpm sampler-sweep: --nfe is deprecated, use --steps", FutureWarning, stacklevel=3)
+    return ["--steps" if a == "--nfe" else a.replace("--nfe=", "--steps=", 1) if a.startswith("--nfe=") else a
+            for a in argv]  # fmt: skip

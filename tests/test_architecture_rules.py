@@ -1,0 +1,204 @@
+"""The code's rules that keep it easy to change, each shown to fail on a planted violation: no sampler named in a
+comparison outside its own file, no name of an earlier version outside :mod:`ddpm_lightning.legacy`, every module
+named in docs/index.md's layout."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from ddpm_lightning.choices import SAMPLERS
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).parents[1]
+PACKAGE = REPO / "src" / "ddpm_lightning"
+MODULES = {
+    ".".join(("ddpm_lightning", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+    for p in PACKAGE.rglob("*.py")
+}
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+def sampler_checks(tree: ast.AST, own: str | None = None) -> list[str]:
+    """Comparisons with a sampler's name (``config.name == "heun"``, ``name in ("ddim", "ddpm")``) other than
+    ``own``: what a sampler needs belongs in its own file and options, not in checks elsewhere."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                named = {v.value for v in values if isinstance(v, ast.Constant) and v.value in SAMPLERS} - {own}
+                found += [f"line {node.lineno}: {ast.unparse(node)}" for _ in named]
+    return found
+
+
+def test_no_sampler_is_named_in_a_check_outside_its_own_file():
+    found = {}
+    for name, path in MODULES.items():
+        own = name.rsplit(".", 1)[-1] if name.startswith("ddpm_lightning.diffusion.samplers.") else None
+        if lines := sampler_checks(ast.parse(path.read_text()), own):
+            found[name] = lines
+    assert found == {}
+
+
+def test_the_sampler_check_finds_a_check_of_a_samplers_name():
+    planted = "steps = (nfe + 1) // 2 if base.name == 'heun' else nfe\nok = config.name == 'mine'\n"
+    assert sampler_checks(ast.parse(planted)) == ["line 1: base.name == 'heun'"]
+    assert sampler_checks(ast.parse("if name in ('ddim', 'x'): pass\n")) == ["line 1: name in ('ddim', 'x')"]
+    assert sampler_checks(ast.parse(planted), own="heun") == []
+
+
+# ------------------------------------------------------------------------------------------------ old names
+#: names of earlier versions that only :mod:`ddpm_lightning.legacy` may know (as a string, a parameter, a variable or
+#: an attribute)
+OLD_NAMES = ("sample_steps", "sample_spacing", "--nfe", "unet.", "LEGACY_SETTINGS", "_ALIAS_TYPES")
+
+
+def old_names(tree: ast.AST) -> list[str]:
+    """Each use of a name of :data:`OLD_NAMES` in ``tree``: in a string (``"--nfe"``, ``"unet.*"``) or as an
+    identifier (``sample_steps=``, ``x.sample_steps``)."""
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [n for n in OLD_NAMES if n in node.value.split() or node.value.startswith(n)]
+        elif isinstance(node, (ast.Name, ast.arg, ast.Attribute, ast.keyword, ast.alias)):
+            ident = {ast.Name: "id", ast.arg: "arg", ast.Attribute: "attr", ast.keyword: "arg", ast.alias: "name"}
+            names = [n for n in OLD_NAMES if getattr(node, ident[type(node)]) == n]
+        found += [(node.lineno, name) for name in names if hasattr(node, "lineno")]
+    return [f"line {line}: {name}" for line, name in sorted(found)]
+
+
+def test_no_old_name_outside_the_legacy_module():
+    found = {}
+    for name, path in MODULES.items():
+        if name != "ddpm_lightning.legacy" and (lines := old_names(ast.parse(path.read_text()))):
+            found[name] = lines
+    assert found == {}
+
+
+def test_the_old_name_check_finds_an_old_name_in_a_string_a_parameter_and_an_attribute():
+    planted = (
+        "def f(sample_steps=None):\n    return argv == '--nfe' or key.startswith('unet.') or cfg.sample_spacing\n"
+        "steps = config.steps\n"
+    )
+    assert old_names(ast.parse(planted)) == ["line 1: sample_steps", "line 2: --nfe", "line 2: sample_spacing",
+                                             "line 2: unet."]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ the docs' layout
+def layout_block(text: str) -> str:
+    """The code block under ``## Layout`` of docs/index.md."""
+    section = text.split("## Layout", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def missing_from_layout(layout: str, modules: dict[str, Path]) -> list[str]:
+    """The modules under src/ the layout does not name: a top-level module as ``name.py``, a package as
+    ``name/``, a module of a package by its name (``ema``, ``gaussian.py``)."""
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*(?:\.py|/)?", layout))
+    missing = []
+    for name in sorted(modules):
+        parts = name.split(".")[1:]
+        if not parts or parts[-1] == "__main__":
+            continue
+        if len(parts) == 1:
+            wanted = {f"{parts[0]}/"} if modules[name].name == "__init__.py" else {f"{parts[0]}.py"}
+        else:
+            wanted = {parts[-1], f"{parts[-1]}.py", f"{parts[-1]}/"}
+        if not wanted & words:
+            missing.append(name)
+    return missing
+
+
+def test_the_docs_layout_names_every_module_under_src():
+    assert missing_from_layout(layout_block((REPO / "docs" / "index.md").read_text()), MODULES) == []
+
+
+def test_the_layout_check_finds_a_module_left_out():
+    layout = "src/ddpm_lightning/\n  io.py  atomic writes\n  callbacks/  ema, fid\n"
+    modules = {
+        "ddpm_lightning.io": PACKAGE / "io.py",
+        "ddpm_lightning.guard": PACKAGE / "guard.py",
+        "ddpm_lightning.callbacks": PACKAGE / "callbacks" / "__init__.py",
+        "ddpm_lightning.callbacks.ema": PACKAGE / "callbacks" / "ema.py",
+        "ddpm_lightning.callbacks.bpd": PACKAGE / "callbacks" / "bpd.py",
+    }
+    assert missing_from_layout(layout, modules) == ["ddpm_lightning.callbacks.bpd", "ddpm_lightning.guard"]
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_PARAMETERS = 17
+MAX_LIT_MODULE_LINES = 350
+#: the one function allowed to be longer: the U-Net's constructor, the paper's architecture read top to bottom
+LONG_FUNCTIONS_ALLOWED = {"ddpm_lightning.models.unet.UNet.__init__"}
+#: what is still over the limits, at its size today: a ratchet (a size may only go down; a paid debt leaves the list)
+DEBTS = {
+    "ddpm_lightning.evaluation.sampler_sweep.sweep": 144,
+    "ddpm_lightning.evaluation.fidelity.evaluate": 133,
+    "DiffusionModule.__init__ parameters": 27,
+    "lit_module.py lines": 556,
+}
+
+
+def function_sizes(tree: ast.AST, module: str) -> dict[str, int]:
+    """The lines of every function of ``tree`` (decorators included), by qualified name."""
+    sizes = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    first = child.decorator_list[0].lineno if child.decorator_list else child.lineno
+                    sizes[name] = child.end_lineno - first + 1
+                visit(child, name)
+
+    visit(tree, module)
+    return sizes
+
+
+def oversized(modules: dict[str, Path]) -> dict[str, int]:
+    """Everything over the limits: functions longer than :data:`MAX_FUNCTION_LINES` (but the allowed ones), the
+    module's ``__init__`` parameters over :data:`MAX_MODULE_PARAMETERS`, lit_module.py over its lines."""
+    found = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        for function, lines in function_sizes(tree, name).items():
+            if lines > MAX_FUNCTION_LINES and function not in LONG_FUNCTIONS_ALLOWED:
+                found[function] = lines
+        if name == "ddpm_lightning.lit_module":
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LIT_MODULE_LINES:
+                found["lit_module.py lines"] = lines
+            init = next(
+                n
+                for n in ast.walk(tree)
+                if isinstance(n, ast.ClassDef) and n.name == "DiffusionModule"
+                for n in n.body
+                if isinstance(n, ast.FunctionDef) and n.name == "__init__"
+            )
+            parameters = len(init.args.args) - 1 + len(init.args.kwonlyargs)
+            if parameters > MAX_MODULE_PARAMETERS:
+                found["DiffusionModule.__init__ parameters"] = parameters
+    return found
+
+
+def test_no_function_or_module_grows_past_the_size_limits():
+    found = oversized(MODULES)
+    grown = {k: v for k, v in found.items() if v > DEBTS.get(k, 0)}
+    paid = sorted(set(DEBTS) - set(found))
+    assert grown == {}, f"over the limits (functions <= {MAX_FUNCTION_LINES} lines; debts may only shrink): {grown}"
+    assert paid == [], f"within the limits now: take them out of DEBTS: {paid}"
+
+
+def test_the_size_check_finds_a_long_function_and_too_many_parameters(tmp_path):
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * 80 + "\n\nclass A:\n    def g(self):\n        return 1\n")
+    lit = tmp_path / "lit_module.py"
+    params = ", ".join(f"a{i}=0" for i in range(18))
+    lit.write_text(f"class DiffusionModule:\n    def __init__(self, {params}):\n        pass\n")
+    found = oversized({"ddpm_lightning.long": long, "ddpm_lightning.lit_module": lit})
+    assert found == {"ddpm_lightning.long.f": 81, "DiffusionModule.__init__ parameters": 18}
