@@ -186,6 +186,18 @@ def test_a_smaller_guide_is_trained_for_its_share_of_the_run_and_loads(tmp_path:
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
+@pytest.mark.integration
+def test_a_guide_in_a_run_bounded_by_a_step_budget_takes_its_share_of_the_fixed_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(budget_module, "time", StepClock())  # 10 steps/s: a budget of 1.2 s fixes 12 steps
+    guide, budget = GuideTraining(fraction=0.5), TrainingBudget(seconds=1.2, warmup_steps=1, measure_steps=2)
+    trainer = tiny_trainer(tmp_path, -1, [budget, guide])
+    trainer.fit(tiny_module(lr_schedule={"name": "linear"}), EmbeddedDigitsDataModule(**DIGITS))
+    assert trainer.global_step == 12
+    assert torch.load(tmp_path / "checkpoints" / "guide.ckpt", weights_only=True)["global_step"] == 6
+
+
 @pytest.mark.unit
 def test_a_guide_setting_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match=r"GuideTraining width must lie in \(0, 1\].*got 1.5"):

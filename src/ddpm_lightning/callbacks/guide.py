@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ddpm_lightning.callbacks.resilience import last_checkpoint_path
 from ddpm_lightning.io import atomic_write
+from ddpm_lightning.optim import DECAYING
 
 __all__ = ["GuideCheckpoint", "GuideTraining"]
 
@@ -108,12 +109,15 @@ class GuideTraining(Callback):
         self._done = False
         self._restored: dict[str, Any] | None = None
 
-    def steps(self, trainer: L.Trainer) -> int:
-        """The guide's number of optimizer steps."""
+    def steps(self, trainer: L.Trainer) -> int | None:
+        """The guide's number of optimizer steps; None while a step budget (``TrainingBudget``) has not fixed the
+        run's length yet."""
         if trainer.max_steps is not None and trainer.max_steps >= 1:
             return max(1, round(self.fraction * trainer.max_steps))
         if self.at_step is not None:
             return self.at_step
+        if any(getattr(c, "sets_max_steps", False) for c in trainer.callbacks):
+            return None
         raise ValueError(
             f"GuideTraining(fraction={self.fraction}) needs trainer.max_steps (or a TrainingBudget); give at_step for "
             "a run bounded by max_time or epochs"
@@ -149,8 +153,12 @@ class GuideTraining(Callback):
     @torch.enable_grad()
     def _train_step(self, trainer: L.Trainer, batch: Any) -> None:
         guide, optimizer, hp = self.guide, self.guide_optimizer, self.guide.hparams
-        total = guide.lr_schedule.decay_steps(self.steps(trainer))
-        factor = guide.lr_schedule.factor(self._steps, hp.warmup_steps, total)
+        schedule, steps = guide.lr_schedule, self.steps(trainer)
+        if steps is None and schedule.name in DECAYING and self._steps >= hp.warmup_steps:
+            factor = 1.0  # the run's length is not known yet: the schedule decays once it is
+        else:
+            total = None if steps is None else schedule.decay_steps(steps)
+            factor = schedule.factor(self._steps, hp.warmup_steps, total)
         for group in optimizer.param_groups:
             group["lr"] = hp.lr * factor
         guide.train()
@@ -185,7 +193,8 @@ class GuideTraining(Callback):
         if self._done or self.guide is None:
             return
         self._train_step(trainer, batch)
-        if self._steps >= self.steps(trainer):
+        steps = self.steps(trainer)
+        if steps is not None and self._steps >= steps:
             self._write(trainer)
             self._done = True
 
