@@ -118,3 +118,22 @@ def test_resume_in_the_middle_of_an_epoch_matches_an_uninterrupted_run(tmp_path:
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _without_model_checkpoint(args: list[str]) -> list[str]:
+    """``fit_args`` without its ModelCheckpoint and with Lightning's default logger: a config that lists neither."""
+    return [
+        a for a in args if "ModelCheckpoint" not in a and not a.startswith(("--trainer.callbacks.", "--trainer.logger"))
+    ]
+
+
+def test_without_a_model_checkpoint_last_ckpt_is_the_newest_state_and_the_logger_version_is_kept(
+    tmp_path: Path,
+) -> None:
+    n = STEPS_PER_EPOCH
+    main(_without_model_checkpoint(fit_args(tmp_path, n)))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == n  # written at the end of fit
+    main(_without_model_checkpoint(fit_args(tmp_path, 2 * n, "--ckpt_path=last")))
+    assert read_checkpoint(last)["global_step"] == 2 * n  # a resumed run updates it
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]

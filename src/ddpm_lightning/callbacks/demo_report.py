@@ -65,6 +65,9 @@ class DemoReport(Callback):
     ``chain.png`` (reverse chain x_T ... x_0), ``loss.png`` (the logged ``train/loss``) and ``metrics.json``, and
     print where they are. Needs :class:`~ddpm_lightning.data.EmbeddedDigitsDataModule`.
 
+    The losses and the training time so far are kept in every checkpoint, so that the report of a resumed run covers
+    the whole run (its steps, seconds and loss curve); its steps/s are those of the steps this process ran.
+
     Args:
         num_samples: images in ``samples.png``: the first of the evaluation samples.
         num_eval_samples: samples scored for each model (sample i seeded by ``seed + i``).
@@ -124,7 +127,11 @@ class DemoReport(Callback):
         self.losses: list[tuple[int, torch.Tensor]] = []  # kept on the device: read once, at the end
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._train_start = self._train_time = 0.0
-        self._first_step = 0
+        self._training = False
+        self._first_step: int | None = None  # None: this process ran no step (a resume at max_steps)
+        # the runs before a resume, from the checkpoint: their losses and training time
+        self._earlier_losses: list[tuple[int, float]] = []
+        self._earlier_time = 0.0
 
     # ------------------------------------------------------------------------------------------------ recording
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -160,6 +167,7 @@ class DemoReport(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_start = time.perf_counter()
+        self._training = True
         self._first_step = trainer.global_step
 
     def on_train_batch_end(
@@ -185,6 +193,22 @@ class DemoReport(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_time = time.perf_counter() - self._train_start
+        self._training = False
+
+    def _time_this_run(self) -> float:
+        return time.perf_counter() - self._train_start if self._training else self._train_time
+
+    def loss_history(self) -> list[tuple[int, float]]:
+        """(step, train/loss) of the whole run: the runs before a resume, then this one."""
+        values = torch.stack([v for _, v in self.losses]).tolist() if self.losses else []
+        return [*self._earlier_losses, *zip([s for s, _ in self.losses], values, strict=True)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.loss_history(), "train_time_s": self._earlier_time + self._time_this_run()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._earlier_losses = [(int(step), float(loss)) for step, loss in state_dict.get("losses", [])]
+        self._earlier_time = float(state_dict.get("train_time_s", 0.0))
 
     # ------------------------------------------------------------------------------------------------ the report
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -237,11 +261,14 @@ class DemoReport(Callback):
             del untrained
 
         steps = trainer.global_step
+        ran = 0 if self._first_step is None else steps - self._first_step  # the steps this process ran
+        train_time = self._earlier_time + self._train_time  # the whole run's, over its resumes
+        history = self.loss_history()
         _plot_loss(
-            [s for s, _ in self.losses],
-            torch.stack([v for _, v in self.losses]).tolist() if self.losses else [],
+            [s for s, _ in history],
+            [v for _, v in history],
             root / "loss.png",
-            f"{steps} steps in {self._train_time / 60:.1f} min",
+            f"{steps} steps in {train_time / 60:.1f} min",
             pl_module.diffusion.objective,
         )
         unguided = {}
@@ -258,8 +285,9 @@ class DemoReport(Callback):
             "sampler": sampler.label(pl_module.diffusion.num_timesteps),
             **({"guide_ckpt": str(guide_path)} if guide_path is not None else {}),
             "steps": steps,
-            "train_time_s": round(self._train_time, 1),
-            "steps_per_s": round(steps / self._train_time, 3) if self._train_time > 0 else None,
+            "train_time_s": round(train_time, 1),
+            "steps_this_run": ran,
+            "steps_per_s": round(ran / self._train_time, 3) if ran > 0 and self._train_time > 0 else None,
             "device": str(pl_module.device),
             "torch_threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in pl_module.net.parameters()),
@@ -286,6 +314,10 @@ class DemoReport(Callback):
     @staticmethod
     def _print_summary(root: Path, ckpt: Path, metrics: dict) -> None:
         rate = "no step timed" if metrics["steps_per_s"] is None else f"{metrics['steps_per_s']} steps/s"
+        if (
+            metrics.get("steps_this_run", metrics["steps"]) != metrics["steps"]
+        ):  # a resumed run: the rate is that of its own steps
+            rate = f"{metrics['steps_this_run']} in this run: {rate}"
         lines = [
             f"\ndemo: {metrics['steps']} steps in {metrics['train_time_s']:.0f} s "
             f"({rate} on {metrics['device']}, {metrics['torch_threads']} threads)",

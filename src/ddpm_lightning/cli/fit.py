@@ -4,7 +4,7 @@ needs and the default callbacks, visible in the config.
 - Loggers write into the run folder ``trainer.default_root_dir`` (:func:`follow_run_dir`) and ModelCheckpoints
   without a ``dirpath`` into ``<run dir>/checkpoints`` (:func:`checkpoints_in_run_dir`), so that
   ``--ckpt_path last`` (:func:`resolve_ckpt_path`) finds the previous run's ``last.ckpt``; a resumed fit continues
-  its W&B run (:func:`resume_wandb_run`).
+  its W&B run (:func:`resume_wandb_run`) and its TensorBoard/CSV ``version_N`` folder (:func:`resume_logger_versions`).
 - Every logger gets the resolved config, the git commit and the package versions (:class:`LogRunConfig`).
 - The option ``default_callbacks`` names the callbacks of :func:`ddpm_lightning.callbacks.default_callbacks` the run
   gets (all by default; ``--print_config`` shows them). They are added to whatever ``trainer.callbacks`` a config
@@ -46,7 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, EMA, default_callbacks
-from ddpm_lightning.callbacks.tracking import read_wandb_run_id
+from ddpm_lightning.callbacks.tracking import read_logger_versions, read_wandb_run_id
 from ddpm_lightning.checkpoint import (
     SAMPLER_ALIASES,
     UNET_ALIASES,
@@ -76,6 +76,7 @@ __all__ = [
     "model_aliases",
     "package_versions",
     "resolve_ckpt_path",
+    "resume_logger_versions",
     "resume_wandb_run",
     "run_cli",
     "run_metadata",
@@ -368,6 +369,37 @@ def resume_wandb_run(trainer_config: Any, ckpt_path: str | Path | None) -> str |
     return None
 
 
+def resume_logger_versions(trainer_config: Any, ckpt_path: str | Path | None) -> list[str]:
+    """Give the TensorBoard and CSV loggers of a fit resumed from ``ckpt_path`` the versions stored in it
+    (:func:`~ddpm_lightning.callbacks.tracking.read_logger_versions`), so that the run keeps writing into its
+    ``version_N`` folder instead of opening a new one per resume. A logger given a ``version`` keeps it; Lightning's
+    default logger (``trainer.logger`` unset) becomes the same logger with the stored version. Returns the versions
+    set."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return []
+    stored = read_logger_versions(ckpt_path)
+    if not stored:
+        return []
+    if getattr(trainer_config, "logger", None) in (None, True):  # Lightning's default logger, of the stored class
+        first = stored[0]
+        if first["class"] not in _LOGGER_CLASSES_WITH_SAVE_DIR:
+            return []
+        init_args = Namespace(save_dir=str(_run_dir(trainer_config)), name=first["name"], version=first["version"])
+        trainer_config.logger = Namespace(class_path=f"lightning.pytorch.loggers.{first['class']}", init_args=init_args)
+        return [f"{first['name']}/version_{first['version']}"]
+    resumed = []
+    for entry in _logger_configs(trainer_config):
+        kind = entry.class_path.rsplit(".", 1)[-1]
+        if getattr(entry.init_args, "version", None) is not None:
+            continue  # the user chose a version
+        for version in stored:
+            if version["class"] == kind and version["name"] == getattr(entry.init_args, "name", None):
+                entry.init_args.version = version["version"]
+                resumed.append(f"{version['name']}/version_{version['version']}")
+                break
+    return resumed
+
+
 def finish_wandb_run() -> None:
     """End the process's W&B run, if any, so that the next fit in the same process (``ddpm ablate``) starts its own."""
     wandb = sys.modules.get("wandb")  # not imported: no W&B run
@@ -453,6 +485,7 @@ class DDPMCLI(LightningCLI):
         if self.subcommand == "fit":
             config.ckpt_path = resolve_ckpt_path(config.trainer, config.get("ckpt_path"))
             resume_wandb_run(config.trainer, config.get("ckpt_path"))
+            resume_logger_versions(config.trainer, config.get("ckpt_path"))
             self._resume(config.ckpt_path)
         # after _resume (which may replace self.config): a checkpoint of an earlier version may bring its ema_decay
         ema_decay_alias(self.config.get(str(self.subcommand), self.config))
