@@ -314,10 +314,9 @@ class DemoReport(Callback):
     @staticmethod
     def _print_summary(root: Path, ckpt: Path, metrics: dict) -> None:
         rate = "no step timed" if metrics["steps_per_s"] is None else f"{metrics['steps_per_s']} steps/s"
-        if (
-            metrics.get("steps_this_run", metrics["steps"]) != metrics["steps"]
-        ):  # a resumed run: the rate is that of its own steps
-            rate = f"{metrics['steps_this_run']} in this run: {rate}"
+        ran = metrics.get("steps_this_run", metrics["steps"])
+        if ran != metrics["steps"]:  # a resumed run: the rate is that of its own steps
+            rate = f"{ran} in this run: {rate}"
         lines = [
             f"\ndemo: {metrics['steps']} steps in {metrics['train_time_s']:.0f} s "
             f"({rate} on {metrics['device']}, {metrics['torch_threads']} threads)",
