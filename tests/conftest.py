@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import struct
 import sys
 import tarfile
@@ -398,6 +399,18 @@ def fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
         "--trainer.callbacks.save_top_k=0",
         *extra,
     ]
+
+
+class SignalAt(L.Callback):
+    """Sends ``signal`` to this process during optimizer step ``step`` (1-based), as a user's Ctrl-C or a scheduler
+    (SLURM signals every task). In a ``ddpm fit`` of the tests: ``{"class_path": "conftest.SignalAt", ...}``."""
+
+    def __init__(self, step: int, signal: str):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ digits from noise."""
 import itertools
 import json
 import math
-import os
 import signal as signal_module
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
-from lightning.pytorch.callbacks import Callback
+from conftest import SignalAt
 from PIL import Image
 
 from ddpm_lightning.callbacks import DemoReport
@@ -87,17 +86,6 @@ def test_scorer_separates_real_heldout_digits_from_noise(digits, classifier_cach
     # enough, which is why the entropy and the distance are reported beside it)
     assert real["class_entropy"] > 0.95 * math.log(10) > 0.5 > noise["class_entropy"]
     assert noise["frechet_distance"] > 20 * real["frechet_distance"]
-
-
-class SignalAt(Callback):
-    """Sends ``signal`` to this process during optimizer step ``step`` (1-based), as a user's Ctrl-C or a scheduler."""
-
-    def __init__(self, step: int, signal: str):
-        self.step, self.signal = step, signal
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step + 1 == self.step:
-            os.kill(os.getpid(), getattr(signal_module, self.signal))
 
 
 def _demo(

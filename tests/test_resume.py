@@ -137,3 +137,18 @@ def test_without_a_model_checkpoint_last_ckpt_is_the_newest_state_and_the_logger
     main(_without_model_checkpoint(fit_args(tmp_path, 2 * n, "--ckpt_path=last")))
     assert read_checkpoint(last)["global_step"] == 2 * n  # a resumed run updates it
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_a_signal_before_the_first_periodic_save_leaves_one_last_ckpt_that_the_resume_updates(tmp_path: Path) -> None:
+    # ModelCheckpoint saves every 3 steps; SIGTERM during step 2 saves last.ckpt through it, so that its own save at
+    # the end of fit does not write a last-v1.ckpt beside it, which the resume would update instead
+    signal_at = (
+        '--trainer.callbacks+={"class_path": "conftest.SignalAt", "init_args": {"step": 2, "signal": "SIGTERM"}}'
+    )
+    main(fit_args(tmp_path, 2 * STEPS_PER_EPOCH, signal_at))
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 2
+    main(fit_args(tmp_path, 4, "--ckpt_path=last"))
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 4

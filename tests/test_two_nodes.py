@@ -6,7 +6,6 @@ weights of an uninterrupted one."""
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import torch
 import yaml
 from conftest import CLASSIFIER_TEST_EPOCHS
 from conftest import weights as last_weights
-from lightning.pytorch.callbacks import Callback
 
 from ddpm_lightning.checkpoint import read_checkpoint
 
@@ -26,17 +24,6 @@ pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.timeout(900)]
 TESTS = Path(__file__).resolve().parent
 DEMO_CONFIG = TESTS.parent / "configs" / "demo.yaml"
 NODES = ("--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp", "--trainer.accelerator=cpu")
-
-
-class SignalAt(Callback):
-    """Sends ``signal`` to this process during optimizer step ``step`` (1-based), as SLURM does to every task."""
-
-    def __init__(self, step: int, signal: str):
-        self.step, self.signal = step, signal
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step + 1 == self.step:
-            os.kill(os.getpid(), getattr(signal, self.signal))
 
 
 def _small_config(folder: Path, classifier_cache: Path) -> Path:
@@ -140,7 +127,7 @@ def test_an_interrupted_two_node_run_resumes_to_the_weights_of_an_uninterrupted_
 ) -> None:
     config = _small_config(tmp_path, classifier_cache)
     _two_nodes(_argv(tmp_path / "straight", config, "--trainer.max_steps=6"))
-    at = '{"class_path": "test_two_nodes.SignalAt", "init_args": {"step": 2, "signal": "SIGTERM"}}'
+    at = '{"class_path": "conftest.SignalAt", "init_args": {"step": 2, "signal": "SIGTERM"}}'
     _two_nodes(_argv(tmp_path / "resumed", config, "--trainer.max_steps=6", f"--trainer.callbacks+={at}"))
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 2  # stopped by the signal, after step 2

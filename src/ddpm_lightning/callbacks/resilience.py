@@ -189,8 +189,15 @@ class GracefulStop(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path, weights_only=False)  # the full state: the run continues from it
+        checkpointers = _last_checkpointers(trainer)
+        if checkpointers:
+            # through the ModelCheckpoint, which then knows its last.ckpt holds this step: written behind its back,
+            # the file would make its own save at the end of fit a last-v1.ckpt and leave last.ckpt behind on resume
+            compat.save_last_checkpoint(checkpointers[0], trainer)
+            path = Path(checkpointers[0].last_model_path)
+        else:
+            path = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state: the run continues from it
         self.saved_step = trainer.global_step
         rank_zero_info(
             f"{self.received.name if self.received else 'signal'}: saved {path} at step {trainer.global_step}"
