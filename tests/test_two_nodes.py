@@ -19,7 +19,7 @@ from conftest import weights as last_weights
 
 from ddpm_lightning.checkpoint import read_checkpoint
 
-pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TESTS = Path(__file__).resolve().parent
 DEMO_CONFIG = TESTS.parent / "configs" / "demo.yaml"
@@ -77,7 +77,7 @@ def _two_nodes(argv: list[str]) -> list[subprocess.CompletedProcess]:
                                       text=True))  # fmt: skip
     done = []
     for process in nodes:
-        out, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=900)
         done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
         assert process.returncode == 0, err
     return done
