@@ -4,7 +4,9 @@
 import csv
 import hashlib
 import json
+import os
 import pickle
+import signal as signal_module
 import struct
 from pathlib import Path
 from typing import Any
@@ -353,3 +355,15 @@ def one_line_cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> s
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
+
+
+class SignalAt(L.Callback):
+    """Sends ``signal`` to this process during optimizer step ``step`` (1-based), as a user's Ctrl-C or a scheduler
+    (SLURM signals every task). In a ``ddpm fit`` of the tests: ``{"class_path": "helpers.SignalAt", ...}``."""
+
+    def __init__(self, step: int, signal: str):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), getattr(signal_module, self.signal))

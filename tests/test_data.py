@@ -7,6 +7,7 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
+from helpers import CIFAR_ARCHIVE
 
 from ddpm_lightning.data import (
     CIFAR10DataModule,
@@ -18,6 +19,7 @@ from ddpm_lightning.data import (
     to_model_range,
     to_uint8,
 )
+from ddpm_lightning.data import cifar10 as cifar10_module
 from ddpm_lightning.data.transforms import SeededFlips, seeded_flip
 
 pytestmark = pytest.mark.unit
@@ -136,6 +138,16 @@ def test_archive_only_folder_is_extracted_and_loads(fake_cifar10_tarball: Path, 
     dm = _ready(CIFAR10DataModule(str(fake_cifar10_tarball.parent), batch_size=8, num_workers=0))
     assert (fake_cifar10_tarball.parent / "cifar-10-batches-py" / "data_batch_1").is_file()
     assert next(iter(dm.train_dataloader()))[0].shape == (8, 3, 32, 32)
+
+
+def test_a_node_that_extracts_the_archive_second_keeps_the_first_copy(fake_cifar10_tarball: Path) -> None:
+    # two nodes' first processes extract the same archive on a shared file system: the later one finds the folder
+    extract = cifar10_module._extract
+    extract(fake_cifar10_tarball)
+    first = (fake_cifar10_tarball.parent / "cifar-10-batches-py" / "data_batch_1").stat().st_ino
+    extract(fake_cifar10_tarball)
+    assert (fake_cifar10_tarball.parent / "cifar-10-batches-py" / "data_batch_1").stat().st_ino == first
+    assert sorted(p.name for p in fake_cifar10_tarball.parent.iterdir()) == ["cifar-10-batches-py", CIFAR_ARCHIVE]
 
 
 def test_corrupt_archive_error_names_the_file(fake_cifar10_tarball: Path) -> None:

@@ -4,10 +4,10 @@ digits from noise."""
 import itertools
 import json
 import math
-import os
 import shlex
 import signal as signal_module
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 from helpers import CLASSIFIER_TEST_EPOCHS as TEST_EPOCHS
-from lightning.pytorch.callbacks import Callback
+from helpers import SignalAt
 from PIL import Image
 
 from ddpm_lightning.callbacks import DemoReport
+from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.evaluation import digit_classifier
@@ -88,22 +89,20 @@ def test_scorer_separates_real_heldout_digits_from_noise(digits, classifier_cach
     assert noise["frechet_distance"] > 20 * real["frechet_distance"]
 
 
-class SignalAt(Callback):
-    """Sends ``signal`` to this process during optimizer step ``step`` (1-based), as a user's Ctrl-C or a scheduler."""
-
-    def __init__(self, step: int, signal: str):
-        self.step, self.signal = step, signal
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step + 1 == self.step:
-            os.kill(os.getpid(), getattr(signal_module, self.signal))
-
-
 def _demo(
     tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: tuple[dict, ...] = (), **report: Any
 ) -> Path:
     """``ddpm fit -c configs/demo.yaml`` with its callbacks and network scaled down (``report``: DemoReport's
     settings to change further); returns the run folder."""
+    argv, run = _demo_argv(tmp_path, classifier_cache, *args, extra_callbacks=extra_callbacks, **report)
+    main(argv)
+    return run
+
+
+def _demo_argv(
+    tmp_path: Path, classifier_cache: Path, *args: str, extra_callbacks: tuple[dict, ...] = (), **report: Any
+) -> tuple[list[str], Path]:
+    """The arguments of :func:`_demo`'s ``ddpm`` command and its run folder."""
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     sizes = {
         "SamplingCallback": {"every_n_steps": 2, "num_samples": 4, "sampler": {"name": "ddim", "steps": 3}},
@@ -125,13 +124,11 @@ def _demo(
     callbacks = [*config["trainer"]["callbacks"], *extra_callbacks]
     override.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     run = tmp_path / "demo"
-    main(
-        ["fit", "-c", str(DEMO_CONFIG), "-c", str(override), f"--trainer.default_root_dir={run}",
-         "--trainer.enable_progress_bar=false", "--model.net.init_args.ch_mult=[1, 2]",
-         "--model.net.init_args.attn_resolutions=[]",
-         "--model.num_timesteps=100", *args]
-    )  # fmt: skip
-    return run
+    argv = ["fit", "-c", str(DEMO_CONFIG), "-c", str(override), f"--trainer.default_root_dir={run}",
+            "--trainer.enable_progress_bar=false", "--model.net.init_args.ch_mult=[1, 2]",
+            "--model.net.init_args.attn_resolutions=[]",
+            "--model.num_timesteps=100", *args]  # fmt: skip
+    return argv, run
 
 
 def test_demo_config_writes_every_report_file(tmp_path: Path, classifier_cache: Path, capsys) -> None:
@@ -182,6 +179,29 @@ def test_the_demo_trains_a_fixed_number_of_steps_however_slow_the_clock(tmp_path
         timed = _demo(tmp_path / "b", classifier_cache, "--trainer.max_steps=-1", budget)
     assert steps["steps"] == 4
     assert json.loads((timed / "metrics.json").read_text())["steps"] < 4  # DEMO_TIME: the clock decides
+
+
+def test_a_resumed_demo_continues_from_the_newest_state_and_reports_the_whole_run(tmp_path, classifier_cache) -> None:
+    argv, run = _demo_argv(tmp_path, classifier_cache, untrained_baseline=False, unguided_baseline=False)
+    ddpm = [sys.executable, "-m", "ddpm_lightning.cli", *argv]
+    subprocess.run([*ddpm, "--trainer.max_steps=2"], capture_output=True, text=True, check=True)
+    # a demo that ends normally leaves last.ckpt beside demo.ckpt: --ckpt_path last continues it
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    first = json.loads((run / "metrics.json").read_text())
+
+    done = subprocess.run([*ddpm, "--trainer.max_steps=4", "--ckpt_path=last"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "starting a new run" not in done.stdout
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4  # updated at the end
+    metrics = json.loads((run / "metrics.json").read_text())
+    # the report covers the whole run; its rate is that of the 2 steps this process ran
+    assert (metrics["steps"], metrics["steps_this_run"]) == (4, 2)
+    assert metrics["train_time_s"] > first["train_time_s"]
+    assert "demo: 4 steps in" in done.stdout and "(2 in this run: " in done.stdout
+    # loss.png plots the losses of both processes, kept in the checkpoints
+    losses = read_checkpoint(run / "demo.ckpt")["callbacks"]["DemoReport"]["losses"]
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0"]  # one logger version
 
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])

@@ -162,6 +162,17 @@ def test_real_statistics_are_cached_and_reused(tmp_path: Path) -> None:
     assert fid2 == pytest.approx(fid1, rel=1e-9)
 
 
+def test_computing_the_real_statistics_draws_nothing_from_the_global_rng(tmp_path: Path) -> None:
+    # the training noise after fit starts must not depend on whether the statistics were cached (exact resume)
+    callback = fid_callback(tmp_path)
+    callback.extractor, callback._num_features = TinyExtractor(), TinyExtractor.num_features
+    trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(reduce=lambda x, reduce_op: x))
+    state = torch.get_rng_state()
+    stats = callback._compute_real_stats(trainer, SimpleNamespace(device="cpu"), TinyImages().real_images_dataset(), 8)
+    assert stats["num_samples"] == 8
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.integration
 def test_real_statistics_cache_is_keyed_by_the_number_of_images(tmp_path: Path) -> None:
     all_images = fid_callback(tmp_path / "cache")

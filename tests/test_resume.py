@@ -118,3 +118,35 @@ def test_resume_in_the_middle_of_an_epoch_matches_an_uninterrupted_run(tmp_path:
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _without_model_checkpoint(args: list[str]) -> list[str]:
+    """``fit_args`` without its ModelCheckpoint and with Lightning's default logger: a config that lists neither."""
+    return [
+        a for a in args if "ModelCheckpoint" not in a and not a.startswith(("--trainer.callbacks.", "--trainer.logger"))
+    ]
+
+
+def test_without_a_model_checkpoint_last_ckpt_is_the_newest_state_and_the_logger_version_is_kept(
+    tmp_path: Path,
+) -> None:
+    n = STEPS_PER_EPOCH
+    main(_without_model_checkpoint(fit_args(tmp_path, n)))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == n  # written at the end of fit
+    main(_without_model_checkpoint(fit_args(tmp_path, 2 * n, "--ckpt_path=last")))
+    assert read_checkpoint(last)["global_step"] == 2 * n  # a resumed run updates it
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_a_signal_before_the_first_periodic_save_leaves_one_last_ckpt_that_the_resume_updates(tmp_path: Path) -> None:
+    # ModelCheckpoint saves every 3 steps; SIGTERM during step 2 saves last.ckpt through it, so that its own save at
+    # the end of fit does not write a last-v1.ckpt beside it, which the resume would update instead
+    signal_at = '--trainer.callbacks+={"class_path": "helpers.SignalAt", "init_args": {"step": 2, "signal": "SIGTERM"}}'
+    main(fit_args(tmp_path, 2 * STEPS_PER_EPOCH, signal_at))
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 2
+    main(fit_args(tmp_path, 4, "--ckpt_path=last"))
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 4

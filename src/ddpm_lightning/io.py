@@ -1,4 +1,5 @@
-"""Files: atomic writes, PNG images, grids and their uint8 pixels, JSON reports and the cache folder (one helper each).
+"""Files: atomic writes, PNG images, grids and their uint8 pixels, JSON reports, the cache folder and a folder's lock
+(one helper each).
 
 Every file the project writes goes through :func:`atomic_write`: a temporary file in the target folder, renamed over
 the target when complete, so a reader (or a run killed mid-write) sees the old file or the new one, never half of one.
@@ -6,25 +7,30 @@ the target when complete, so a reader (or a run killed mid-write) sees the old f
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
 __all__ = [
+    "FolderInUse",
     "atomic_folder",
     "atomic_write",
     "cache_dir",
     "check_output",
     "image_grid",
+    "lock_folder",
     "save_grid",
     "save_png",
     "to_uint8",
@@ -102,6 +108,41 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class FolderInUse(FileExistsError):
+    """Another live process holds the lock of a folder (:func:`lock_folder`)."""
+
+
+def lock_folder(folder: str | Path, name: str, way_out: str) -> IO[str] | None:
+    """Take the lock file ``folder/name`` for as long as the returned file stays open (``close()`` releases it).
+
+    An exclusive ``fcntl.flock``: the kernel releases it when the process ends, however it ends, so a killed process
+    leaves no lock behind (the file stays, unlocked; it holds the holder's host and process id, for the message).
+    :class:`FolderInUse`, one line naming the folder, the holder and ``way_out``, when a live process holds it; the
+    folder is created if needed, nothing in it is written then. None, with a warning, on a file system without locks.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    lock = open(path, "a+")  # held open for the life of the run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise FolderInUse(f"{folder} is in use by {holder} (lock {path}): {way_out}") from None
+    except OSError as err:
+        lock.close()
+        warnings.warn(
+            f"cannot lock {path} ({err}): another run into {folder} at the same time is not refused", stacklevel=2
+        )
+        return None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

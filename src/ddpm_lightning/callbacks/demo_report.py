@@ -67,6 +67,9 @@ class DemoReport(Callback):
     ``chain.png`` (reverse chain x_T ... x_0), ``loss.png`` (the logged ``train/loss``) and ``metrics.json``, and
     print where they are. Needs :class:`~ddpm_lightning.data.EmbeddedDigitsDataModule`.
 
+    The losses and the training time so far are kept in every checkpoint, so that the report of a resumed run covers
+    the whole run (its steps, seconds and loss curve); its steps/s are those of the steps this process ran.
+
     Args:
         num_samples: images in ``samples.png``: the first of the evaluation samples.
         num_eval_samples: samples scored for each model (sample i seeded by ``seed + i``).
@@ -127,7 +130,11 @@ class DemoReport(Callback):
         self._initial_state: dict[str, torch.Tensor] | None = None
         self._train_start = self._train_time = 0.0
         self._progress = False  # bars in the report: where the run shows them (write_report)
-        self._first_step = 0
+        self._training = False
+        self._first_step: int | None = None  # None: this process ran no step (a resume at max_steps)
+        # the runs before a resume, from the checkpoint: their losses and training time
+        self._earlier_losses: list[tuple[int, float]] = []
+        self._earlier_time = 0.0
 
     # ------------------------------------------------------------------------------------------------ recording
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -165,6 +172,7 @@ class DemoReport(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_start = time.perf_counter()
+        self._training = True
         self._first_step = trainer.global_step
 
     def on_train_batch_end(
@@ -190,6 +198,22 @@ class DemoReport(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_time = time.perf_counter() - self._train_start
+        self._training = False
+
+    def _time_this_run(self) -> float:
+        return time.perf_counter() - self._train_start if self._training else self._train_time
+
+    def loss_history(self) -> list[tuple[int, float]]:
+        """(step, train/loss) of the whole run: the runs before a resume, then this one."""
+        values = torch.stack([v for _, v in self.losses]).tolist() if self.losses else []
+        return [*self._earlier_losses, *zip([s for s, _ in self.losses], values, strict=True)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.loss_history(), "train_time_s": self._earlier_time + self._time_this_run()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._earlier_losses = [(int(step), float(loss)) for step, loss in state_dict.get("losses", [])]
+        self._earlier_time = float(state_dict.get("train_time_s", 0.0))
 
     # ------------------------------------------------------------------------------------------------ the report
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -219,39 +243,18 @@ class DemoReport(Callback):
         guide = None if guide_path is None else load_module(guide_path, pl_module.device)
         sampler = self.sampler if guide is not None else plain
         images = self._eval_samples(pl_module, guide, sampler, "demo: samples of the trained model")
-        _, _, strip = render_samples(
-            pl_module,
-            self.chain_samples,
-            self.chain_samples,
-            self.chain_steps,
-            sampler=sampler,
-            seed=self.seed,
-            guide=guide,
-        )
-        K = pl_module.num_classes
-        labels = None if K is None else torch.arange(len(images)) % K  # iter_samples' classes: i mod K
-        if labels is None:
-            io.save_grid(images[: self.num_samples], root / "samples.png")
-        else:
-            per_row = max(1, self.num_samples // K)
-            io.save_grid(class_rows(images, labels.tolist(), range(K), per_row), root / "samples.png", nrow=per_row)
-        io.save_png(strip, root / "chain.png")
-
-        untrained_images = None
-        if self.untrained_baseline:
-            # the same module with the weights it had before the first step, sampled the same way (unguided)
-            untrained = copy.deepcopy(pl_module)
-            untrained.use_average(None)  # its own (initial) weights, not the run's average
-            untrained.load_state_dict(self._initial_state)
-            untrained_images = self._eval_samples(untrained, None, plain, "demo: samples of the untrained model")
-            del untrained
+        labels = self._write_images(pl_module, images, sampler, guide, root)
+        untrained_images = self._untrained_images(pl_module, plain) if self.untrained_baseline else None
 
         steps = trainer.global_step
+        ran = 0 if self._first_step is None else steps - self._first_step  # the steps this process ran
+        train_time = self._earlier_time + self._train_time  # the whole run's, over its resumes
+        history = self.loss_history()
         _plot_loss(
-            [s for s, _ in self.losses],
-            torch.stack([v for _, v in self.losses]).tolist() if self.losses else [],
+            [s for s, _ in history],
+            [v for _, v in history],
             root / "loss.png",
-            f"{steps} steps in {self._train_time / 60:.1f} min",
+            f"{steps} steps in {train_time / 60:.1f} min",
             pl_module.diffusion.objective,
         )
         unguided = {}
@@ -268,8 +271,9 @@ class DemoReport(Callback):
             "sampler": sampler.label(pl_module.diffusion.num_timesteps),
             **({"guide_ckpt": str(guide_path)} if guide_path is not None else {}),
             "steps": steps,
-            "train_time_s": round(self._train_time, 1),
-            "steps_per_s": round(steps / self._train_time, 3) if self._train_time > 0 else None,
+            "train_time_s": round(train_time, 1),
+            "steps_this_run": ran,
+            "steps_per_s": round(ran / self._train_time, 3) if ran > 0 and self._train_time > 0 else None,
             "device": str(pl_module.device),
             "torch_threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in pl_module.net.parameters()),
@@ -284,6 +288,31 @@ class DemoReport(Callback):
         io.write_json(metrics, root / "metrics.json")
         self._print_summary(root, ckpt, metrics)
         return metrics
+
+    def _write_images(
+        self, pl_module: L.LightningModule, images: torch.Tensor, sampler: SamplerConfig, guide: Any, root: Path
+    ) -> torch.Tensor | None:
+        """``samples.png`` (one row per class for a conditional model) and ``chain.png``; the samples' labels."""
+        _, _, strip = render_samples(
+            pl_module, self.chain_samples, self.chain_samples, self.chain_steps, sampler=sampler, seed=self.seed,
+            guide=guide,
+        )  # fmt: skip
+        K = pl_module.num_classes
+        labels = None if K is None else torch.arange(len(images)) % K  # iter_samples' classes: i mod K
+        if labels is None:
+            io.save_grid(images[: self.num_samples], root / "samples.png")
+        else:
+            per_row = max(1, self.num_samples // K)
+            io.save_grid(class_rows(images, labels.tolist(), range(K), per_row), root / "samples.png", nrow=per_row)
+        io.save_png(strip, root / "chain.png")
+        return labels
+
+    def _untrained_images(self, pl_module: L.LightningModule, plain: SamplerConfig) -> torch.Tensor:
+        """The same module with the weights it had before the first step, sampled the same way (unguided)."""
+        untrained = copy.deepcopy(pl_module)
+        untrained.use_average(None)  # its own (initial) weights, not the run's average
+        untrained.load_state_dict(self._initial_state)
+        return self._eval_samples(untrained, None, plain, "demo: samples of the untrained model")
 
     def _eval_samples(
         self,
@@ -304,6 +333,9 @@ class DemoReport(Callback):
     @staticmethod
     def _print_summary(root: Path, ckpt: Path, metrics: dict) -> None:
         rate = "no step timed" if metrics["steps_per_s"] is None else f"{metrics['steps_per_s']} steps/s"
+        ran = metrics.get("steps_this_run", metrics["steps"])
+        if ran != metrics["steps"]:  # a resumed run: the rate is that of its own steps
+            rate = f"{ran} in this run: {rate}"
         lines = [
             f"\ndemo: {metrics['steps']} steps in {metrics['train_time_s']:.0f} s "
             f"({rate} on {metrics['device']}, {metrics['torch_threads']} threads)",

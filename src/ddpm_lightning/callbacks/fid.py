@@ -336,7 +336,11 @@ class FIDCallback(EveryNSteps):
     def _compute_real_stats(
         self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Any, num: int
     ) -> dict[str, Any]:
-        loader = DataLoader(Subset(dataset, rank_indices(trainer, num)), batch_size=self.batch_size)
+        # its own generator: a DataLoader draws its workers' base seed when iterated, which would otherwise move the
+        # global RNG, and the run's training noise would depend on whether these statistics were cached
+        loader = DataLoader(
+            Subset(dataset, rank_indices(trainer, num)), batch_size=self.batch_size, generator=torch.Generator()
+        )
         device = pl_module.device
         features = [self._extract(self.extractor, to_uint8(images_of(b).float()).to(device)) for b in loader]
         local = self._cat(features, self._num_features, device).double()

@@ -4,7 +4,8 @@
   more steps give the weights of 2N steps straight (Lightning saves no RNG states).
 - :class:`GracefulStop` turns SIGTERM / SIGUSR1 into "finish this step, write ``last.ckpt``, stop with status 0"
   (and ``scontrol requeue`` under SLURM with ``SLURMEnvironment(auto_requeue=True)``).
-- :class:`FinalCheckpoint` writes ``last.ckpt`` at the end of fit when ModelCheckpoint would not.
+- :class:`FinalCheckpoint` writes ``last.ckpt`` at the end of fit when ModelCheckpoint would not, so that
+  ``last.ckpt`` is always the newest state of the run and ``--ckpt_path last`` never goes back in time.
 
 Checkpoints are written atomically by :class:`~ddpm_lightning.checkpoint.AtomicCheckpointIO`.
 """
@@ -112,6 +113,9 @@ class FinalCheckpoint(Callback):
 
     ModelCheckpoint writes ``last.ckpt`` at the end of fit only when it has saved nothing else during the run, so the
     steps after its last periodic save would otherwise be lost (e.g. ``max_steps`` not a multiple of the interval).
+    A trainer that checkpoints without a ModelCheckpoint keeping a ``last.ckpt`` (no ``save_last``: Lightning's
+    default one) gets it in ``<run dir>/checkpoints``, where :class:`GracefulStop` writes it too, so that a resumed
+    run never leaves an older ``last.ckpt`` behind.
 
     A run resumed from a ``last.ckpt`` in its own checkpoint folder that another run wrote (a copied file: its stored
     folder differs) keeps writing that ``last.ckpt``: ModelCheckpoint would otherwise take it for a stranger's file and
@@ -131,7 +135,12 @@ class FinalCheckpoint(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
             return
-        for callback in _last_checkpointers(trainer):
+        if any(isinstance(c, GracefulStop) and c.saved_step == trainer.global_step for c in trainer.callbacks):
+            return  # a signal stopped the run and last.ckpt holds this step
+        checkpointers = _last_checkpointers(trainer)
+        if not checkpointers and trainer.checkpoint_callback is not None:
+            trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
+        for callback in checkpointers:
             if compat.checkpoint_saved_step(callback) != trainer.global_step:
                 compat.save_last_checkpoint(callback, trainer)
 
@@ -153,13 +162,14 @@ class GracefulStop(Callback):
             raise ValueError(f"unknown signals {unknown}; use names such as 'SIGTERM', 'SIGUSR1'")
         self.signals = tuple(signal.Signals[name] for name in signals)
         self.received: signal.Signals | None = None
+        self.saved_step: int | None = None  # the step of the last.ckpt written on a signal
         self._previous: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.received = None
+        self.received = self.saved_step = None
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
         if signal.SIGTERM in self.signals and trainer.world_size > 1:
@@ -179,8 +189,16 @@ class GracefulStop(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path, weights_only=False)  # the full state: the run continues from it
+        checkpointers = _last_checkpointers(trainer)
+        if checkpointers:
+            # through the ModelCheckpoint, which then knows its last.ckpt holds this step: written behind its back,
+            # the file would make its own save at the end of fit a last-v1.ckpt and leave last.ckpt behind on resume
+            compat.save_last_checkpoint(checkpointers[0], trainer)
+            path = Path(checkpointers[0].last_model_path)
+        else:
+            path = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state: the run continues from it
+        self.saved_step = trainer.global_step
         rank_zero_info(
             f"{self.received.name if self.received else 'signal'}: saved {path} at step {trainer.global_step}"
         )

@@ -1,8 +1,9 @@
-"""Experiment tracking during fit: images per second, a progress bar free of host-device syncs, the W&B run id.
+"""Experiment tracking during fit: images per second, a progress bar free of host-device syncs, the loggers' runs.
 
-A resumed ``ddpm fit --ckpt_path`` continues the same W&B run: :class:`WandbRunId` writes the run id into every
-checkpoint and the CLI (:mod:`ddpm_lightning.cli.fit`) hands it back to the WandbLogger, through
-:func:`read_wandb_run_id`, before the logger is created.
+A resumed ``ddpm fit --ckpt_path`` continues the same W&B run and the same TensorBoard/CSV ``version_N`` folder:
+:class:`WandbRunId` writes the run id and the versions into every checkpoint and the CLI
+(:mod:`ddpm_lightning.cli.fit`) hands them back to the loggers, through :func:`read_wandb_run_id` and
+:func:`read_logger_versions`, before the loggers are created.
 """
 
 from __future__ import annotations
@@ -16,15 +17,26 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from ddpm_lightning.checkpoint import CheckpointError, read_checkpoint
 from ddpm_lightning.data import images_of
 from ddpm_lightning.guard import is_check_step
 
-__all__ = ["WANDB_RUN_ID_KEY", "ImagesPerSecond", "ProgressBar", "WandbRunId", "read_wandb_run_id", "wandb_run_id"]
+__all__ = [
+    "LOGGER_VERSIONS_KEY",
+    "WANDB_RUN_ID_KEY",
+    "ImagesPerSecond",
+    "ProgressBar",
+    "WandbRunId",
+    "logger_versions",
+    "read_logger_versions",
+    "read_wandb_run_id",
+    "wandb_run_id",
+]
 
 WANDB_RUN_ID_KEY = "wandb_run_id"
+LOGGER_VERSIONS_KEY = "logger_versions"
 
 
 # ------------------------------------------------------------------------------------------------ throughput
@@ -134,13 +146,27 @@ def wandb_run_id(trainer: L.Trainer) -> str | None:
     return None
 
 
+def logger_versions(trainer: L.Trainer) -> list[dict[str, Any]]:
+    """The class name, ``name`` and ``version`` of each TensorBoard and CSV logger of the trainer."""
+    return [
+        {"class": type(logger).__name__, "name": logger.name, "version": logger.version}
+        for logger in trainer.loggers
+        if isinstance(logger, (TensorBoardLogger, CSVLogger))
+    ]
+
+
 class WandbRunId(Callback):
-    """Keeps the W&B run id in every checkpoint (``checkpoint["wandb_run_id"]``), so a resumed fit continues it."""
+    """Keeps the loggers' runs in every checkpoint, so a resumed fit continues them: the W&B run id
+    (``checkpoint["wandb_run_id"]``) and the TensorBoard/CSV versions (``checkpoint["logger_versions"]``, a list of
+    :func:`logger_versions`), so that a resume does not open a new ``version_N`` folder."""
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         run_id = wandb_run_id(trainer)
         if run_id is not None:
             checkpoint[WANDB_RUN_ID_KEY] = run_id
+        versions = logger_versions(trainer)
+        if versions:
+            checkpoint[LOGGER_VERSIONS_KEY] = versions
 
 
 def read_wandb_run_id(ckpt_path: str | Path) -> str | None:
@@ -151,3 +177,13 @@ def read_wandb_run_id(ckpt_path: str | Path) -> str | None:
     except CheckpointError:
         return None  # Lightning reports a missing or broken checkpoint itself, with the path
     return str(run_id) if run_id else None
+
+
+def read_logger_versions(ckpt_path: str | Path) -> list[dict[str, Any]]:
+    """The TensorBoard/CSV logger versions stored in a checkpoint (:func:`logger_versions`); empty when there are none
+    or the file cannot be read."""
+    try:
+        versions = read_checkpoint(ckpt_path, mmap=True).get(LOGGER_VERSIONS_KEY)
+    except CheckpointError:
+        return []
+    return [v for v in versions or [] if isinstance(v, dict) and {"class", "name", "version"} <= v.keys()]

@@ -4,7 +4,7 @@ needs and the default callbacks, visible in the config.
 - Loggers write into the run folder ``trainer.default_root_dir`` (:func:`follow_run_dir`) and ModelCheckpoints
   without a ``dirpath`` into ``<run dir>/checkpoints`` (:func:`checkpoints_in_run_dir`), so that
   ``--ckpt_path last`` (:func:`resolve_ckpt_path`) finds the previous run's ``last.ckpt``; a resumed fit continues
-  its W&B run (:func:`resume_wandb_run`).
+  its W&B run (:func:`resume_wandb_run`) and its TensorBoard/CSV ``version_N`` folder (:func:`resume_logger_versions`).
 - Every logger gets the resolved config, the git commit and the package versions (:class:`LogRunConfig`).
 - The option ``default_callbacks`` names the callbacks of :func:`ddpm_lightning.callbacks.default_callbacks` the run
   gets (all by default; ``--print_config`` shows them). They are added to whatever ``trainer.callbacks`` a config
@@ -18,6 +18,8 @@ needs and the default callbacks, visible in the config.
   ``model.net.init_args`` and ``model.sampler``, with a warning (:func:`model_aliases`).
 - The model's image shape, where neither the config nor the network gives it, is the data module's
   (:func:`shape_from_data`), so that a config writes it once, in ``data``.
+- One fit at a time per run folder: the first process of a fit (global rank 0) holds ``<run dir>/fit.lock``
+  (:func:`lock_run_dir`) for its whole life; a second ``ddpm fit`` into the same folder stops with one line.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+from ddpm_lightning import io
 from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.callbacks import DEFAULT_CALLBACKS, EMA, default_callbacks
-from ddpm_lightning.callbacks.tracking import read_wandb_run_id
+from ddpm_lightning.callbacks.tracking import read_logger_versions, read_wandb_run_id
 from ddpm_lightning.checkpoint import (
     check_state_dict_shapes,
     read_checkpoint,
@@ -73,10 +76,13 @@ __all__ = [
     "follow_run_dir",
     "git_commit",
     "init_from",
+    "is_first_process",
+    "lock_run_dir",
     "model_aliases",
     "package_versions",
     "resolve_ckpt_path",
     "RunConfigParser",
+    "resume_logger_versions",
     "resume_wandb_run",
     "run_cli",
     "run_metadata",
@@ -103,6 +109,10 @@ _EMA_CLASS_PATH = "ddpm_lightning.callbacks.EMA"
 RUN_DIR_PLACEHOLDERS = (None, "", ".", "${trainer.default_root_dir}")
 TRACKED_PACKAGES = ("ddpm-lightning", "torch", "torchvision", "lightning", "torchmetrics", "torch-fidelity", "wandb")
 _LOGGER_CLASSES_WITH_SAVE_DIR = ("WandbLogger", "TensorBoardLogger", "CSVLogger")
+# the variables a launcher sets to a process's rank: torchrun (RANK, GROUP_RANK, LOCAL_RANK), SLURM's srun
+# (SLURM_PROCID), Lightning's own launcher and a multi-node launch by hand (NODE_RANK, LOCAL_RANK)
+_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
+RUN_LOCK = "fit.lock"
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -368,6 +378,61 @@ def resume_wandb_run(trainer_config: Any, ckpt_path: str | Path | None) -> str |
     return None
 
 
+def resume_logger_versions(trainer_config: Any, ckpt_path: str | Path | None) -> list[str]:
+    """Give the TensorBoard and CSV loggers of a fit resumed from ``ckpt_path`` the versions stored in it
+    (:func:`~ddpm_lightning.callbacks.tracking.read_logger_versions`), so that the run keeps writing into its
+    ``version_N`` folder instead of opening a new one per resume. A logger given a ``version`` keeps it; Lightning's
+    default logger (``trainer.logger`` unset) becomes the same logger with the stored version. Returns the versions
+    set."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return []
+    stored = read_logger_versions(ckpt_path)
+    if not stored:
+        return []
+    if getattr(trainer_config, "logger", None) in (None, True):  # Lightning's default logger, of the stored class
+        first = stored[0]
+        if first["class"] not in _LOGGER_CLASSES_WITH_SAVE_DIR:
+            return []
+        init_args = Namespace(save_dir=str(_run_dir(trainer_config)), name=first["name"], version=first["version"])
+        trainer_config.logger = Namespace(class_path=f"lightning.pytorch.loggers.{first['class']}", init_args=init_args)
+        return [f"{first['name']}/version_{first['version']}"]
+    resumed = []
+    for entry in _logger_configs(trainer_config):
+        kind = entry.class_path.rsplit(".", 1)[-1]
+        if getattr(entry.init_args, "version", None) is not None:
+            continue  # the user chose a version
+        for version in stored:
+            if version["class"] == kind and version["name"] == getattr(entry.init_args, "name", None):
+                entry.init_args.version = version["version"]
+                resumed.append(f"{version['name']}/version_{version['version']}")
+                break
+    return resumed
+
+
+def is_first_process() -> bool:
+    """Whether this process is global rank 0 of its run, from the environment, before any Trainer exists: every
+    rank variable a launcher sets (:data:`_RANK_VARIABLES`) that is set is 0. The processes Lightning starts for the
+    other local ranks get ``LOCAL_RANK``, the other nodes ``NODE_RANK``/``GROUP_RANK`` or ``SLURM_PROCID``."""
+    return all(int(os.environ.get(name) or 0) == 0 for name in _RANK_VARIABLES)
+
+
+def lock_run_dir(trainer_config: Any) -> Any:
+    """In the first process of a fit (:func:`is_first_process`), take ``<run dir>/fit.lock`` for the life of the
+    process (:func:`ddpm_lightning.io.lock_folder`: a lock the kernel drops when the process dies, so a killed run
+    leaves none behind); returns the open lock file (None in the other processes). Two fits writing one folder
+    would overwrite each other's checkpoints, metrics and images: the second stops with
+    :class:`~ddpm_lightning.io.FolderInUse` before it writes anything."""
+    if not is_first_process():
+        return None  # the other processes of the same run: rank 0 holds the lock for all of them
+    run_dir = _run_dir(trainer_config)
+    return io.lock_folder(
+        run_dir,
+        RUN_LOCK,
+        "wait for that `ddpm fit` to end (or stop it), or train into another folder with "
+        f"--trainer.default_root_dir (e.g. {run_dir}_2)",
+    )
+
+
 def finish_wandb_run() -> None:
     """End the process's W&B run, if any, so that the next fit in the same process (``ddpm ablate``) starts its own."""
     wandb = sys.modules.get("wandb")  # not imported: no W&B run
@@ -451,8 +516,10 @@ class DDPMCLI(LightningCLI):
         # checkpoints in <run dir>/checkpoints, so `--ckpt_path last` finds the previous run's last.ckpt
         checkpoints_in_run_dir(config.trainer)
         if self.subcommand == "fit":
+            _RUN_LOCKS.append(lock_run_dir(config.trainer))  # released when run_cli returns
             config.ckpt_path = resolve_ckpt_path(config.trainer, config.get("ckpt_path"))
             resume_wandb_run(config.trainer, config.get("ckpt_path"))
+            resume_logger_versions(config.trainer, config.get("ckpt_path"))
             self._resume(config.ckpt_path)
         # after _resume (which may replace self.config): a checkpoint of an earlier version may bring its ema_decay
         ema_decay_alias(self.config.get(str(self.subcommand), self.config))
@@ -549,6 +616,10 @@ def _nested(keys: list[str], value: Any) -> Any:
     return {keys[0]: _nested(keys[1:], value)} if keys else value
 
 
+# the run folder locks taken by the fits of run_cli, closed (released) when it returns
+_RUN_LOCKS: list[Any] = []
+
+
 @rank_zero_only
 def _print(message: str) -> None:
     print(message, flush=True)
@@ -595,6 +666,10 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
                 parser_class=RunConfigParser,  # a config typo is one line with the closest keys
             )
     finally:
+        while _RUN_LOCKS:
+            lock = _RUN_LOCKS.pop()
+            if lock is not None:
+                lock.close()
         finish_wandb_run()
 
 

@@ -43,7 +43,13 @@ def _extract(archive: Path) -> None:
             ) from err
         if not (Path(tmp) / FOLDER).is_dir():
             raise DataNotFoundError(f"{archive} does not contain the folder '{FOLDER}/'; is it CIFAR-10?")
-        (Path(tmp) / FOLDER).rename(root / FOLDER)
+        try:
+            (Path(tmp) / FOLDER).rename(root / FOLDER)
+        except OSError:
+            # every node's first process prepares the data (prepare_data_per_node): on a shared file system another
+            # node may have moved its complete copy into place first, and this one is dropped with the tmp folder
+            if not (root / FOLDER).is_dir():
+                raise
 
 
 class CIFAR10DataModule(ImageDataModule):
