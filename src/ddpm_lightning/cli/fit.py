@@ -516,7 +516,6 @@ class DDPMCLI(LightningCLI):
         # checkpoints in <run dir>/checkpoints, so `--ckpt_path last` finds the previous run's last.ckpt
         checkpoints_in_run_dir(config.trainer)
         if self.subcommand == "fit":
-            _RUN_LOCKS.append(lock_run_dir(config.trainer))  # released when run_cli returns
             config.ckpt_path = resolve_ckpt_path(config.trainer, config.get("ckpt_path"))
             resume_wandb_run(config.trainer, config.get("ckpt_path"))
             resume_logger_versions(config.trainer, config.get("ckpt_path"))
@@ -555,6 +554,9 @@ class DDPMCLI(LightningCLI):
             if world_size is not None:
                 per_process_batch_size(self.datamodule.batch_size, world_size, accumulate)
             self.datamodule.check_one_batch(accumulate)
+        if self.subcommand == "fit":
+            # after every check of the settings, before anything is written: a bad setting leaves no folder
+            _RUN_LOCKS.append(lock_run_dir(trainer_config))  # released when run_cli returns
         callbacks = with_default_callbacks(
             _entries(kwargs.pop("callbacks", trainer_config.get("callbacks"))),
             config.get("default_callbacks") or [],
