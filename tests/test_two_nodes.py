@@ -41,7 +41,7 @@ def _small_config(folder: Path, classifier_cache: Path) -> Path:
         "class_path": "ddpm_lightning.callbacks.FIDCallback",
         "init_args": {"every_n_steps": None, "num_samples": 10, "batch_size": 5, "sampler": {"name": "ddim",
                       "steps": 3}, "num_real": 40, "cache_dir": str(folder / "fid_cache"),
-                      "feature_extractor": {"class_path": "conftest.TinyExtractor", "init_args": {"channels": 1}}},
+                      "feature_extractor": {"class_path": "helpers.TinyExtractor", "init_args": {"channels": 1}}},
     }  # fmt: skip
     path = folder / "small.yaml"
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": [*callbacks, fid]}}))
