@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score import StrictScorer, samples  # noqa: E402
+from score import samples, scorers  # noqa: E402
 
-from ddpm_lightning.data import EmbeddedDigitsDataModule  # noqa: E402
 from ddpm_lightning.diffusion import SamplerConfig  # noqa: E402
-from ddpm_lightning.evaluation.digit_classifier import DigitScorer  # noqa: E402
 from ddpm_lightning.sampling import load_module  # noqa: E402
 
 STEPS = (550, 1100, 1650, 2200)
@@ -28,9 +26,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    digits = EmbeddedDigitsDataModule(image_size=28)
-    digits.setup("fit")
-    report, strict = DigitScorer.from_digits(digits, epochs=6), StrictScorer(digits)
+    report, strict, _ = scorers()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for run in args.runs:
         for n in STEPS:

@@ -58,6 +58,13 @@ class StrictScorer:
         return {"strict_confident": float((top > 0.9).float().mean()), "precision": precision, "recall": recall}
 
 
+def scorers() -> tuple[DigitScorer, StrictScorer, EmbeddedDigitsDataModule]:
+    """Scorer 1 (the report's), scorer 2 and the digits they were trained on."""
+    digits = EmbeddedDigitsDataModule(image_size=28)
+    digits.setup("fit")
+    return DigitScorer.from_digits(digits, epochs=6), StrictScorer(digits), digits
+
+
 def samples(module, guide, sampler: SamplerConfig, num: int = 250) -> torch.Tensor:
     return torch.cat([x.cpu() for _, x in iter_samples(module, range(num), sampler=sampler, seed=0, guide=guide)])
 
@@ -71,9 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guide", default="checkpoints/guide.ckpt", help="the guide, relative to each run")
     args = parser.parse_args()
-    digits = EmbeddedDigitsDataModule(image_size=28)
-    digits.setup("fit")
-    report, strict = DigitScorer.from_digits(digits, epochs=6), StrictScorer(digits)
+    report, strict, digits = scorers()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for run in args.runs:
         module = load_module(run / "demo.ckpt", "cpu")

@@ -89,8 +89,12 @@ class EMA(WeightAveraging, WeightAverage):
         if self.update_starting_at_step is not None and compat.ema_last_update_step(self) == 0:
             compat.foreach_copy_(average, current)
         else:
-            compat.foreach_lerp_(average, current, 1.0 - self.decay)
+            compat.foreach_lerp_(average, current, self.lerp_weight(pl_module))
         model.n_averaged += 1
+
+    def lerp_weight(self, pl_module: L.LightningModule) -> float:
+        """How far one update moves the average towards the weights: 1 - decay."""
+        return 1.0 - self.decay
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning would copy the average into the model here, before ModelCheckpoint writes the final last.ckpt:
@@ -128,12 +132,6 @@ class PowerEMA(EMA):
         self.sigma_rel = sigma_rel
         self.gamma = sigma_rel_to_gamma(sigma_rel)
 
-    @torch.no_grad()
-    def update(self, pl_module: L.LightningModule) -> None:
-        """One step of the power-function EMA: average = beta_t average + (1 - beta_t) weights, t the steps done."""
-        model = compat.averaged_model(self)
-        if self._pairs is None:
-            self._pairs = (list(model.module.parameters()), list(pl_module.parameters()))
-        step = max(pl_module.trainer.global_step, 1)
-        compat.foreach_lerp_(*self._pairs, 1.0 - power_beta(step, self.gamma))
-        model.n_averaged += 1
+    def lerp_weight(self, pl_module: L.LightningModule) -> float:
+        """1 - beta_t of the power-function EMA, t the optimizer steps done."""
+        return 1.0 - power_beta(max(pl_module.trainer.global_step, 1), self.gamma)
