@@ -140,7 +140,7 @@ def test_collect_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
     fids = {("linear", 0): {9: 50.0, 19: 30.0}, ("linear", 1): {9: 40.0, 19: 20.0}}
     for (schedule, seed), values in losses.items():
         write_run(tmp_path, schedule, seed, values, fids.get((schedule, seed), {}), wall=10.0 + seed)
-    ablation.collect(tmp_path)
+    ablation.collect(ablation.CollectSpec(tmp_path))
     with open(tmp_path / "table.csv", newline="") as f:
         rows = {row["schedule"]: row for row in csv.DictReader(f)}
     # final loss = mean of the last 10% (2 of 20) logged losses: linear seeds 0.5 and 0.2
@@ -155,7 +155,7 @@ def test_collect_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_one_seed_is_tabulated_as_its_value_without_a_spread(tmp_path: Path) -> None:
     write_run(tmp_path, "linear", 0, [1.0] * 18 + [0.4, 0.2], {19: 30.0}, wall=10.0)
-    ablation.collect(tmp_path)
+    ablation.collect(ablation.CollectSpec(tmp_path))
     with open(tmp_path / "table.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["final_loss"] == "0.3" and row["fid@19"] == "30"
@@ -190,7 +190,7 @@ def test_collect_reads_earlier_folder_names_bits_per_dim_and_the_reports_scores(
         (folder / "csv" / "metrics.csv").write_text(f"step,train/loss,val/bpd\n0,1.0,\n1,0.5,\n1,,{bpd}\n")
         scores = {"frechet_distance": fd, "confident_share": 0.5, "class_entropy": 2.0}
         (folder / "metrics.json").write_text(json.dumps({"trained": scores, "steps": 2}))
-    ablation.collect(tmp_path)
+    ablation.collect(ablation.CollectSpec(tmp_path))
     with open(tmp_path / "table.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["schedule"] == "cosine" and row["seeds"] == "0 1" and row["steps"] == "2"
@@ -269,7 +269,7 @@ def test_budget_runs_table_the_steps_they_made_and_their_rate(tmp_path: Path) ->
         write_run(out, schedule, 0, [1.0, 0.5], {}, wall=12.0)
         budget = {"budget_seconds": 10.0, "steps_per_second": rate, "max_steps": steps}
         (ablation.run_dir(out, schedule, 0) / "budget.json").write_text(json.dumps(budget))
-    ablation.collect(out)
+    ablation.collect(ablation.CollectSpec(out))
     with open(out / "table.csv", newline="") as f:
         rows = {row["schedule"]: row for row in csv.DictReader(f)}
     assert (rows["linear"]["steps"], rows["cosine"]["steps"]) == ("40", "20")

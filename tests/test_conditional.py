@@ -22,7 +22,7 @@ from ddpm_lightning.diffusion import SAMPLERS, GaussianDiffusion, SamplerConfig,
 from ddpm_lightning.diffusion.samplers import guided
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
 from ddpm_lightning.evaluation.fidelity import class_proportions, generate
-from ddpm_lightning.evaluation.guidance import guidance_sweep
+from ddpm_lightning.evaluation.guidance import GuidanceSweepSpec, guidance_sweep
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
 from ddpm_lightning.sampling import cycle_labels, iter_samples, load_module, proportional_labels
@@ -417,7 +417,7 @@ def test_guidance_and_classes_on_an_unconditional_checkpoint_are_clear_errors(tm
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="unconditional model"):
-        guidance_sweep(ckpt, tmp_path / "guidance", device="cpu")
+        guidance_sweep(GuidanceSweepSpec(ckpt, tmp_path / "guidance", device="cpu"))
 
 
 @pytest.mark.integration
@@ -451,10 +451,11 @@ def test_guidance_sweep_writes_a_table_and_a_grid_per_scale(
 ) -> None:
     ckpt = conditional_run / "straight" / "checkpoints" / "last.ckpt"
     out = tmp_path / "guidance"
-    paths = guidance_sweep(
+    spec = GuidanceSweepSpec(
         ckpt, out, scales=[1, 2], num=20, steps=2, batch_size=20, classifier_epochs=CLASSIFIER_TEST_EPOCHS,
         classifier_cache_dir=classifier_cache, device="cpu",
     )  # fmt: skip
+    paths = guidance_sweep(spec)
     table = json.loads((out / "table.json").read_text())
     assert [row["guidance_scale"] for row in table["rows"]] == [1.0, 2.0]
     assert [row["label"] for row in table["rows"]] == ["ddpm2", "ddpm2-s2"]

@@ -10,9 +10,10 @@ import torch
 from helpers import closed_form_fid, run_cli
 
 from ddpm_lightning.cli import main
+from ddpm_lightning.cli.evaluate import build_parser, spec_of
 from ddpm_lightning.data import CIFAR10DataModule, to_uint8
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.evaluation import build_fid_extractor, evaluate
+from ddpm_lightning.evaluation import EvaluateSpec, build_fid_extractor, evaluate
 from ddpm_lightning.io import save_png
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
@@ -78,11 +79,38 @@ def test_evaluate_needs_a_checkpoint_or_a_samples_folder(capsys: pytest.CaptureF
 
 def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        evaluate()
-    with pytest.raises(ValueError, match="num must be positive"):
-        evaluate(samples=tmp_path, num=0)
-    with pytest.raises(ValueError, match="unknown metrics"):
-        evaluate(samples=tmp_path, metrics=["fid", "lpips"])
+        EvaluateSpec()
+    with pytest.raises(ValueError, match="num must be positive, got 0"):
+        EvaluateSpec(samples=tmp_path, num=0)
+    with pytest.raises(ValueError, match=r"num_real must be >= 2, got 1"):
+        EvaluateSpec(samples=tmp_path, num_real=1)
+    with pytest.raises(ValueError, match=r"unknown metrics \['lpips'\]; allowed: fid, isc, kid"):
+        EvaluateSpec(samples=tmp_path, metrics=["fid", "lpips"])
+    with pytest.raises(ValueError, match=r"unknown sampler_changes \['stps'\]; allowed: steps, eta, spacing"):
+        EvaluateSpec(ckpt=tmp_path / "m.ckpt", sampler_changes={"stps": 10})
+
+
+@pytest.mark.unit
+def test_the_command_line_builds_the_spec_of_the_python_call() -> None:
+    argv = [
+        "--ckpt",
+        "m.ckpt",
+        "--num",
+        "100",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "50",
+        "--metrics",
+        "fid",
+        "--out",
+        "r.json",
+    ]
+    spec = EvaluateSpec(ckpt="m.ckpt", num=100, sampler="ddim", sampler_changes={"steps": 50}, metrics=["fid"],
+                        out="r.json")  # fmt: skip
+    assert spec_of(build_parser().parse_args(argv)) == spec
+    # the checkpoint's own setting, but for what the command line gives
+    assert spec_of(build_parser().parse_args(["--samples", "s"])).sampler_changes == {}
 
 
 def test_evaluate_refuses_before_sampling_when_the_fid_weights_are_missing(
@@ -106,10 +134,10 @@ def test_evaluate_refuses_before_sampling_when_the_fid_weights_are_missing(
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"never read")
     with pytest.raises(FileNotFoundError, match="--weights PATH") as err:
-        evaluate(ckpt=ckpt, num=4, data="digits")
+        evaluate(EvaluateSpec(ckpt=ckpt, num=4, data="digits"))
     assert "feature_extractor_weights_path" not in str(err.value)
     with pytest.raises(FileNotFoundError, match=r"--weights '.*missing\.pth'"):
-        evaluate(ckpt=ckpt, num=4, data="digits", weights=tmp_path / "missing.pth")
+        evaluate(EvaluateSpec(ckpt=ckpt, num=4, data="digits", weights=tmp_path / "missing.pth"))
 
 
 def test_evaluate_refuses_a_folder_as_checkpoint_and_an_unwritable_report_before_sampling(
@@ -121,7 +149,7 @@ def test_evaluate_refuses_a_folder_as_checkpoint_and_an_unwritable_report_before
     weights.write_bytes(b"")
     monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("sampled"))
     with pytest.raises(ValueError, match="is a folder, not a checkpoint file"):
-        evaluate(ckpt=tmp_path, num=4, data="digits", weights=weights, metrics=["fid"])
+        evaluate(EvaluateSpec(ckpt=tmp_path, num=4, data="digits", weights=weights, metrics=["fid"]))
     with pytest.raises(SystemExit):
         main(["evaluate", "--ckpt", str(tmp_path), "--out", str(weights / "report.json")])
     assert f"--out {weights / 'report.json'}: {weights} is a file" in capsys.readouterr().err
@@ -143,7 +171,9 @@ def test_evaluate_caches_the_reference_statistics_by_data_split_count_and_weight
     weights[0].write_bytes(b"weights a")
     weights[1].write_bytes(b"weights b")
     for w in weights:
-        evaluate(samples=tmp_path / "samples", data_dir=cifar10_dir, num_real=NUM_REAL, weights=str(w), metrics=["fid"])
+        spec = EvaluateSpec(samples=tmp_path / "samples", data_dir=cifar10_dir, num_real=NUM_REAL, weights=str(w),
+                            metrics=["fid"])  # fmt: skip
+        evaluate(spec)
     first, second = calls
     assert first["cache"] is True and first["cache_root"] == str(tmp_path / "cache" / "ddpm-lightning" / "fid-stats")
     import hashlib

@@ -66,11 +66,16 @@ def test_sample_refuses_an_out_that_is_an_existing_file(tmp_path: Path, capsys: 
 
 
 def test_evaluate_writes_its_report_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    report = {"fid": 1.0, "isc_mean": None, "isc_std": None, "kid_mean": None, "kid_std": None, "notes": []}
-    monkeypatch.setattr(sys.modules["ddpm_lightning.evaluation.fidelity"], "evaluate", lambda **kwargs: report)
+    fidelity = sys.modules["ddpm_lightning.evaluation.fidelity"]
+    monkeypatch.setattr(fidelity, "fetch_fid_weights", lambda weights: None)
+    monkeypatch.setattr(fidelity, "_calculate_metrics", lambda *args, **kwargs: {"frechet_inception_distance": 1.0})
+    samples = tmp_path / "samples"
+    for i in range(2):
+        io.save_png(torch.full((3, 8, 8), 100, dtype=torch.uint8), samples / f"{i:06d}.png")
     written = []
     atomic_write = io.atomic_write
     monkeypatch.setattr(io, "atomic_write", lambda path, write: written.append(Path(path)) or atomic_write(path, write))
     out = tmp_path / "report.json"
-    assert evaluate_command.main(["--samples", str(tmp_path), "--out", str(out)]) == 0
-    assert written == [out] and json.loads(out.read_text()) == report
+    argv = ["--samples", str(samples), "--data", str(samples), "--metrics", "fid", "--out", str(out)]
+    assert evaluate_command.main(argv) == 0
+    assert written == [out] and json.loads(out.read_text())["fid"] == 1.0

@@ -33,6 +33,7 @@ from ddpm_lightning.diffusion import SCHEDULES
 from ddpm_lightning.evaluation.ablation import (
     AXES,
     DEFAULT_AXES,
+    CollectSpec,
     collect,
     fit_overrides,
     grid,
@@ -80,11 +81,10 @@ def run_one(
     return folder
 
 
-def collect_all(out: str | Path, allow_missing: bool = False, expected: Sequence[str] = ()) -> dict[str, Path]:
-    """:func:`collect` the runs in ``out`` (``expected``: the grid's run names, where no manifest gives them), plus
-    ``schedules.png`` (the schedules compared); returns the paths."""
-    paths = collect(out, allow_missing=allow_missing, expected=expected)
-    paths["schedules.png"] = save_figure(schedule_figure(), Path(out) / "schedules.png")
+def collect_all(spec: CollectSpec) -> dict[str, Path]:
+    """:func:`collect` the runs of ``spec``, plus ``schedules.png`` (the schedules compared); returns the paths."""
+    paths = collect(spec)
+    paths["schedules.png"] = save_figure(schedule_figure(), spec.dest / "schedules.png")
     return paths
 
 
@@ -117,7 +117,7 @@ def ablate(
     write_manifest(out, axes, seeds, fit_args, budget_seconds)
     for settings, seed in grid(axes, seeds):
         run_one(out, settings, seed, fit_args, positions[run_name(settings, 0)], budget_seconds)
-    return collect_all(out)
+    return collect_all(CollectSpec(Path(out)))
 
 
 def submit(
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the grid the command names (its axes given), for a folder of --only runs without a manifest
     expected = [run_name(settings, seed) for settings, seed in runs] if args.axis or args.schedules else []
     if args.collect:
-        paths = collect_all(args.out, allow_missing=args.allow_missing, expected=expected)
+        paths = collect_all(CollectSpec(args.out, allow_missing=args.allow_missing, expected=expected))
     else:
         paths = ablate(fit_args, out=args.out, axes=axes, seeds=args.seeds, budget_seconds=args.budget_seconds)
     missing = missing_runs(args.out, expected)

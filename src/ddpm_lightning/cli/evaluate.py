@@ -6,6 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ddpm_lightning.choices import EVAL_DATASETS as DATASETS
 from ddpm_lightning.choices import (
@@ -17,6 +18,9 @@ from ddpm_lightning.choices import (
     add_autoguidance_arguments,
     check_positive,
 )
+
+if TYPE_CHECKING:
+    from ddpm_lightning.evaluation.fidelity import EvaluateSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,25 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def spec_of(args: argparse.Namespace) -> EvaluateSpec:
+    """The evaluation the parsed command line asks for: the sampler options it gives change the checkpoint's own."""
+    from ddpm_lightning.evaluation.fidelity import SAMPLER_CHANGES, EvaluateSpec
+
+    fields = vars(args).copy()
+    changes = {name: fields.pop(name) for name in SAMPLER_CHANGES}
+    return EvaluateSpec(**fields, sampler_changes={k: v for k, v in changes.items() if v is not None})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm evaluate (--ckpt PATH --num N | --samples DIR) [--weights PATH] [--out report.json]``."""
     parsed = build_parser().parse_args(argv)
     check_positive(parsed, "num", "steps", "batch_size", "kid_subset_size")
-    args = vars(parsed)
     from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.fidelity import evaluate
-    from ddpm_lightning.io import check_output, write_json
+    from ddpm_lightning.io import check_output
 
+    spec = spec_of(parsed)
     # the files first; evaluate() checks the weights and the reference data before it samples
-    out = check_output(args.pop("out"), "--out")
-    for option in ("ckpt", "guide_ckpt"):
-        if args[option] is not None:
-            check_checkpoint_file(args[option], f"--{option.replace('_', '-')}")
-    report = evaluate(**args)
-    write_json(report, out)
+    check_output(spec.out, "--out")
+    for option, path in (("--ckpt", spec.ckpt), ("--guide-ckpt", spec.guide_ckpt)):
+        if path is not None:
+            check_checkpoint_file(path, option)
+    report = evaluate(spec)
     shown = {k: report[k] for k in ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std") if report[k] is not None}
     print(json.dumps(shown))
     for note in report["notes"]:
         print(f"note: {note}")
-    print(f"wrote {out}")
+    print(f"wrote {spec.out}")
     return 0

@@ -7,9 +7,13 @@ import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ddpm_lightning.choices import GUIDANCE_SCALES as SCALES
 from ddpm_lightning.choices import SAMPLERS, STEPS_HELP
+
+if TYPE_CHECKING:
+    from ddpm_lightning.evaluation.guidance import GuidanceSweepSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,21 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def spec_of(args: argparse.Namespace) -> GuidanceSweepSpec:
+    """The sweep the parsed command line asks for."""
+    from ddpm_lightning.evaluation.guidance import GuidanceSweepSpec
+
+    return GuidanceSweepSpec(**vars(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm guidance-sweep --ckpt PATH [--scales 1 2 3 5] [--num 250] [--sampler NAME --steps N]``."""
-    args = build_parser().parse_args(argv)
+    spec = spec_of(build_parser().parse_args(argv))
     start = time.perf_counter()
     from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.guidance import guidance_sweep
     from ddpm_lightning.io import check_output
 
     # every input before the classifier is trained and the first sample drawn
-    check_checkpoint_file(args.ckpt, "--ckpt")
-    check_output(args.out, "--out", folder=True)
-    if args.classifier_cache_dir is not None:
-        check_output(args.classifier_cache_dir, "--classifier-cache-dir", folder=True)
+    check_checkpoint_file(spec.ckpt, "--ckpt")
+    check_output(spec.out, "--out", folder=True)
+    if spec.classifier_cache_dir is not None:
+        check_output(spec.classifier_cache_dir, "--classifier-cache-dir", folder=True)
 
-    paths = guidance_sweep(**vars(args))
+    paths = guidance_sweep(spec)
     minutes = (time.perf_counter() - start) / 60
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {minutes:.1f} min")
     return 0

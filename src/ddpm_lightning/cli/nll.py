@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ddpm_lightning.choices import EVAL_DATASETS as DATASETS
+
+if TYPE_CHECKING:
+    from ddpm_lightning.evaluation.nll import NLLSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,49 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def spec_of(args: argparse.Namespace) -> NLLSpec:
+    """The bound the parsed command line asks for, its report beside the checkpoint unless ``--out`` says where."""
+    from ddpm_lightning.evaluation.nll import NLLSpec
+
+    fields = vars(args) | {"num": args.num or None, "progress": True}
+    fields |= {"clip_denoised": not fields.pop("no_clip"), "out": args.out or args.ckpt.with_suffix(".nll.json")}
+    return NLLSpec(**fields)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.data not in DATASETS and not Path(args.data).expanduser().is_dir():
-        raise ValueError(f"--data {args.data!r} is neither {' nor '.join(DATASETS)} nor a folder of images")
-    if args.split == "all" and args.data in DATASETS:
-        raise ValueError(f"--split all is for a folder of images; {args.data} has: train, test")
-    out = args.out if args.out is not None else args.ckpt.with_suffix(".nll.json")
+    spec = spec_of(build_parser().parse_args(argv))
     from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.nll import nll
-    from ddpm_lightning.io import check_output, write_json
+    from ddpm_lightning.io import check_output
 
     # every input before the first network evaluation: the checkpoint, the report's folder (the data are read
     # before the bound is computed)
-    check_checkpoint_file(args.ckpt, "--ckpt")
-    check_output(out, "--out")
+    check_checkpoint_file(spec.ckpt, "--ckpt")
+    check_output(spec.out, "--out")
 
-    report = nll(
-        args.ckpt,
-        data=args.data,
-        data_dir=args.data_dir,
-        split=args.split,
-        num=args.num or None,
-        t_samples=args.t_samples,
-        clip_denoised=not args.no_clip,
-        off_grid=args.off_grid,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        progress=True,
-    )
+    report = nll(spec)
     if report["quantized"]:
         print(
-            f"note: the {args.data} images were not on the 8-bit grid (up to {report['off_grid_levels']:.3f} levels "
+            f"note: the {spec.data} images were not on the 8-bit grid (up to {report['off_grid_levels']:.3f} levels "
             "off) and were quantized to it"
         )
     terms = ", ".join(f"{name} {v['bpd']:.4f}" for name, v in report["terms"].items())
     print(
         f"NLL <= {report['bpd']:.4f} +- {report['stderr']:.4f} bits/dim ({report['estimate']}; "
-        f"{report['num_images']} {args.data} {args.split} images; clip x0: {report['clip_denoised']})"
+        f"{report['num_images']} {spec.data} {spec.split} images; clip x0: {report['clip_denoised']})"
     )
     print(f"terms (bits/dim): {terms}")
     if report["num_classes"] is not None:
         print(f"a class-conditional model: the bound of the likelihood {report['likelihood']}")
-    write_json(report, out)
-    print(f"wrote {out}")
+    print(f"wrote {spec.out}")
     return 0

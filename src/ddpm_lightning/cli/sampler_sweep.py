@@ -8,11 +8,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ddpm_lightning.choices import SWEEP_DATASETS as DATASETS
 from ddpm_lightning.choices import SWEEP_SETTINGS as SETTINGS
 from ddpm_lightning.choices import SWEEP_STEPS as STEPS
 from ddpm_lightning.choices import add_autoguidance_arguments
+
+if TYPE_CHECKING:
+    from ddpm_lightning.evaluation.sampler_sweep import SweepSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,26 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def spec_of(args: argparse.Namespace) -> SweepSpec:
+    """The sweep the parsed command line asks for."""
+    from ddpm_lightning.evaluation.sampler_sweep import SweepSpec
+
+    return SweepSpec(**vars(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm sampler-sweep --ckpt PATH [--num 250] [--steps 1000 250 ...] [--samplers ...] [--fid]``."""
     from ddpm_lightning.legacy import upgrade_sweep_argv
 
     args = build_parser().parse_args(upgrade_sweep_argv(sys.argv[1:] if argv is None else argv))
     start = time.perf_counter()
+    spec = spec_of(args)
     from ddpm_lightning.checkpoint import check_checkpoint_file
     from ddpm_lightning.evaluation.sampler_sweep import sweep
     from ddpm_lightning.io import check_output
 
     # the files first; the sweep checks the FID weights and data before the classifier is trained or a sample drawn
-    for ckpt in args.ckpt:
+    for ckpt in spec.ckpt:
         check_checkpoint_file(ckpt, "--ckpt")
-    if args.guide_ckpt is not None:
-        check_checkpoint_file(args.guide_ckpt, "--guide-ckpt")
-    check_output(args.out, "--out", folder=True)
-    if args.classifier_cache_dir is not None:
-        check_output(args.classifier_cache_dir, "--classifier-cache-dir", folder=True)
+    if spec.guide_ckpt is not None:
+        check_checkpoint_file(spec.guide_ckpt, "--guide-ckpt")
+    check_output(spec.out, "--out", folder=True)
+    if spec.classifier_cache_dir is not None:
+        check_output(spec.classifier_cache_dir, "--classifier-cache-dir", folder=True)
 
-    paths = sweep(**vars(args))
+    paths = sweep(spec)
     minutes = (time.perf_counter() - start) / 60
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {minutes:.1f} min")
     return 0

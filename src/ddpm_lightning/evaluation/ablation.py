@@ -22,6 +22,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ddpm_lightning.io import atomic_write, write_json
 __all__ = [
     "AXES",
     "DEFAULT_AXES",
+    "CollectSpec",
     "MANIFEST",
     "MissingRunsError",
     "collect",
@@ -285,81 +287,122 @@ def load_runs(out: str | Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (r["position"], r["label"], r["seed"]))
 
 
-def collect(
-    out: str | Path, dest: str | Path | None = None, allow_missing: bool = False, expected: Sequence[str] = ()
-) -> dict[str, Path]:
-    """Gather ``OUT/runs/*`` into table.md, table.csv (mean ± std over seeds, one row per setting), runs.csv and
-    curves.png, written to ``dest`` (default ``out``); returns their paths. Runs of the manifest's grid (without one:
-    of ``expected``) that have not finished raise :class:`MissingRunsError` naming them, or
-    with ``allow_missing`` are listed under the table."""
+@dataclass(frozen=True)
+class CollectSpec:
+    """What :func:`collect` gathers and where it writes.
+
+    Args:
+        out: the ablation's folder (``OUT/runs/*``, ``OUT/manifest.json``).
+        dest: the folder of the table, CSV files and curves (default ``out``).
+        allow_missing: runs of the grid that have not finished are listed under the table instead of an error.
+        expected: the grid's run names (:func:`run_name`), where no manifest gives them.
+    """
+
+    out: Path
+    dest: Path | None = None
+    allow_missing: bool = False
+    expected: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.expected, str):
+            raise ValueError(f"expected is a list of run names, got the string {self.expected!r}")
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "dest", Path(self.dest) if self.dest is not None else Path(self.out))
+        object.__setattr__(self, "expected", tuple(self.expected))
+
+
+def collect(spec: CollectSpec) -> dict[str, Path]:
+    """Gather ``spec.out/runs/*`` into table.md, table.csv (mean ± std over seeds, one row per setting), runs.csv and
+    curves.png, written to ``spec.dest``; returns their paths. Runs of the manifest's grid (without one: of
+    ``spec.expected``) that have not finished raise :class:`MissingRunsError` naming them, or with
+    ``spec.allow_missing`` are listed under the table."""
     from ddpm_lightning.plots import curves_figure, save_figure  # matplotlib only once a figure is drawn
 
-    missing = missing_runs(out, expected)
-    if missing and not allow_missing:
-        grid_of = Path(out) / MANIFEST if (Path(out) / MANIFEST).is_file() else f"the grid in {out}"
+    missing = missing_runs(spec.out, spec.expected)
+    if missing and not spec.allow_missing:
+        grid_of = spec.out / MANIFEST if (spec.out / MANIFEST).is_file() else f"the grid in {spec.out}"
         raise MissingRunsError(
             f"{len(missing)} run(s) of {grid_of} have not finished: {', '.join(missing)} (train them "
             "with --only NAME or --task K, or pass --allow-missing for a table that lists them as missing)"
         )
-    runs = load_runs(out)
-    out = Path(dest if dest is not None else out)
-    axes = list(dict.fromkeys(name for run in runs for name in run["settings"]))
-    fid_steps = sorted({step for run in runs for step in run["fid_steps"]})
-    has_bpd = any(not math.isnan(run["bpd"]) for run in runs)
-    quality = [k for k in QUALITY_KEYS if any(k in run["quality"] for run in runs)]
-    has_rate = any(not math.isnan(run["steps_per_second"]) for run in runs)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault(run["label"], []).append(run)
-
-    columns = ["final_loss", "final_val_loss", *(f"fid@{s}" for s in fid_steps)]
-    columns += ["bpd"] * has_bpd + quality + ["steps_per_second"] * has_rate
-    md_names = ["final train loss", "final val loss", *(f"FID @ {s}" for s in fid_steps)]
-    md_names += ["bits/dim"] * has_bpd + [QUALITY_KEYS[k] for k in quality] + ["steps/s"] * has_rate
-    rows_csv, rows_md = [], []
-    for group in groups.values():
-        cells: list[tuple[float, float]] = [
-            _mean_std([r["final_loss"] for r in group if not math.isnan(r["final_loss"])]),
-            _mean_std([r["final_val_loss"] for r in group if not math.isnan(r["final_val_loss"])]),
-        ]
-        for step in fid_steps:
-            cells.append(_mean_std([r["fid"][r["fid_steps"].index(step)] for r in group if step in r["fid_steps"]]))
-        if has_bpd:
-            cells.append(_mean_std([r["bpd"] for r in group if not math.isnan(r["bpd"])]))
-        cells += [_mean_std([r["quality"][k] for r in group if k in r["quality"]]) for k in quality]
-        if has_rate:
-            cells.append(_mean_std([r["steps_per_second"] for r in group if not math.isnan(r["steps_per_second"])]))
-        wall = _mean_std([r["wall_time_s"] for r in group])
-        settings = [group[0]["settings"].get(name, "") for name in axes]
-        seeds = " ".join(str(r["seed"]) for r in group)
-        steps = max(r["steps"] for r in group)
-        rows_csv.append([*settings, seeds, steps] + [_csv_cell(m, s) for m, s in cells] + [f"{wall[0]:.1f}"])
-        md_cells = [_fmt(*c) for c in cells[:2]] + [_fmt(*c, digits=2) for c in cells[2:]] + [_fmt(*wall, digits=0)]
-        rows_md.append([*settings, seeds, str(steps), *md_cells])
-
-    paths = {name: out / name for name in ("table.md", "table.csv", "runs.csv", "curves.png")}
-    _write_csv([[*axes, "seeds", "steps", *columns, "wall_time_s"], *rows_csv], paths["table.csv"])
-    run_columns = ["seed", "steps", "final_loss", "final_val_loss", "bpd", "wall_time_s"]
-    run_columns += ["budget_seconds", "steps_per_second"] * has_rate
-    _write_csv(
-        [
-            [*axes, *run_columns, *quality],
-            *(
-                [*(r["settings"].get(a, "") for a in axes), *(r[k] for k in run_columns)]
-                + [r["quality"].get(k, math.nan) for k in quality]
-                for r in runs
-            ),
-        ],
-        paths["runs.csv"],
-    )
-    md_header = [*axes, "seeds", "steps", *md_names, "wall time (s)"]
+    runs = load_runs(spec.out)
+    table = _Table.of(runs)
+    paths = {name: spec.dest / name for name in ("table.md", "table.csv", "runs.csv", "curves.png")}
+    _write_csv([[*table.axes, "seeds", "steps", *table.columns, "wall_time_s"], *table.rows_csv], paths["table.csv"])
+    _write_runs_csv(runs, table, paths["runs.csv"])
+    md_header = [*table.axes, "seeds", "steps", *table.md_names, "wall time (s)"]
     lines = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows_md]
-    note = _table_note(runs, has_bpd, has_rate, quality, missing)
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows_md]
+    note = _table_note(runs, table.has_bpd, table.has_rate, table.quality, missing)
     text = "\n".join(lines) + "\n" + note + "\n"
     atomic_write(paths["table.md"], lambda tmp: tmp.write_text(text))
     save_figure(curves_figure(runs), paths["curves.png"])
     return paths
+
+
+@dataclass
+class _Table:
+    """The ablation's table: one row per setting, each figure's mean and spread over the seeds."""
+
+    axes: list[str]
+    quality: list[str]
+    has_bpd: bool
+    has_rate: bool
+    columns: list[str]
+    md_names: list[str]
+    rows_csv: list[list[Any]]
+    rows_md: list[list[str]]
+
+    @classmethod
+    def of(cls, runs: Sequence[dict[str, Any]]) -> _Table:
+        axes = list(dict.fromkeys(name for run in runs for name in run["settings"]))
+        fid_steps = sorted({step for run in runs for step in run["fid_steps"]})
+        has_bpd = any(not math.isnan(run["bpd"]) for run in runs)
+        quality = [k for k in QUALITY_KEYS if any(k in run["quality"] for run in runs)]
+        has_rate = any(not math.isnan(run["steps_per_second"]) for run in runs)
+        columns = ["final_loss", "final_val_loss", *(f"fid@{s}" for s in fid_steps)]
+        columns += ["bpd"] * has_bpd + quality + ["steps_per_second"] * has_rate
+        md_names = ["final train loss", "final val loss", *(f"FID @ {s}" for s in fid_steps)]
+        md_names += ["bits/dim"] * has_bpd + [QUALITY_KEYS[k] for k in quality] + ["steps/s"] * has_rate
+        table = cls(axes, quality, has_bpd, has_rate, columns, md_names, [], [])
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for run in runs:
+            groups.setdefault(run["label"], []).append(run)
+        for group in groups.values():
+            table.add(group, fid_steps)
+        return table
+
+    def add(self, group: Sequence[dict[str, Any]], fid_steps: Sequence[int]) -> None:
+        """The row of one setting's runs (one per seed)."""
+
+        def spread(key: str) -> tuple[float, float]:
+            return _mean_std([r[key] for r in group if not math.isnan(r[key])])
+
+        cells = [spread("final_loss"), spread("final_val_loss")]
+        for step in fid_steps:
+            cells.append(_mean_std([r["fid"][r["fid_steps"].index(step)] for r in group if step in r["fid_steps"]]))
+        cells += [spread("bpd")] * self.has_bpd
+        cells += [_mean_std([r["quality"][k] for r in group if k in r["quality"]]) for k in self.quality]
+        cells += [spread("steps_per_second")] * self.has_rate
+        wall = _mean_std([r["wall_time_s"] for r in group])
+        settings = [group[0]["settings"].get(name, "") for name in self.axes]
+        seeds = " ".join(str(r["seed"]) for r in group)
+        steps = max(r["steps"] for r in group)
+        self.rows_csv.append([*settings, seeds, steps] + [_csv_cell(m, s) for m, s in cells] + [f"{wall[0]:.1f}"])
+        md_cells = [_fmt(*c) for c in cells[:2]] + [_fmt(*c, digits=2) for c in cells[2:]] + [_fmt(*wall, digits=0)]
+        self.rows_md.append([*settings, seeds, str(steps), *md_cells])
+
+
+def _write_runs_csv(runs: Sequence[dict[str, Any]], table: _Table, path: Path) -> Path:
+    """One line per run: its settings, seed, steps, losses, bits/dim, wall time, rate and scores."""
+    run_columns = ["seed", "steps", "final_loss", "final_val_loss", "bpd", "wall_time_s"]
+    run_columns += ["budget_seconds", "steps_per_second"] * table.has_rate
+    lines = [
+        [*(r["settings"].get(a, "") for a in table.axes), *(r[k] for k in run_columns)]
+        + [r["quality"].get(k, math.nan) for k in table.quality]
+        for r in runs
+    ]
+    return _write_csv([[*table.axes, *run_columns, *table.quality], *lines], path)
 
 
 def _table_note(

@@ -9,9 +9,11 @@ model is sampled with its classes in the reference data's proportions, determini
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +38,10 @@ from ddpm_lightning.sampling import default_device, iter_samples, load_for_sampl
 __all__ = [
     "DATASETS",
     "METRICS",
+    "SAMPLER_CHANGES",
     "PAPER_NUM_SAMPLES",
     "PngFolder",
+    "EvaluateSpec",
     "Uint8Images",
     "class_proportions",
     "evaluate",
@@ -272,63 +276,115 @@ def fid_of_images(
     return float(result["frechet_inception_distance"])
 
 
-def evaluate(
-    ckpt: str | Path | None = None,
-    samples: str | Path | None = None,
-    *,
-    num: int = PAPER_NUM_SAMPLES,
-    data: str = "cifar10",
-    data_dir: str | Path = "data",
-    split: Literal["train", "test"] = "train",
-    num_real: int | None = None,
-    batch_size: int = 256,
-    sampler: SamplerConfig | Mapping[str, Any] | str | None = None,
-    steps: int | None = None,
-    eta: float | None = None,
-    spacing: Spacing | None = None,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    weights: str | Path | None = None,
-    metrics: Sequence[Metric] = METRICS,
-    kid_subset_size: int = 1000,
-    device: str | torch.device | None = None,
-    guide_ckpt: str | Path | None = None,
-    autoguidance_scale: float | None = None,
-) -> dict[str, Any]:
-    """FID, Inception Score and KID (torch-fidelity) of ``num`` samples of a checkpoint's EMA weights (``ckpt``),
-    or of a folder of PNG files (``samples``), against the local real images of ``data`` / ``split``.
+#: the note of a report made otherwise than the paper
+NOT_THE_PAPERS = (
+    "Not the paper's protocol (50k EMA samples of the full DDPM chain vs the CIFAR-10 train set): "
+    "do not compare these numbers with FID 3.17 / IS 9.46."
+)
+#: the fields of a :class:`SamplerConfig` an :class:`EvaluateSpec` may change in the checkpoint's own setting
+SAMPLER_CHANGES = ("steps", "eta", "spacing", "guidance_scale", "autoguidance_scale")
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """What :func:`evaluate` measures: ``num`` samples of a checkpoint's EMA weights (``ckpt``) or a folder of PNG
+    files (``samples``), against the local real images of ``data`` / ``split``; checked at construction.
 
     Args:
-        sampler, steps, eta, spacing, guidance_scale: how the checkpoint is sampled: a :class:`SamplerConfig`, a
-            sampler name or None (the checkpoint's own setting), with the others changed when given. A
-            class-conditional checkpoint samples its classes in the proportions of the reference images.
-        guide_ckpt, autoguidance_scale: autoguidance of the checkpoint by this weaker one of the same process.
+        sampler, sampler_changes: how the checkpoint is sampled: a :class:`SamplerConfig`, a sampler name or None
+            (the checkpoint's own setting), with the fields of ``sampler_changes`` (``{"steps": 50}``; any of
+            :data:`SAMPLER_CHANGES`) changed. A class-conditional checkpoint samples its classes in the proportions
+            of the reference images.
+        guide_ckpt: autoguidance of the checkpoint by this weaker one of the same process (its weight:
+            ``sampler_changes["autoguidance_scale"]``).
         seed: sample i is seeded by ``seed + i``.
+        batch_size: of the sampling and of the Inception network.
         num_real: the first ``num_real`` real images (default: all).
         weights: the Inception weights file (``ddpm fid-weights``); default: torch hub's cache, else a download.
         metrics: any of ``"fid"``, ``"isc"``, ``"kid"``.
         kid_subset_size: KID's subset size, capped by the numbers of images.
+        out: the JSON report's file (None: not written).
+    """
+
+    ckpt: Path | None = None
+    samples: Path | None = None
+    num: int = PAPER_NUM_SAMPLES
+    sampler: SamplerConfig | Mapping[str, Any] | str | None = None
+    sampler_changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    guide_ckpt: Path | None = None
+    seed: int = 0
+    batch_size: int = 256
+    data: str = "cifar10"
+    data_dir: Path = Path("data")
+    split: Literal["train", "test"] = "train"
+    num_real: int | None = None
+    weights: str | Path | None = None
+    metrics: Sequence[Metric] = METRICS
+    kid_subset_size: int = 1000
+    device: str | torch.device | None = None
+    out: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ckpt is None) == (self.samples is None):
+            raise ValueError("give exactly one of a checkpoint (ckpt) and a folder of PNG samples (samples)")
+        for name in ("num", "batch_size", "kid_subset_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_real is not None and self.num_real < 2:
+            raise ValueError(f"num_real must be >= 2, got {self.num_real}")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; allowed: {', '.join(METRICS)}")
+        if unknown := [k for k in self.sampler_changes if k not in SAMPLER_CHANGES]:
+            raise ValueError(f"unknown sampler_changes {unknown}; allowed: {', '.join(SAMPLER_CHANGES)}")
+        paths = {"ckpt": self.ckpt, "samples": self.samples, "guide_ckpt": self.guide_ckpt}
+        for name, value in paths.items():
+            object.__setattr__(self, name, None if value is None else Path(value))
+        object.__setattr__(self, "out", None if self.out is None else Path(self.out).expanduser())
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        object.__setattr__(self, "sampler_changes", dict(self.sampler_changes))
+
+
+def evaluate(spec: EvaluateSpec) -> dict[str, Any]:
+    """FID, Inception Score and KID (torch-fidelity) of ``spec``'s samples against its real images; the report is
+    written to ``spec.out`` when given.
 
     Returns:
         The report: the figures (None when not computed), the generated and reference sets, the feature extractor,
         whether this is the paper's protocol, and notes.
     """
-    if (ckpt is None) == (samples is None):
-        raise ValueError("give exactly one of a checkpoint (ckpt) and a folder of PNG samples (samples)")
-    for name, value in {"num": num, "batch_size": batch_size, "kid_subset_size": kid_subset_size}.items():
-        if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if num_real is not None and num_real < 2:
-        raise ValueError(f"num_real must be >= 2, got {num_real}")
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; allowed: {', '.join(METRICS)}")
-    wanted = set(metrics)
-    # every input is checked before the first sample is drawn: the weights, the checkpoint, the reference data
-    weights = fetch_fid_weights(weights)
-    if ckpt is not None:
-        check_checkpoint_file(ckpt, "ckpt")
-    notes = []
+    weights, wanted, notes = _prepare(spec)
+    generated, source = _generated(spec)
+    reference, reference_name = _reference(spec, generated[0].shape[-1])
+    kid_subset_size = min(spec.kid_subset_size, len(generated), len(reference))
+    result = _measure(spec, generated, reference, reference_name, weights, wanted, kid_subset_size)
+    paper = _is_paper_protocol(spec, source)
+    report = {
+        "fid": _finite_or_none(result.get("frechet_inception_distance")),
+        "isc_mean": _finite_or_none(result.get("inception_score_mean")),
+        "isc_std": _finite_or_none(result.get("inception_score_std")),
+        "kid_mean": _finite_or_none(result.get("kernel_inception_distance_mean")),
+        "kid_std": _finite_or_none(result.get("kernel_inception_distance_std")),
+        "kid_subset_size": kid_subset_size if "kid" in wanted else None,
+        "generated": source,
+        "reference": {"dataset": spec.data, "cache_name": reference_name, "split": spec.split, "num": len(reference)},
+        "feature_extractor": {"name": "inception-v3-compat", "weights": weights or "torch-fidelity download"},
+        "paper_protocol": paper,
+        "notes": notes if paper else [*notes, NOT_THE_PAPERS],
+    }
+    if spec.out is not None:
+        io.write_json(report, spec.out)
+    return report
+
+
+def _prepare(spec: EvaluateSpec) -> tuple[str | None, set[str], list[str]]:
+    """Every input checked before the first sample is drawn: the Inception weights (resolved), the checkpoint; the
+    metrics these weights can give, and the notes on those they cannot."""
+    weights = fetch_fid_weights(spec.weights)
+    if spec.ckpt is not None:
+        check_checkpoint_file(spec.ckpt, "ckpt")
+    wanted, notes = set(spec.metrics), []
     if "isc" in wanted and not has_classifier(weights):
         wanted.discard("isc")
         notes.append(
@@ -337,42 +393,58 @@ def evaluate(
         )
         print(f"warning: {notes[-1]}")
     if not wanted:
-        raise ValueError(f"nothing to compute: metrics {' '.join(metrics)} with these weights")
+        raise ValueError(f"nothing to compute: metrics {' '.join(spec.metrics)} with these weights")
+    return weights, wanted, notes
 
-    if ckpt is not None:
-        # a conditional model samples the classes in the proportions of the reference's labels
-        labelled = reference_set(data, data_dir, split, 32)[0]
-        images, sampling = generate(
-            ckpt, num, sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
-            proportions=class_proportions(labelled), seed=seed, batch_size=batch_size, device=device,
-            guide_ckpt=guide_ckpt, autoguidance_scale=autoguidance_scale,
-        )  # fmt: skip
-        generated = Uint8Images(images)
-        source = {"checkpoint": str(ckpt), "num": len(generated), **sampling}
-    else:
-        generated = Uint8Images(PngFolder(samples))
-        source = {"samples": str(samples), "num": len(generated)}
 
+def _generated(spec: EvaluateSpec) -> tuple[Uint8Images, dict[str, Any]]:
+    """The images measured, and what they are: the checkpoint's samples or the folder's PNG files."""
+    if spec.ckpt is None:
+        generated = Uint8Images(PngFolder(spec.samples))
+        return generated, {"samples": str(spec.samples), "num": len(generated)}
+    # a conditional model samples the classes in the proportions of the reference's labels
+    labelled = reference_set(spec.data, spec.data_dir, spec.split, 32)[0]
+    images, sampling = generate(
+        spec.ckpt, spec.num, sampler=spec.sampler, **spec.sampler_changes, proportions=class_proportions(labelled),
+        seed=spec.seed, batch_size=spec.batch_size, device=spec.device, guide_ckpt=spec.guide_ckpt,
+    )  # fmt: skip
+    generated = Uint8Images(images)
+    return generated, {"checkpoint": str(spec.ckpt), "num": len(generated), **sampling}
+
+
+def _reference(spec: EvaluateSpec, image_size: int) -> tuple[Uint8Images, str]:
+    """The real images (the first ``num_real``) and the name their cached statistics are kept under."""
+    real, name = reference_set(spec.data, spec.data_dir, spec.split, image_size)
+    return Uint8Images(real, spec.num_real), name
+
+
+def _measure(
+    spec: EvaluateSpec,
+    generated: Uint8Images,
+    reference: Uint8Images,
+    reference_name: str,
+    weights: str | None,
+    wanted: set[str],
+    kid_subset_size: int,
+) -> dict[str, Any]:
+    """torch-fidelity's figures of the ``wanted`` metrics. The reference's features are cached (torch-fidelity's
+    cache, in io.cache_dir("fid-stats")) under the key the FID callback uses: data set, split, resolution, number
+    of images and the extractor's weights."""
     need_reference = bool(wanted & {"fid", "kid"})
-    real, reference_name = reference_set(data, data_dir, split, generated[0].shape[-1])
-    reference = Uint8Images(real, num_real)
-    kid_subset_size = min(kid_subset_size, len(generated), len(reference))
-    # the reference's features are cached (torch-fidelity's cache, in io.cache_dir("fid-stats")) under the key the
-    # FID callback uses: data set, split, resolution, number of images and the extractor's weights
     key = real_stats_key(
         dataset=reference_name,
-        split=split,
+        split=spec.split,
         resolution="x".join(str(n) for n in reference[0].shape[-2:]),
         num_images=len(reference),
         extractor="inception-v3-compat-torch-fidelity",
         extractor_sha256=file_digest(weights) if weights is not None else f"default-{_fidelity_version()}",
     )
-    result = _calculate_metrics(
+    return _calculate_metrics(
         generated,
         reference if need_reference else None,
         weights=weights,
-        device=device,
-        batch_size=batch_size,
+        device=spec.device,
+        batch_size=spec.batch_size,
         fid="fid" in wanted,
         isc="isc" in wanted,
         kid="kid" in wanted,
@@ -380,28 +452,13 @@ def evaluate(
         input2_cache_name=real_stats_name(key) if need_reference else None,
     )
 
-    paper = (
-        ckpt is not None
+
+def _is_paper_protocol(spec: EvaluateSpec, source: Mapping[str, Any]) -> bool:
+    """Whether this is the paper's protocol: 50k samples of the full DDPM chain against the CIFAR-10 train set."""
+    return (
+        spec.ckpt is not None
         and source["sampler"] == PAPER_SAMPLER.name
         and source["steps"] == source["num_timesteps"]
-        and len(generated) >= PAPER_NUM_SAMPLES
-        and (data, split, num_real) == ("cifar10", "train", None)
+        and source["num"] >= PAPER_NUM_SAMPLES
+        and (spec.data, spec.split, spec.num_real) == ("cifar10", "train", None)
     )
-    if not paper:
-        notes.append(
-            "Not the paper's protocol (50k EMA samples of the full DDPM chain vs the CIFAR-10 train set): "
-            "do not compare these numbers with FID 3.17 / IS 9.46."
-        )
-    return {
-        "fid": _finite_or_none(result.get("frechet_inception_distance")),
-        "isc_mean": _finite_or_none(result.get("inception_score_mean")),
-        "isc_std": _finite_or_none(result.get("inception_score_std")),
-        "kid_mean": _finite_or_none(result.get("kernel_inception_distance_mean")),
-        "kid_std": _finite_or_none(result.get("kernel_inception_distance_std")),
-        "kid_subset_size": kid_subset_size if "kid" in wanted else None,
-        "generated": source,
-        "reference": {"dataset": data, "cache_name": reference_name, "split": split, "num": len(reference)},
-        "feature_extractor": {"name": "inception-v3-compat", "weights": weights or "torch-fidelity download"},
-        "paper_protocol": paper,
-        "notes": notes,
-    }

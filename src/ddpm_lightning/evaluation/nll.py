@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +21,11 @@ from tqdm.auto import tqdm
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.data import EmbeddedDigitsDataModule, ImageFolderDataModule, stack_items
 from ddpm_lightning.evaluation.fidelity import DATASETS, reference_images
+from ddpm_lightning.io import write_json
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.sampling import load_module
 
-__all__ = ["bpd_of_images", "nll", "off_grid_distance", "quantize_to_grid", "real_images", "summarize"]
+__all__ = ["NLLSpec", "bpd_of_images", "nll", "off_grid_distance", "quantize_to_grid", "real_images", "summarize"]
 
 TERMS = ("total", "prior", "decoder", "rest")
 
@@ -112,84 +114,134 @@ def summarize(per_image: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]
     return summary
 
 
-def nll(
-    ckpt: str | Path,
-    *,
-    data: str = "digits",
-    data_dir: str | Path = "data",
-    split: Literal["train", "test", "all"] = "test",
-    num: int | None = 256,
-    t_samples: int | None = None,
-    clip_denoised: bool = True,
-    off_grid: Literal["quantize", "refuse"] = "quantize",
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """The bound in bits/dim of a checkpoint's EMA model on the first ``num`` images of ``split`` (None: all).
+OFF_GRID = ("quantize", "refuse")
+#: how far off the 8-bit grid (in levels) an image value may be without being quantized: float rounding
+OFF_GRID_TOLERANCE = 1e-3
 
-    ``t_samples`` None: the full sum over the T terms (T network evaluations per image); K: an unbiased estimate from
-    K timesteps per image (plus L_0 exactly). Image i is seeded by ``seed + i``. ``data``: ``"digits"``,
-    ``"cifar10"`` or a folder of images (:func:`real_images`). Returns the report: the total and each term with its
-    standard error, the protocol, and whether the data were quantized.
+
+@dataclass(frozen=True)
+class NLLSpec:
+    """What :func:`nll` measures: the bound of a checkpoint's EMA model on the first ``num`` images of ``split``
+    (None: all); checked at construction.
+
+    Args:
+        data: ``"digits"``, ``"cifar10"`` or a folder of images (:func:`real_images`).
+        t_samples: None: the full sum over the T terms (T network evaluations per image); K: an unbiased estimate
+            from K timesteps per image (plus L_0 exactly).
+        off_grid: images off the 8-bit grid are quantized to it (``"quantize"``, reported) or refused.
+        seed: image i is seeded by ``seed + i``.
+        progress: a progress bar of the network evaluations.
+        out: the JSON report's file (None: not written).
     """
-    if off_grid not in ("quantize", "refuse"):
-        raise ValueError(f"unknown off_grid {off_grid!r}; allowed: quantize, refuse")
-    if num is not None and num < 1:
-        raise ValueError(f"num must be a positive number of images, got {num}")
-    module = load_module(ckpt, device)
-    dataset = real_images(data, data_dir, split, module.image_shape[-1], module.image_shape[0], ckpt)
-    count = len(dataset) if num is None else min(num, len(dataset))  # type: ignore[arg-type]
+
+    ckpt: Path
+    data: str = "digits"
+    data_dir: Path = Path("data")
+    split: Literal["train", "test", "all"] = "test"
+    num: int | None = 256
+    t_samples: int | None = None
+    clip_denoised: bool = True
+    off_grid: Literal["quantize", "refuse"] = "quantize"
+    batch_size: int = 64
+    seed: int = 0
+    device: str | torch.device | None = None
+    progress: bool = False
+    out: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.off_grid not in OFF_GRID:
+            raise ValueError(f"unknown off_grid {self.off_grid!r}; allowed: {', '.join(OFF_GRID)}")
+        if self.num is not None and self.num < 1:
+            raise ValueError(f"num must be a positive number of images, got {self.num}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.data not in DATASETS and not Path(self.data).expanduser().is_dir():
+            raise ValueError(f"data {self.data!r} is neither {' nor '.join(DATASETS)} nor a folder of images")
+        if self.split == "all" and self.data in DATASETS:
+            raise ValueError(f"split 'all' is for a folder of images; {self.data} has: train, test")
+        object.__setattr__(self, "ckpt", Path(self.ckpt))
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "out", None if self.out is None else Path(self.out).expanduser())
+
+
+def nll(spec: NLLSpec) -> dict[str, Any]:
+    """The bound in bits/dim of ``spec``'s checkpoint on its images, written to ``spec.out`` when given. Returns the
+    report: the total and each term with its standard error, the protocol, and whether the data were quantized."""
+    module = load_module(spec.ckpt, spec.device)
+    images, labels = _images(spec, module)
+    distance = off_grid_distance(images)
+    quantized = distance > OFF_GRID_TOLERANCE
+    if quantized and spec.off_grid == "refuse":
+        raise ValueError(
+            f"the {spec.data} {spec.split} images are not on the 8-bit grid (a value {distance:.3f} levels off): the "
+            "bound's discrete decoder needs 8-bit data; use off_grid='quantize' (--off-grid quantize) to round them "
+            "to it"
+        )
+    per_image = bpd_of_images(
+        module, quantize_to_grid(images) if quantized else images, t_samples=spec.t_samples,
+        clip_denoised=spec.clip_denoised, seeds=[spec.seed + i for i in range(len(images))],
+        batch_size=spec.batch_size, progress=spec.progress, labels=labels,
+    )  # fmt: skip
+    report = _report(spec, module, summarize(per_image), len(images), distance, conditional=labels is not None)
+    if spec.out is not None:
+        write_json(report, spec.out)
+    return report
+
+
+def _images(spec: NLLSpec, module: DiffusionModule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``num`` real images of the spec at the model's shape, and their labels for a class-conditional
+    model (None for an unconditional one)."""
+    dataset = real_images(
+        spec.data, spec.data_dir, spec.split, module.image_shape[-1], module.image_shape[0], spec.ckpt
+    )
+    count = len(dataset) if spec.num is None else min(spec.num, len(dataset))  # type: ignore[arg-type]
     images, labels = stack_items([dataset[i] for i in range(count)])
     if module.num_classes is None:
         labels = None
     elif labels is None:
-        raise ValueError(f"{ckpt} is class-conditional: its NLL needs labels, and the {data} images have none")
+        raise ValueError(
+            f"{spec.ckpt} is class-conditional: its NLL needs labels, and the {spec.data} images have none"
+        )
     if tuple(images.shape[1:]) != tuple(module.image_shape):
         raise ValueError(
-            f"the {data} images are {tuple(images.shape[1:])} but the model {ckpt} expects {tuple(module.image_shape)}"
+            f"the {spec.data} images are {tuple(images.shape[1:])} but the model {spec.ckpt} expects "
+            f"{tuple(module.image_shape)}"
         )
-    distance = off_grid_distance(images)
-    quantized = distance > 1e-3
-    if quantized and off_grid == "refuse":
-        raise ValueError(
-            f"the {data} {split} images are not on the 8-bit grid (a value {distance:.3f} levels off): the bound's "
-            "discrete decoder needs 8-bit data; use off_grid='quantize' (--off-grid quantize) to round them to it"
-        )
-    if quantized:
-        images = quantize_to_grid(images)
-    per_image = bpd_of_images(
-        module,
-        images,
-        t_samples=t_samples,
-        clip_denoised=clip_denoised,
-        seeds=[seed + i for i in range(count)],
-        batch_size=batch_size,
-        progress=progress,
-        labels=labels,
-    )
-    summary = summarize(per_image)
+    return images, labels
+
+
+def _report(
+    spec: NLLSpec,
+    module: DiffusionModule,
+    summary: dict[str, dict[str, float]],
+    count: int,
+    distance: float,
+    conditional: bool,
+) -> dict[str, Any]:
+    """The report of the bound: the total and each term with its standard error, and how it was computed."""
     T = module.diffusion.num_timesteps
+    estimate = (
+        "full sum over t" if spec.t_samples is None else f"unbiased, {spec.t_samples} of {T - 1} KL terms per image"
+    )
     return {
-        "ckpt": str(ckpt),
-        "data": data,
-        "split": split,
+        "ckpt": str(spec.ckpt),
+        "data": spec.data,
+        "split": spec.split,
         "num_images": count,
         "bpd": summary["total"]["bpd"],
         "stderr": summary["total"]["stderr"],
         "terms": {name: summary[name] for name in ("prior", "decoder", "rest")},
-        "estimate": "full sum over t" if t_samples is None else f"unbiased, {t_samples} of {T - 1} KL terms per image",
-        "t_samples": t_samples,
+        "estimate": estimate,
+        "t_samples": spec.t_samples,
         "num_timesteps": T,
-        "clip_denoised": clip_denoised,
-        "quantized": quantized,
+        "clip_denoised": spec.clip_denoised,
+        "quantized": distance > OFF_GRID_TOLERANCE,
         "off_grid_levels": distance,
-        "seed": seed,
+        "seed": spec.seed,
         "variance": module.diffusion.variance,
         "objective": module.diffusion.objective,
         "num_classes": module.num_classes,
-        "likelihood": "unconditional, log p(x)" if labels is None else "conditional on the true labels, log p(x | y)",
+        "likelihood": "conditional on the true labels, log p(x | y)" if conditional else "unconditional, log p(x)",
     }
 
 

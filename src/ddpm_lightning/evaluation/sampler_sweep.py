@@ -16,6 +16,7 @@ import io
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,17 @@ from ddpm_lightning.sampling import iter_samples, load_module
 if TYPE_CHECKING:
     from ddpm_lightning.lit_module import DiffusionModule
 
-__all__ = ["SETTINGS", "STEPS", "checkpoint_data", "run_info", "sweep", "table_csv", "table_md", "training_digits"]
+__all__ = [
+    "SETTINGS",
+    "STEPS",
+    "SweepSpec",
+    "checkpoint_data",
+    "run_info",
+    "sweep",
+    "table_csv",
+    "table_md",
+    "training_digits",
+]
 
 #: The sampler settings of the table, by row name; ``steps`` is set per column.
 SETTINGS: dict[str, SamplerConfig] = {
@@ -104,7 +115,9 @@ def generate(
     return images, time.perf_counter() - start
 
 
-def _settings(settings: Sequence[str] | Mapping[str, SamplerConfig]) -> dict[str, SamplerConfig]:
+def _settings(
+    settings: Sequence[str] | Mapping[str, SamplerConfig | Mapping[str, Any] | str],
+) -> dict[str, SamplerConfig]:
     if isinstance(settings, Mapping):
         chosen = {name: SamplerConfig.parse(value) for name, value in settings.items()}
     else:
@@ -123,150 +136,197 @@ def at_evaluations(base: SamplerConfig, nfe: int) -> SamplerConfig:
     return dataclasses.replace(base, steps=base.steps_for_evaluations(nfe))
 
 
-def sweep(
-    ckpt: str | Path | Sequence[str | Path],
-    out: str | Path = "results/samplers",
-    *,
-    labels: Sequence[str] | None = None,
-    settings: Sequence[str] | Mapping[str, SamplerConfig] = tuple(SETTINGS),
-    steps: Sequence[int] = STEPS,
-    num: int = 250,
-    seed: int = 0,
-    batch_size: int = 250,
-    data: str = "auto",
-    fid: bool = False,
-    data_dir: str | Path = "data",
-    num_real: int | None = None,
-    weights: str | Path | None = None,
-    classifier_epochs: int = 6,
-    classifier_cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    guide_ckpt: str | Path | None = None,
-    autoguidance_scale: float = 1.0,
-    log: Callable[[str], None] = print,
-) -> dict[str, Path]:
-    """Score every (sampler setting, step count) and write ``out/{table.md, table.csv, quality_vs_nfe.png}``;
-    returns the paths.
+@dataclass(frozen=True)
+class SweepSpec:
+    """What :func:`sweep` samples, scores and writes; checked at construction.
 
     Args:
         ckpt: a checkpoint, or several of the same image shape (e.g. the runs of an ablation), whose rows are then
             named ``"<label> <setting>"``.
-        labels: one name per checkpoint; default: each checkpoint's folder name.
+        out: the folder of ``table.md``, ``table.csv`` and ``quality_vs_nfe.png``.
+        labels: one name per checkpoint; default: each checkpoint's folder name (none for a single checkpoint).
         settings: names of :data:`SETTINGS`, or rows of your own: a mapping name -> :class:`SamplerConfig` (its
             ``steps`` is replaced by each of ``steps``).
-        steps: the network evaluations (NFE) of the columns, each in [1, T]; a Heun row takes (NFE + 1) // 2 steps
-            and shows its 2 steps - 1 evaluations.
+        steps: the network evaluations (NFE) of the columns, each in [1, T] (checked against the models' T when
+            they are loaded); a Heun row takes (NFE + 1) // 2 steps and shows its 2 steps - 1 evaluations.
+        num, seed, batch_size: samples per (setting, NFE), sample i seeded by ``seed + i``.
         data: ``"digits"`` (the digit classifier's figures), ``"cifar10"`` (FID) or ``"auto"`` (the checkpoint's).
         fid: also FID for a digits model.
         data_dir, num_real, weights: FID's real images and Inception weights (:func:`fid_of_images`).
         classifier_epochs, classifier_cache_dir: the digit classifier (trained once, then cached).
         guide_ckpt, autoguidance_scale: autoguidance of every row by this weaker checkpoint of the same process
             (:class:`~ddpm_lightning.diffusion.samplers.Guide`); the NFE column counts the main model's evaluations.
-        log: called with one line per row.
     """
-    configs = _settings(settings)
-    if num < 2:
-        raise ValueError(f"num must be >= 2 (the Frechet distance needs a covariance), got {num}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if data not in DATASETS:
-        raise ValueError(f"unknown data {data!r}; allowed: {', '.join(DATASETS)}")
-    ckpts = [ckpt] if isinstance(ckpt, str | Path) else list(ckpt)
-    if not ckpts:
-        raise ValueError("sweep needs at least one checkpoint")
-    if labels is None:
-        labels = [Path(c).parent.name for c in ckpts] if len(ckpts) > 1 else [""]
-    if len(labels) != len(ckpts) or len(set(labels)) != len(labels):
-        raise ValueError(f"need one distinct label per checkpoint: {len(ckpts)} checkpoints, labels {list(labels)}")
-    modules = [load_module(c, device) for c in ckpts]
-    module = modules[0]
-    guide = load_module(guide_ckpt, device) if guide_ckpt is not None else None
-    if guide is None and autoguidance_scale != 1:
-        raise ValueError(f"autoguidance_scale={autoguidance_scale:g} needs a guide checkpoint (guide_ckpt)")
+
+    ckpt: Path | Sequence[Path]
+    out: Path = Path("results/samplers")
+    labels: Sequence[str] | None = None
+    settings: Sequence[str] | Mapping[str, SamplerConfig] = tuple(SETTINGS)
+    steps: Sequence[int] = STEPS
+    num: int = 250
+    seed: int = 0
+    batch_size: int = 250
+    data: str = "auto"
+    fid: bool = False
+    data_dir: Path = Path("data")
+    num_real: int | None = None
+    weights: str | Path | None = None
+    classifier_epochs: int = 6
+    classifier_cache_dir: Path | None = None
+    device: str | torch.device | None = None
+    guide_ckpt: Path | None = None
+    autoguidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        ckpts = (Path(self.ckpt),) if isinstance(self.ckpt, str | Path) else tuple(Path(c) for c in self.ckpt)
+        if not ckpts:
+            raise ValueError("sweep needs at least one checkpoint")
+        labels = tuple(self.labels) if self.labels is not None else None
+        if labels is None:
+            labels = tuple(c.parent.name for c in ckpts) if len(ckpts) > 1 else ("",)
+        if len(labels) != len(ckpts) or len(set(labels)) != len(labels):
+            raise ValueError(f"need one distinct label per checkpoint: {len(ckpts)} checkpoints, labels {list(labels)}")
+        if self.num < 2:
+            raise ValueError(f"num must be >= 2 (the Frechet distance needs a covariance), got {self.num}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.data not in DATASETS:
+            raise ValueError(f"unknown data {self.data!r}; allowed: {', '.join(DATASETS)}")
+        if self.guide_ckpt is None and self.autoguidance_scale != 1:
+            raise ValueError(f"autoguidance_scale={self.autoguidance_scale:g} needs a guide checkpoint (guide_ckpt)")
+        paths = {"out": self.out, "data_dir": self.data_dir, "classifier_cache_dir": self.classifier_cache_dir,
+                 "guide_ckpt": self.guide_ckpt}  # fmt: skip
+        fields = {"ckpt": ckpts, "labels": labels, "settings": _settings(self.settings), "steps": tuple(self.steps)}
+        fields |= {name: None if value is None else Path(value) for name, value in paths.items()}
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+
+@dataclass
+class _Sweep:
+    """A sweep being made: its spec, the loaded models, what they are scored with, and the rows sampled so far."""
+
+    spec: SweepSpec
+    modules: list[DiffusionModule]
+    guide: DiffusionModule | None
+    data: str
+    weights: str | Path | None
+    scorer: DigitScorer | None
+    done: dict[tuple, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def use_fid(self) -> bool:
+        return self.spec.fid or self.data != "digits"
+
+
+def sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Score every (sampler setting, NFE) of ``spec`` and write ``spec.out/{table.md, table.csv,
+    quality_vs_nfe.png}`` after each row; returns the paths. ``log`` is called with one line per row."""
+    job = _load(spec)
+    info = _info(job)
+    paths = {name: spec.out / name for name in ("table.md", "table.csv", "quality_vs_nfe.png")}
+    rows: list[dict[str, Any]] = []
+    for label, module in zip(spec.labels, job.modules, strict=True):
+        for name, base in spec.settings.items():
+            for n in spec.steps:
+                rows.append(_row(job, module, label, name, base, n))
+                log(_progress_line(rows[-1]))
+                write_tables(rows, paths, info)
+                write_plot(rows, paths["quality_vs_nfe.png"], info["floors"])
+    return paths
+
+
+def _load(spec: SweepSpec) -> _Sweep:
+    """The models, checked against the spec, and what scores them: every input is checked before the classifier is
+    trained and the first sample drawn (the output folder, FID's Inception weights, offline an error now, and its
+    real images)."""
+    modules = [load_module(c, spec.device) for c in spec.ckpt]
+    guide = load_module(spec.guide_ckpt, spec.device) if spec.guide_ckpt is not None else None
     T = min(m.diffusion.num_timesteps for m in modules)  # every step count must suit every checkpoint
-    for n in steps:
+    for n in spec.steps:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
             raise ValueError(f"steps {n}: the number of network evaluations must be in [1, {T}] for this model")
-    trained_on, data_kwargs = checkpoint_data(ckpts[0])
-    shape = tuple(module.image_shape)
-    for other, path in zip(modules[1:], ckpts[1:], strict=True):
-        if tuple(other.image_shape) != shape:
-            raise ValueError(
-                f"{path} makes {tuple(other.image_shape)} images, {ckpts[0]} makes {shape}: sweep one shape"
-            )
-    if data == "auto":
-        data = trained_on or ("digits" if shape in DIGIT_SHAPES else "cifar10")
+    trained_on, data_kwargs = checkpoint_data(spec.ckpt[0])
+    shape = _one_shape(spec.ckpt, modules)
+    data = spec.data if spec.data != "auto" else trained_on or ("digits" if shape in DIGIT_SHAPES else "cifar10")
     if data == "digits" and shape not in DIGIT_SHAPES:
         raise ValueError(
             f"the digit classifier scores 1x28x28 or 1x32x32 images, the model makes "
             f"{'x'.join(map(str, shape))}: use data='cifar10' (FID)"
         )
-    use_fid = fid or data != "digits"
-    # every input before the classifier is trained and the first sample drawn: the output folder, FID's Inception
-    # weights (offline: an error now, not after the sampling) and real images
-    out = check_output(out, "out", folder=True)
+    job = _Sweep(spec, modules, guide, data, spec.weights, scorer=None)
+    check_output(spec.out, "out", folder=True)
     if data == "digits":
-        check_output(classifier_cache_dir or io_cache_dir(), "classifier_cache_dir", folder=True)
-    if use_fid:
-        weights = fetch_fid_weights(weights)
-        reference_set(data, data_dir, "train", shape[-1])
-    scorer = None
+        check_output(spec.classifier_cache_dir or io_cache_dir(), "classifier_cache_dir", folder=True)
+    if job.use_fid:
+        job.weights = fetch_fid_weights(spec.weights)
+        reference_set(data, spec.data_dir, "train", shape[-1])
     if data == "digits":
         digits = training_digits(trained_on, data_kwargs)
-        scorer = DigitScorer.from_digits(digits, epochs=classifier_epochs, cache_dir=classifier_cache_dir)
+        job.scorer = DigitScorer.from_digits(digits, epochs=spec.classifier_epochs, cache_dir=spec.classifier_cache_dir)
+    return job
 
-    info = {
-        "checkpoint": ", ".join(str(c) for c in ckpts),
-        "model": "; ".join(
-            dict.fromkeys(  # each different process once: checkpoints of one run share theirs
-                f"{m.hparams.schedule} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
-                f"T = {m.diffusion.num_timesteps}"
-                for m in modules
+
+def _one_shape(ckpts: Sequence[Path], modules: Sequence[DiffusionModule]) -> tuple[int, ...]:
+    """The image shape every model makes; ValueError naming the checkpoint of another."""
+    shape = tuple(modules[0].image_shape)
+    for other, path in zip(modules[1:], ckpts[1:], strict=True):
+        if tuple(other.image_shape) != shape:
+            raise ValueError(
+                f"{path} makes {tuple(other.image_shape)} images, {ckpts[0]} makes {shape}: sweep one shape"
             )
-        ),
-        "data": data,
-        "num": num,
-        "seed": seed,
-        **run_info(module.device),
-        "floors": {},
-    }
-    if scorer is not None:
+    return shape
+
+
+def _info(job: _Sweep) -> dict[str, Any]:
+    """What the tables say of the sweep: the checkpoints, their processes, the data, the sampling, where it ran, and
+    the real held-out digits' scores (the floor at this sample size)."""
+    spec = job.spec
+    # each different process once: checkpoints of one run share theirs
+    processes = dict.fromkeys(
+        f"{m.hparams.schedule} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
+        f"T = {m.diffusion.num_timesteps}"
+        for m in job.modules
+    )
+    info = {"checkpoint": ", ".join(str(c) for c in spec.ckpt), "model": "; ".join(processes), "data": job.data,
+            "num": spec.num, "seed": spec.seed, **run_info(job.modules[0].device), "floors": {}}  # fmt: skip
+    if job.scorer is not None:
         # as many real held-out digits as samples: the Frechet distance is biased upwards at small sample sizes
-        heldout = scorer.heldout[:num]
-        info["floors"]["frechet_distance"] = scorer(heldout)["frechet_distance"]
-        info["num_reference"], info["num_heldout"] = scorer.num_reference, len(heldout)
-    paths = {name: out / name for name in ("table.md", "table.csv", "quality_vs_nfe.png")}
-    rows: list[dict[str, Any]] = []
-    # the same sampler on the same timesteps is sampled once per checkpoint
-    done: dict[tuple, dict[str, Any]] = {}
-    for label, module in zip(labels, modules, strict=True):
-        T = module.diffusion.num_timesteps
-        for name, base, n in [(name, base, n) for name, base in configs.items() for n in steps]:
-            config = dataclasses.replace(at_evaluations(base, n), autoguidance_scale=autoguidance_scale)
-            nfe = SamplerConfig.parse(config, autoguidance_scale=1.0).nfe(T)
-            key = (label, config.name, config.eta, config.options, tuple(config.visited(module.diffusion)))
-            setting = f"{label} {name}" if label else name
-            row = {"setting": setting, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": nfe}
-            row["column"] = n  # the pivot's column: Heun's 2 steps - 1 evaluations sit in the column of NFE n
-            if key in done:
-                row.update({k: v for k, v in done[key].items() if k not in row} | {"same_as": done[key]["setting"]})
-            else:
-                images, seconds = generate(
-                    module, num, sampler=config, seed=seed, batch_size=batch_size, desc=f"{setting} {nfe}", guide=guide
-                )
-                scores = scorer(images) if scorer is not None else {}
-                if use_fid:
-                    scores["fid"] = fid_of_images(
-                        to_uint8(images), data=data, data_dir=data_dir, num_real=num_real, weights=weights,
-                        batch_size=batch_size, device=device,
-                    )  # fmt: skip
-                row.update(scores, seconds=seconds, images_per_s=num / seconds, same_as="")
-                done[key] = row
-            rows.append(row)
-            log(_progress_line(row))
-            write_tables(rows, paths, info)
-            write_plot(rows, paths["quality_vs_nfe.png"], info["floors"])
-    return paths
+        heldout = job.scorer.heldout[: spec.num]
+        info["floors"]["frechet_distance"] = job.scorer(heldout)["frechet_distance"]
+        info["num_reference"], info["num_heldout"] = job.scorer.num_reference, len(heldout)
+    return info
+
+
+def _row(job: _Sweep, module: DiffusionModule, label: str, name: str, base: SamplerConfig, n: int) -> dict[str, Any]:
+    """The row of setting ``name`` (``base``) at ``n`` network evaluations of the checkpoint ``label``: sampled and
+    scored, or, when the same sampler visits the same timesteps of that checkpoint in an earlier row, its figures."""
+    spec = job.spec
+    config = dataclasses.replace(at_evaluations(base, n), autoguidance_scale=spec.autoguidance_scale)
+    nfe = SamplerConfig.parse(config, autoguidance_scale=1.0).nfe(module.diffusion.num_timesteps)
+    setting = f"{label} {name}" if label else name
+    key = (label, config.name, config.eta, config.options, tuple(config.visited(module.diffusion)))
+    row = {"setting": setting, "sampler": config.name, "spacing": config.spacing, "eta": config.eta, "nfe": nfe}
+    row["column"] = n  # the pivot's column: Heun's 2 steps - 1 evaluations sit in the column of NFE n
+    if key in job.done:
+        return row | {k: v for k, v in job.done[key].items() if k not in row} | {"same_as": job.done[key]["setting"]}
+    images, seconds = generate(module, spec.num, sampler=config, seed=spec.seed, batch_size=spec.batch_size,
+                               desc=f"{setting} {nfe}", guide=job.guide)  # fmt: skip
+    row.update(_scores(job, images), seconds=seconds, images_per_s=spec.num / seconds, same_as="")
+    job.done[key] = row
+    return row
+
+
+def _scores(job: _Sweep, images: torch.Tensor) -> dict[str, float]:
+    """The digit classifier's figures (a digits sweep) and FID (``fid``, or other data) of samples in [-1, 1]."""
+    spec = job.spec
+    scores = job.scorer(images) if job.scorer is not None else {}
+    if job.use_fid:
+        scores["fid"] = fid_of_images(
+            to_uint8(images), data=job.data, data_dir=spec.data_dir, num_real=spec.num_real, weights=job.weights,
+            batch_size=spec.batch_size, device=spec.device,
+        )  # fmt: skip
+    return scores
 
 
 def _progress_line(row: dict[str, Any]) -> str:
