@@ -350,3 +350,11 @@ def test_submit_sizes_the_array_by_the_grid_and_the_script_runs_each_task(tmp_pa
     subprocess.run(["bash", "scripts/slurm/ablation_array.sbatch", *args], env=env, check=True, cwd=root)
     assert srun_log.read_text().splitlines()[:-1] == ["ddpm", "ablate", "--task", "5", *args]
     assert "--array=0-3" not in (root / "scripts/slurm/ablation_array.sbatch").read_text()
+
+
+@pytest.mark.unit
+def test_a_collect_spec_writes_beside_the_runs_unless_told_and_refuses_a_string_of_run_names(tmp_path: Path) -> None:
+    assert ablation.CollectSpec(tmp_path).dest == tmp_path
+    assert ablation.CollectSpec(tmp_path, dest=tmp_path / "t").dest == tmp_path / "t"
+    with pytest.raises(ValueError, match="expected is a list of run names, got the string 'schedule=cosine,seed=0'"):
+        ablation.CollectSpec(tmp_path, expected="schedule=cosine,seed=0")

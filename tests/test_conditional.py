@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks.sampling import render_samples
 from ddpm_lightning.checkpoint import read_checkpoint
+from ddpm_lightning.cli import guidance_sweep as guidance_command
 from ddpm_lightning.cli import main
 from ddpm_lightning.data import EmbeddedDigitsDataModule, to_uint8
 from ddpm_lightning.diffusion import SAMPLERS, GaussianDiffusion, SamplerConfig, make_betas
@@ -503,3 +504,26 @@ def test_the_conditional_demo_config_writes_a_grid_by_class_and_the_requested_cl
         assert 0.0 <= metrics[row]["requested_class_accuracy"] <= 1.0
     (grid,) = run.rglob("step_0000002_ddim2_grid.png")
     assert Image.open(grid).size == (2 * 30 + 2, 10 * 30 + 2)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num": 1}, "num must be >= 2 .* got 1"),
+        ({"scales": []}, "at least one guidance scale"),
+        ({"scales": [1, -2]}, r"guidance scales \[-2\]: each must be a finite number >= 0"),
+        ({"batch_size": 0}, "batch_size must be positive, got 0"),
+    ],
+)
+def test_a_guidance_sweep_spec_refuses_a_bad_value_naming_it(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GuidanceSweepSpec(**{"ckpt": "m.ckpt"} | fields)
+
+
+@pytest.mark.unit
+def test_the_command_line_builds_the_guidance_sweep_spec_of_the_python_call() -> None:
+    argv = ["--ckpt", "m.ckpt", "--scales", "1", "4", "--num", "20", "--sampler", "ddim", "--steps", "10"]
+    spec = GuidanceSweepSpec("m.ckpt", scales=[1, 4], num=20, sampler="ddim", steps=10)
+    assert guidance_command.spec_of(guidance_command.build_parser().parse_args(argv)) == spec
+    assert spec.scales == (1.0, 4.0)

@@ -13,8 +13,9 @@ from helpers import CLASSIFIER_TEST_EPOCHS, run_cli
 from PIL import Image
 
 from ddpm_lightning.cli import main
+from ddpm_lightning.cli.sampler_sweep import build_parser, spec_of
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.evaluation import SETTINGS
+from ddpm_lightning.evaluation import SETTINGS, SweepSpec
 from ddpm_lightning.evaluation.sampler_sweep import run_info, training_digits
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
@@ -142,3 +143,34 @@ def test_bad_settings_are_clear_errors(digits_ckpt: Path, tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert err.startswith("ddpm: error:")
     assert re.search(message, err)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num": 1}, "num must be >= 2 .* got 1"),
+        ({"batch_size": 0}, "batch_size must be positive, got 0"),
+        ({"data": "mnist"}, "unknown data 'mnist'; allowed: auto, digits, cifar10"),
+        ({"settings": ["ddim", "euler"]}, r"unknown sampler settings \['euler'\]; allowed: ddpm, ddim"),
+        ({"settings": []}, "no sampler settings to sweep"),
+        ({"ckpt": []}, "at least one checkpoint"),
+        ({"ckpt": ["a/x.ckpt", "b/x.ckpt"], "labels": ["same", "same"]}, r"one distinct label .* \['same', 'same'\]"),
+        ({"autoguidance_scale": 2.0}, "autoguidance_scale=2 needs a guide checkpoint"),
+    ],
+)
+def test_a_sweep_spec_refuses_a_bad_value_naming_it(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SweepSpec(**{"ckpt": "m.ckpt"} | fields)
+
+
+@pytest.mark.unit
+def test_the_command_line_builds_the_sweep_spec_of_the_python_call() -> None:
+    argv = ["--ckpt", "runs/a/last.ckpt", "runs/b/last.ckpt", "--samplers", "ddim", "heun", "--steps", "20", "10",
+            "--num", "50", "--out", "sweep", "--fid"]  # fmt: skip
+    spec = SweepSpec(["runs/a/last.ckpt", "runs/b/last.ckpt"], out="sweep", settings=["ddim", "heun"], steps=[20, 10],
+                     num=50, fid=True)  # fmt: skip
+    assert spec_of(build_parser().parse_args(argv)) == spec
+    # each checkpoint's folder names its rows; the settings by name are the table's
+    assert spec.labels == ("a", "b") and spec.settings == {"ddim": SETTINGS["ddim"], "heun": SETTINGS["heun"]}
+    assert SweepSpec("m.ckpt", settings={"mine": "ddim"}).settings == {"mine": SamplerConfig("ddim")}

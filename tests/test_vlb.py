@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ddpm_lightning.evaluation.nll as nll_module
 from ddpm_lightning.callbacks import default_callbacks
 from ddpm_lightning.cli import main
+from ddpm_lightning.cli import nll as nll_command
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
     discretized_gaussian_log_likelihood,
@@ -22,7 +23,7 @@ from ddpm_lightning.diffusion import (
     samplers,
 )
 from ddpm_lightning.diffusion.gaussian import HYBRID_LAMBDA
-from ddpm_lightning.evaluation.nll import off_grid_distance, quantize_to_grid
+from ddpm_lightning.evaluation.nll import NLLSpec, off_grid_distance, quantize_to_grid
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.sampling import load_module
 
@@ -398,3 +399,25 @@ def test_the_8_bit_grid_check_and_quantization():
     shifted = grid + 0.4 / 127.5
     assert off_grid_distance(shifted) == pytest.approx(0.4, abs=1e-4)
     torch.testing.assert_close(quantize_to_grid(grid + 0.3 / 127.5), grid, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"off_grid": "round"}, "unknown off_grid 'round'; allowed: quantize, refuse"),
+        ({"num": 0}, "num must be a positive number of images, got 0"),
+        ({"batch_size": 0}, "batch_size must be positive, got 0"),
+        ({"data": "no/such/folder"}, "data 'no/such/folder' is neither cifar10 nor digits nor a folder of images"),
+        ({"split": "all"}, "split 'all' is for a folder of images; digits has: train, test"),
+    ],
+)
+def test_an_nll_spec_refuses_a_bad_value_naming_it(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NLLSpec(**{"ckpt": "m.ckpt"} | fields)
+
+
+def test_the_command_line_builds_the_nll_spec_of_the_python_call(tmp_path) -> None:
+    argv = ["--ckpt", "run/last.ckpt", "--num", "0", "--t-samples", "4", "--no-clip", "--data", "cifar10"]
+    spec = NLLSpec("run/last.ckpt", data="cifar10", num=None, t_samples=4, clip_denoised=False, progress=True,
+                   out="run/last.nll.json")  # fmt: skip
+    assert nll_command.spec_of(nll_command.build_parser().parse_args(argv)) == spec
