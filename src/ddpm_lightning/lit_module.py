@@ -1,11 +1,10 @@
-"""``DiffusionModule``: an injected noise-prediction network, the diffusion maths and the optimizer: the training
-step, the loss and Lightning's hooks; nothing else.
+"""``DiffusionModule``: an injected noise-prediction network, the diffusion maths, the training step, the loss, the
+optimizer and Lightning's hooks; its sampling methods are :class:`~ddpm_lightning.generation.Sampling`'s.
 
 The network is any ``nn.Module`` called as ``net(x_t, t)`` that returns a tensor shaped like ``x_t`` (the paper's
-U-Net when none is given); a class-conditional one (``num_classes``) is called as ``net(x_t, t, y=labels)``. Sampling
-(``sample`` ...) is inherited from :class:`~ddpm_lightning.generation.Sampling`. Callbacks (EMA, resilience, tracking,
-sampling, FID) live in :mod:`ddpm_lightning.callbacks` and are added by the CLI, visibly in its config, or by
-:func:`ddpm_lightning.callbacks.default_callbacks`.
+U-Net when none is given); a class-conditional one (``num_classes``) is called as ``net(x_t, t, y=labels)``.
+Callbacks (EMA, resilience, tracking, sampling, FID) live in :mod:`ddpm_lightning.callbacks` and are added by the
+CLI, visibly in its config, or by :func:`ddpm_lightning.callbacks.default_callbacks`.
 """
 
 from __future__ import annotations
@@ -315,23 +314,21 @@ class DiffusionModule(Sampling, L.LightningModule):
         denoiser = self.denoiser(self.net, self.train_labels(batch))
         noise = None if self.hparams.noise_assignment == "random" else assign_noise(x0, torch.randn_like(x0))
         if self.timestep_sampler is None and not hasattr(self, "loss_weight"):
-            loss = self.diffusion.training_loss(denoiser, x0, noise=noise)
+            return self.diffusion.training_loss(denoiser, x0, noise=noise)
+        if self.timestep_sampler is None:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+            weights = torch.ones((), device=x0.device)
         else:
-            if self.timestep_sampler is None:
-                t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-                weights = torch.ones((), device=x0.device)
-            else:
-                t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-            losses = self.diffusion.training_loss(denoiser, x0, t=t, noise=noise, reduction="none")
-            if self.timestep_sampler is not None and self.timestep_sampler.stateful:
-                # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
-                self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
-            losses = losses * weights
-            if hasattr(self, "loss_weight"):
-                self.loss_weight.observe(losses, t)
-                losses = self.loss_weight.weigh(losses, t)
-            loss = losses.mean()
-        return loss
+            t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+        losses = self.diffusion.training_loss(denoiser, x0, t=t, noise=noise, reduction="none")
+        if self.timestep_sampler is not None and self.timestep_sampler.stateful:
+            # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
+            self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
+        losses = losses * weights
+        if hasattr(self, "loss_weight"):
+            self.loss_weight.observe(losses, t)
+            losses = self.loss_weight.weigh(losses, t)
+        return losses.mean()
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` of every process, concatenated in rank order (this process's alone outside DDP)."""
