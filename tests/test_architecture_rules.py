@@ -137,7 +137,7 @@ LONG_FUNCTIONS_ALLOWED = {"ddpm_lightning.models.unet.UNet.__init__"}
 #: what is still over the limits, at its size today: a ratchet (a size may only go down; a paid debt leaves the list)
 DEBTS = {
     "DiffusionModule.__init__ parameters": 27,
-    "lit_module.py lines": 556,
+    "lit_module.py lines": 358,
 }
 
 

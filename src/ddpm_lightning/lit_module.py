@@ -1,4 +1,5 @@
-"""``DiffusionModule``: an injected noise-prediction network, the diffusion maths and the optimizer; nothing else.
+"""``DiffusionModule``: an injected noise-prediction network, the diffusion maths, the training step, the loss, the
+optimizer and Lightning's hooks; its sampling methods are :class:`~ddpm_lightning.generation.Sampling`'s.
 
 The network is any ``nn.Module`` called as ``net(x_t, t)`` that returns a tensor shaped like ``x_t`` (the paper's
 U-Net when none is given); a class-conditional one (``num_classes``) is called as ``net(x_t, t, y=labels)``.
@@ -8,54 +9,41 @@ CLI, visibly in its config, or by :func:`ddpm_lightning.callbacks.default_callba
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ddpm_lightning import compat
-from ddpm_lightning.averaging import WeightAverage
 from ddpm_lightning.checkpoint import check_state_dict_shapes, read_checkpoint
-from ddpm_lightning.data.base import images_of, labels_of
-from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas, samplers
+from ddpm_lightning.conditioning import batch_labels, bind_labels, drop_labels, label_kwargs
+from ddpm_lightning.data.base import images_of
+from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas
 from ddpm_lightning.diffusion.assignment import assign_noise
-from ddpm_lightning.diffusion.samplers import Guide
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
 from ddpm_lightning.diffusion.weighting import LearnedLossWeight
+from ddpm_lightning.generation import Sampling
 from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps
 from ddpm_lightning.legacy import upgrade_hyperparameters, upgrade_net_spec, upgrade_state_dict
 from ddpm_lightning.models.build import (
+    check_data_shape,
     check_output_shape,
     make_net,
     net_spec,
     resolve_image_shape,
     resolve_num_classes,
 )
-from ddpm_lightning.optim import LRSchedule, LRScheduleName
+from ddpm_lightning.optim import LRSchedule, LRScheduleName, apply_settings, configure_adam
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps"]
 
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
 
 
-def _labels(batch: Any, num_classes: int) -> torch.Tensor:
-    """The class labels (B,) of an (image, label) batch, or of a mapping batch (not range-checked here: that would
-    read them on the host at every step; the class embedding refuses labels out of range)."""
-    labels = labels_of(batch)
-    if labels is None:
-        raise ValueError(
-            f"a class-conditional model (num_classes={num_classes}) trains on (image, label) batches, but the data "
-            "yield bare images: use a data set with labels, or set model.num_classes=null"
-        )
-    return labels
-
-
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(Sampling, L.LightningModule):
     """A DDPM: an injected noise-prediction network trained with L_simple, sampled with the EMA weights.
 
     The defaults are Ho et al. 2020's CIFAR-10 setup: the 35.7M U-Net, T=1000 linear betas 1e-4..0.02, eps
@@ -220,34 +208,18 @@ class DiffusionModule(L.LightningModule):
         )
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x_t, t, **self._label_kwargs(y))
-
-    def _label_kwargs(self, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """``{"y": y}`` for a conditional model (y required), ``{}`` for an unconditional one (y refused), so that an
-        unconditional network need not accept ``y``."""
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("this model is unconditional (num_classes=None): it takes no class labels")
-            return {}
-        if y is None:
-            raise ValueError(f"this model is class-conditional (num_classes={self.num_classes}): give class labels y")
-        return {"y": y}
+        return self.net(x_t, t, **label_kwargs(self.num_classes, y))
 
     def denoiser(self, net: nn.Module, y: torch.Tensor | None) -> Callable[..., torch.Tensor]:
         """``net`` (this module's or its EMA copy's) as the diffusion's ``model(x_t, t)``, with the labels ``y`` bound
         for a conditional model."""
-        return functools.partial(net, **self._label_kwargs(y)) if self.num_classes is not None else net
+        return bind_labels(net, self.num_classes, y)
 
     def train_labels(self, batch: Any) -> torch.Tensor | None:
-        """The labels of a training batch with label dropout: each is replaced by the null class (``num_classes``)
-        with probability ``p_uncond`` (Ho & Salimans 2021, Algorithm 1); None for an unconditional model."""
+        """The labels of a training batch with label dropout (``p_uncond``); None for an unconditional model."""
         if self.num_classes is None:
             return None
-        y = _labels(batch, self.num_classes)
-        if self.hparams.p_uncond > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.hparams.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return y
+        return drop_labels(batch_labels(batch, self.num_classes), self.num_classes, self.hparams.p_uncond)
 
     # -------------------------------------------------------------------------------------------- checkpoints
     @classmethod
@@ -317,37 +289,17 @@ class DiffusionModule(L.LightningModule):
             # seed_everything gives every process the same seed; offset it so that the processes draw different
             # t and eps for their images (a resumed run then restores each process's own RNG state)
             torch.manual_seed(torch.initial_seed() + self.global_rank)
-        datamodule = getattr(self.trainer, "datamodule", None) if compat.attached_trainer(self) is not None else None
-        if datamodule is None:
-            return
-        size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
-        C, H, W = self.image_shape
-        if (size is not None and size != H) or (channels is not None and channels != C):
-            raise ValueError(
-                f"the data ({type(datamodule).__name__}) has {channels}x{size}x{size} images but the model expects "
-                f"{C}x{H}x{W}: set model.image_size={size} and model.in_channels={channels} (or the network's), or "
-                "change the data"
-            )
+        if compat.attached_trainer(self) is not None:
+            check_data_shape(self.image_shape, getattr(self.trainer, "datamodule", None))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return configure_adam(self.parameters(), self.net, hp.lr, hp.adam_betas, hp.weight_decay, hp.warmup_steps,
+                              self.lr_schedule, compat.attached_trainer(self))  # fmt: skip
 
     def on_train_start(self) -> None:
-        self._apply_optimizer_settings()
-
-    def _apply_optimizer_settings(self) -> None:
-        """Put ``lr``, ``adam_betas`` and ``weight_decay`` into the optimizer and the learning-rate schedule, after
-        Lightning has restored them from a checkpoint with the values it was trained with (a resumed run may change
-        them: ``ddpm_lightning.cli.resume``). The warm-up and decay follow ``warmup_steps`` and ``lr_schedule`` (the
-        schedule's function is rebuilt by :meth:`configure_optimizers`, never restored)."""
-        hp = self.hparams
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                group.update(initial_lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            scheduler.base_lrs = [hp.lr] * len(scheduler.base_lrs)
-            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                groups = scheduler.optimizer.param_groups
-                for group, schedule in zip(groups, scheduler.lr_lambdas, strict=True):
-                    group["lr"] = hp.lr * schedule(scheduler.last_epoch)
+        # a resumed run's settings, over those restored from its checkpoint
+        apply_settings(self.trainer, self.hparams.lr, self.hparams.adam_betas, self.hparams.weight_decay)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)
@@ -362,23 +314,21 @@ class DiffusionModule(L.LightningModule):
         denoiser = self.denoiser(self.net, self.train_labels(batch))
         noise = None if self.hparams.noise_assignment == "random" else assign_noise(x0, torch.randn_like(x0))
         if self.timestep_sampler is None and not hasattr(self, "loss_weight"):
-            loss = self.diffusion.training_loss(denoiser, x0, noise=noise)
+            return self.diffusion.training_loss(denoiser, x0, noise=noise)
+        if self.timestep_sampler is None:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+            weights = torch.ones((), device=x0.device)
         else:
-            if self.timestep_sampler is None:
-                t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-                weights = torch.ones((), device=x0.device)
-            else:
-                t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-            losses = self.diffusion.training_loss(denoiser, x0, t=t, noise=noise, reduction="none")
-            if self.timestep_sampler is not None and self.timestep_sampler.stateful:
-                # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
-                self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
-            losses = losses * weights
-            if hasattr(self, "loss_weight"):
-                self.loss_weight.observe(losses, t)
-                losses = self.loss_weight.weigh(losses, t)
-            loss = losses.mean()
-        return loss
+            t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+        losses = self.diffusion.training_loss(denoiser, x0, t=t, noise=noise, reduction="none")
+        if self.timestep_sampler is not None and self.timestep_sampler.stateful:
+            # every process adds every process's losses in rank order: the same history, the same p_t on all ranks
+            self.timestep_sampler.update(self._gather(t), self._gather(losses.detach()))
+        losses = losses * weights
+        if hasattr(self, "loss_weight"):
+            self.loss_weight.observe(losses, t)
+            losses = self.loss_weight.weigh(losses, t)
+        return losses.mean()
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` of every process, concatenated in rank order (this process's alone outside DDP)."""
@@ -389,7 +339,7 @@ class DiffusionModule(L.LightningModule):
     def _fixed_seed_loss(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, int]:
         """L_simple with t and eps drawn from a seed fixed per batch, so evaluation losses are comparable."""
         x0 = images_of(batch)
-        y = None if self.num_classes is None else _labels(batch, self.num_classes)  # the true labels, none dropped
+        y = None if self.num_classes is None else batch_labels(batch, self.num_classes)  # the true labels, none dropped
         generator = torch.Generator().manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
@@ -402,154 +352,6 @@ class DiffusionModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         loss, n = self._fixed_seed_loss(batch, batch_idx)
         self.log("test/loss", loss, sync_dist=True, batch_size=n)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Samples for a batch of global sample indices; sample i is seeded by i (and, for a conditional model, has
-        the class i mod num_classes)."""
-        indices = [int(i) for i in images_of(batch)]
-        y = None if self.num_classes is None else [i % self.num_classes for i in indices]
-        trainer = compat.attached_trainer(self)
-        # a bar of the batch's network evaluations beside Lightning's bar of the batches (first process only)
-        progress = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
-        return self.sample(len(indices), seeds=indices, y=y, progress=progress)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.Adam(
-            [p for p in self.parameters() if p.requires_grad],
-            lr=hp.lr,
-            betas=tuple(hp.adam_betas),
-            weight_decay=hp.weight_decay,
-            fused=True,
-        )
-        # a function of the step alone, rebuilt here on every fit: a resumed run continues from its restored step
-        factor = self.lr_schedule.step_function(hp.warmup_steps, compat.attached_trainer(self))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        normalize = getattr(self.net, "normalize_weights_", None)
-        if callable(normalize):
-            # forced weight normalisation (EDM2): after every step, before the weight average reads the weights
-            optimizer.register_step_post_hook(lambda *_: normalize())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # -------------------------------------------------------------------------------------------- sampling
-    def use_average(self, average: WeightAverage | None) -> None:
-        """Sample and validate with ``average``'s weights (a weight-averaging callback registers itself in its
-        ``setup``); None: with this module's own. The rule is in :mod:`ddpm_lightning.averaging`."""
-        self._weight_average = average
-
-    def sampling_module(self) -> DiffusionModule:
-        """The module whose weights sampling uses: the registered average's (:meth:`use_average`) when it has one,
-        else this one. A checkpoint written with an average already holds the averaged weights in its ``state_dict``.
-        """
-        average = getattr(self, "_weight_average", None)
-        module = average.average_module() if average is not None else None
-        return self if module is None else module
-
-    def sampler_config_for(self, sampler: SamplerConfig | Mapping | str | None = None, **changes: Any) -> SamplerConfig:
-        """The module's sampler setting with ``sampler`` (a setting or a name) and non-None ``changes`` applied,
-        checked against T and, for guidance, against the model being conditional."""
-        config = SamplerConfig.parse(sampler, self.sampler_config, **changes)
-        config.num_steps(self.diffusion.num_timesteps)
-        if config.guidance_scale != 1 and self.num_classes is None:
-            raise ValueError(
-                f"guidance_scale={config.guidance_scale:g} needs a class-conditional model, but this one is "
-                "unconditional (num_classes=None): use guidance_scale=1"
-            )
-        return config
-
-    @torch.no_grad()
-    def sample(
-        self,
-        num: int,
-        sampler: SamplerConfig | Mapping | str | None = None,
-        *,
-        seed: int | None = 0,
-        seeds: Sequence[int] | None = None,
-        return_steps: Sequence[int] | None = None,
-        progress: bool | Callable[[int], Any] = False,
-        use_ema: bool = True,
-        y: torch.Tensor | Sequence[int] | None = None,
-        guide: DiffusionModule | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Generate ``num`` images in [-1, 1] with the EMA weights (fixed seed by default; ``seeds`` per sample).
-
-        ``sampler``: a :class:`SamplerConfig`, a sampler name (the module's setting with that name) or None (the
-        module's setting). ``y``: the class of each image (``num`` labels in 0..num_classes-1, or num_classes for the
-        null class), needed by a class-conditional model and guided with the setting's ``guidance_scale``; the noise
-        does not depend on it. ``guide``: the weaker model of autoguidance (an earlier checkpoint or a smaller
-        network of the same process and image shape) used with the setting's ``autoguidance_scale``
-        (:class:`~ddpm_lightning.diffusion.samplers.Guide`); it gets the labels when it is conditional too.
-        ``return_steps``: record x_t at the visited timestep nearest to each of these (the keys of the dict).
-        ``progress``: a bar of the network evaluations (True), or a function called with the evaluations of each
-        step (a caller's bar over several batches).
-        """
-        config = self.sampler_config_for(sampler)
-        labels = self._sample_labels(num, y)
-        modules = [self.sampling_module() if use_ema else self]
-        guide_spec = None
-        if guide is not None:
-            modules.append(guide.sampling_module() if use_ema else guide)
-            guide_spec = Guide(guide.diffusion, self._guide_denoiser(guide, modules[1].net, labels))
-        modes = [m.training for m in modules]
-        T = self.diffusion.num_timesteps
-        bar = tqdm(total=config.nfe(T), desc=f"sampling ({config.label(T)})", unit="eval", leave=False,
-                   disable=progress is not True)  # fmt: skip
-        for m in modules:
-            m.eval()
-        try:
-            return samplers.sample(
-                self.diffusion,
-                modules[0].net,
-                (num, *self.image_shape),
-                sampler=config,
-                seed=None if seeds is not None else seed,
-                seeds=seeds,
-                return_steps=return_steps,
-                device=self.device,
-                progress=progress if callable(progress) else bar.update,
-                y=labels,
-                null_label=self.num_classes,
-                guide=guide_spec,
-            )
-        finally:
-            bar.close()
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
-
-    def _guide_denoiser(
-        self, guide: DiffusionModule, net: nn.Module, labels: torch.Tensor | None
-    ) -> Callable[..., torch.Tensor]:
-        """The guide's network as ``model(x_t, t)``: checked to draw images of this model's shape, and given the
-        labels when both models are conditional on the same classes."""
-        if tuple(guide.image_shape) != tuple(self.image_shape):
-            raise ValueError(
-                f"the autoguidance guide draws images of shape {tuple(guide.image_shape)}, this model "
-                f"{tuple(self.image_shape)}: the guide needs the same shape"
-            )
-        if guide.num_classes is None:
-            return net
-        if guide.num_classes != self.num_classes:
-            raise ValueError(
-                f"the autoguidance guide is conditional on {guide.num_classes} classes and this model on "
-                f"{self.num_classes}: an unconditional guide, or one of the same classes"
-            )
-        return guide.denoiser(net, labels.to(self.device))
-
-    def _sample_labels(self, num: int, y: torch.Tensor | Sequence[int] | None) -> torch.Tensor | None:
-        """``y`` as a (num,) long tensor checked against 0..num_classes; None for an unconditional model."""
-        if y is None or self.num_classes is None:
-            self._label_kwargs(None if y is None else torch.zeros(num, dtype=torch.long))  # errors when y is wrong
-            return None
-        labels = torch.as_tensor(y, dtype=torch.long).flatten().cpu()
-        if len(labels) != num:
-            raise ValueError(f"got {len(labels)} labels y for {num} samples")
-        bad = sorted({v for v in labels.tolist() if not 0 <= v <= self.num_classes})
-        if bad:
-            raise ValueError(
-                f"class labels {bad} are not classes of this model: allowed 0..{self.num_classes - 1}, or "
-                f"{self.num_classes} for the null class (unconditional)"
-            )
-        return labels
 
 
 def _upgrade_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

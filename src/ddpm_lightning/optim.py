@@ -1,6 +1,7 @@
 """The learning-rate schedule: a linear warm-up, then constant (the paper), a linear or cosine decay to a floor,
 warm-up-stable-decay, or EDM2's inverse square root; one frozen setting, validated once, whose factor is a pure
-function of the step.
+function of the step. :func:`configure_adam` builds a module's optimizer and schedule from it, :func:`apply_settings`
+puts a resumed run's settings into them.
 
 Because the factor depends only on (step, warm-up, decay length), a resumed run recomputes it from the restored step:
 it continues where it stopped, and a resume that changes the setting (or the run's length) follows the new formula
@@ -12,10 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, get_args
 
-__all__ = ["DECAYING", "LR_SCHEDULES", "LRSchedule", "LRScheduleName"]
+import torch
+from torch import nn
+
+__all__ = ["DECAYING", "LR_SCHEDULES", "LRSchedule", "LRScheduleName", "apply_settings", "configure_adam"]
 
 LRScheduleName = Literal["constant", "linear", "cosine", "wsd", "inverse_sqrt"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LRScheduleName)
@@ -136,3 +140,44 @@ class LRSchedule:
             waiting = step >= warmup_steps and self.name != "inverse_sqrt"
             return 1.0 if waiting else self.factor(step, warmup_steps, None)
         return self.factor(step, warmup_steps, self.decay_steps(budget.max_steps))
+
+
+def configure_adam(
+    parameters: Iterable[nn.Parameter],
+    net: nn.Module,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    warmup_steps: int,
+    schedule: LRSchedule,
+    trainer: Any = None,
+) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer: fused Adam over the trainable ``parameters``, and ``schedule``
+    after ``warmup_steps`` as a ``LambdaLR`` stepped every optimizer step over the run of ``trainer``. A network with
+    ``normalize_weights_`` (the magnitude-preserving :class:`~ddpm_lightning.models.MPUNet`) has it called after every
+    step: EDM2's forced weight normalisation, before the weight average reads the weights."""
+    trainable = [p for p in parameters if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
+    # a function of the step alone, rebuilt on every fit: a resumed run continues from its restored step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.step_function(warmup_steps, trainer))
+    normalize = getattr(net, "normalize_weights_", None)
+    if callable(normalize):
+        optimizer.register_step_post_hook(lambda *_: normalize())
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def apply_settings(trainer: Any, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """Put ``lr``, ``betas`` and ``weight_decay`` into the trainer's optimizers and learning-rate schedules, after
+    Lightning has restored them from a checkpoint with the values it was trained with (a resumed run may change them:
+    ``ddpm_lightning.cli.resume``). The warm-up and decay follow the schedule's function, which
+    :func:`configure_adam` rebuilds on every fit (never restored)."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group.update(initial_lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            groups = scheduler.optimizer.param_groups
+            for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+                group["lr"] = lr * factor(scheduler.last_epoch)

@@ -1,6 +1,7 @@
 """Building a module's network and resolving its shape and classes: the network from its
 ``{"class_path", "init_args"}`` spec, the default U-Net or a preset with the flat shape composed over it, the image
-shape and class count from the arguments or the network's attributes, and one dummy forward that checks its output.
+shape and class count from the arguments or the network's attributes, one dummy forward that checks its output, and
+the data checked against the shape.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ddpm_lightning.models.unet import UNet
 __all__ = [
     "accepts_labels",
     "build_net",
+    "check_data_shape",
     "check_output_shape",
     "make_net",
     "net_spec",
@@ -165,4 +167,17 @@ def check_output_shape(
         raise ValueError(
             f"the network {type(net).__name__} returns {got} for x_t of shape {tuple(x_t.shape)}: it must "
             "return a tensor shaped like x_t (check its channels against model.in_channels)"
+        )
+
+
+def check_data_shape(image_shape: tuple[int, int, int], datamodule: Any) -> None:
+    """A clear error when the data module's ``image_size``/``channels`` (where it says them; nothing to check without
+    a data module) are not the model's (C, H, W) ``image_shape``."""
+    size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
+    C, H, W = image_shape
+    if (size is not None and size != H) or (channels is not None and channels != C):
+        raise ValueError(
+            f"the data ({type(datamodule).__name__}) has {channels}x{size}x{size} images but the model expects "
+            f"{C}x{H}x{W}: set model.image_size={size} and model.in_channels={channels} (or the network's), or "
+            "change the data"
         )
