@@ -230,11 +230,6 @@ def test_two_fits_in_one_process_give_the_same_fid(tmp_path: Path) -> None:
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"sampler": "euler"}, "unknown sampler 'euler'; allowed: ddpm, ddim, dpmpp_2m"),
         ({"sampler": {"name": "dpmpp_2m", "steps": 0}}, "steps must be a positive number"),
-        pytest.param(  # the deprecated spelling
-            {"sampler": "dpmpp_2m", "num_steps": 0},
-            "steps must be a positive number",
-            marks=pytest.mark.filterwarnings(r"ignore:FIDCallback\(num_steps=\.\.\.\) is deprecated"),
-        ),
         ({"sampler": {"name": "ddim", "spacing": "log"}}, "unknown spacing 'log'; allowed: uniform, quadratic"),
         ({"real_split": "holdout"}, "real_split='holdout'"),
     ],

@@ -1,7 +1,6 @@
 """The reverse-chain sampling callback: PNG files of the right size, images in TensorBoard, files for CSV runs,
 determinism, and uint8 HWC images for W&B."""
 
-import contextlib
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -210,14 +209,12 @@ def test_ddim_steps_beyond_T_fail_at_setup(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "expected"),
+    ("sampler", "expected"),
     [
-        ({"sampler": "dpmpp_2m"}, SamplerConfig("dpmpp_2m", 50)),  # a bare name: the former default of 50 steps
-        ({"sampler": "ddim", "num_steps": 6, "eta": 1.0}, SamplerConfig("ddim", 6, eta=1.0)),
-        ({"num_steps": 8, "spacing": "quadratic"}, SamplerConfig("ddim", 8, spacing="quadratic")),
+        ("dpmpp_2m", SamplerConfig("dpmpp_2m", 50)),  # a bare name: 50 steps, as the default
+        ({"name": "ddim", "steps": 6, "eta": 1.0}, SamplerConfig("ddim", 6, eta=1.0)),
+        (SamplerConfig("ddim", 8, spacing="quadratic"), SamplerConfig("ddim", 8, spacing="quadratic")),
     ],
 )
-def test_the_former_sampler_arguments_still_work(kwargs: dict, expected: SamplerConfig) -> None:
-    deprecated = {"num_steps", "eta", "spacing"} & kwargs.keys()
-    with pytest.warns(DeprecationWarning, match="deprecated") if deprecated else contextlib.nullcontext():
-        assert SamplingCallback(**kwargs).sampler == expected
+def test_the_sampler_is_a_setting_a_mapping_or_a_name(sampler: Any, expected: SamplerConfig) -> None:
+    assert SamplingCallback(sampler=sampler).sampler == expected
