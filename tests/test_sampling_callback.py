@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import flat
+from helpers import unet_spec
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 SIZE, PAD = 32, 2
 NUM_SAMPLES, CHAIN_SAMPLES, CHAIN_STEPS, DDIM_STEPS = 9, 3, 4, 6
+EMA_DECAY = 0.9
 
 
 def _grid_size(rows: int, columns: int) -> tuple[int, int]:
@@ -32,17 +33,9 @@ def _grid_size(rows: int, columns: int) -> tuple[int, int]:
 
 def _tiny_module() -> DiffusionModule:
     return DiffusionModule(
-        **flat(
-            image_size=SIZE,
-            in_channels=1,
-            ch=32,
-            ch_mult=(1, 2),
-            num_res_blocks=1,
-            attn_resolutions=(),
-            num_timesteps=100,
-            warmup_steps=1,
-            ema_decay=0.9,
-        )
+        net=unet_spec(image_size=SIZE, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
+        num_timesteps=100,
+        warmup_steps=1,
     )
 
 
@@ -68,7 +61,7 @@ def _fit(
         max_steps=max_steps,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[callback, *default_callbacks(module.hparams.ema_decay, progress_bar=False)],
+        callbacks=[callback, *default_callbacks(EMA_DECAY, progress_bar=False)],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
