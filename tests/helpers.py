@@ -26,7 +26,6 @@ from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.cli import main
 from ddpm_lightning.diffusion import SamplerConfig
 from ddpm_lightning.evaluation import ablation
-from ddpm_lightning.legacy import upgrade_hyperparameters
 from ddpm_lightning.lit_module import DiffusionModule
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -157,29 +156,22 @@ class FrozenDiffusion(DiffusionModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def flat(**settings: Any) -> dict[str, Any]:
-    """Module settings written with the flat U-Net keys of earlier versions (``ch=32, ...``) as the module takes them:
-    the U-Net those keys built (symmetric padding, GroupNorm eps 1e-5) as ``net``, the flat sampler keys in
-    ``sampler`` (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`, as for a checkpoint of those versions)."""
-    return upgrade_hyperparameters(settings)
+def unet_spec(**init_args: Any) -> dict[str, Any]:
+    """A U-Net as a config gives it (``{class_path, init_args}``), which the module builds with its shape, the learned
+    variance's channels and its classes; over symmetric down-sampling padding and GroupNorm eps 1e-5, the settings
+    the tests' pinned numbers were recorded with."""
+    settings = {"downsample_padding": "symmetric", "norm_eps": 1e-5, **init_args}
+    return {"class_path": "ddpm_lightning.models.UNet", "init_args": settings}
 
 
 def tiny_diffusion() -> DiffusionModule:
     torch.manual_seed(0)
     return FrozenDiffusion(
-        **flat(
-            image_size=IMAGE_SIZE,
-            ch=32,
-            ch_mult=(1,),
-            num_res_blocks=1,
-            attn_resolutions=(),
-            dropout=0.0,
-            num_timesteps=20,
-            beta_end=0.01,  # rescaled by 1000 / T to 0.5
-            warmup_steps=0,
-            ema_decay=0.0,
-            sampler=SamplerConfig("ddim", 5),
-        )
+        net=unet_spec(image_size=IMAGE_SIZE, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0),
+        num_timesteps=20,
+        beta_end=0.01,  # rescaled by 1000 / T to 0.5
+        warmup_steps=0,
+        sampler=SamplerConfig("ddim", 5),
     )
 
 
@@ -265,10 +257,10 @@ class TransfersPerStep(L.Callback):
 
 def tiny(cls: type[DiffusionModule] = DiffusionModule, **kwargs: Any) -> DiffusionModule:
     torch.manual_seed(0)
-    return cls(**flat(
-        image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-        num_timesteps=50, warmup_steps=2, ema_decay=EMA_DECAY, **kwargs,
-    ))  # fmt: skip
+    return cls(
+        net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
+        num_timesteps=50, warmup_steps=2, **kwargs,
+    )  # fmt: skip
 
 
 def trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
-from helpers import CLASSIFIER_TEST_EPOCHS, flat, write_run
+from helpers import CLASSIFIER_TEST_EPOCHS, unet_spec, write_run
 
 from ddpm_lightning.cli import main
 from ddpm_lightning.cli.ablate import main as ablate_main
@@ -219,10 +219,10 @@ def _tiny_fit(tmp_path: Path, budget, steps: int = -1, stop_when_set: bool = Fal
 
     from ddpm_lightning.lit_module import DiffusionModule
 
-    module = DiffusionModule(**flat(
-        image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_timesteps=10,
-        schedule="cosine", warmup_steps=1, ema_decay=0.0,
-    ))  # fmt: skip
+    module = DiffusionModule(
+        net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
+        num_timesteps=10, schedule="cosine", warmup_steps=1,
+    )  # fmt: skip
     trainer = L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ddpm_lightning.choices import SAMPLERS
+from ddpm_lightning.legacy import CALLBACK_SAMPLER_ALIASES, SAMPLER_CALLBACKS
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).parents[1]
@@ -70,10 +71,30 @@ def old_names(tree: ast.AST) -> list[str]:
     return [f"line {line}: {name}" for line, name in sorted(found)]
 
 
+def old_callback_arguments(tree: ast.AST) -> list[str]:
+    """Each flat sampler argument of earlier versions of the sampling callbacks (``num_steps``, ``eta``, ``spacing``
+    of :data:`~ddpm_lightning.legacy.SAMPLER_CALLBACKS`) in ``tree``: a keyword of a call of such a callback or a
+    parameter of its ``__init__``. Only there: elsewhere ``eta`` and ``spacing`` are a sampler's fields and
+    ``num_steps`` a method of ``SamplerConfig``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name in SAMPLER_CALLBACKS:
+                found += [(k.lineno, f"{name}({k.arg}=)") for k in node.keywords if k.arg in CALLBACK_SAMPLER_ALIASES]
+        elif isinstance(node, ast.ClassDef) and node.name in SAMPLER_CALLBACKS:
+            for init in (f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"):
+                params = [*init.args.args, *init.args.kwonlyargs]
+                found += [(p.lineno, f"{node.name}({p.arg})") for p in params if p.arg in CALLBACK_SAMPLER_ALIASES]
+    return [f"line {line}: {name}" for line, name in sorted(found)]
+
+
 def test_no_old_name_outside_the_legacy_module():
     found = {}
     for name, path in MODULES.items():
-        if name != "ddpm_lightning.legacy" and (lines := old_names(ast.parse(path.read_text()))):
+        tree = ast.parse(path.read_text())
+        if name != "ddpm_lightning.legacy" and (lines := old_names(tree) + old_callback_arguments(tree)):
             found[name] = lines
     assert found == {}
 
@@ -85,6 +106,17 @@ def test_the_old_name_check_finds_an_old_name_in_a_string_a_parameter_and_an_att
     )
     assert old_names(ast.parse(planted)) == ["line 1: sample_steps", "line 2: --nfe", "line 2: sample_spacing",
                                              "line 2: unet."]  # fmt: skip
+
+
+def test_the_old_callback_argument_check_finds_them_in_a_call_and_a_signature_only():
+    planted = (
+        "callback = callbacks.FIDCallback(every_n_steps=10, num_steps=20)\n"
+        "class DemoReport:\n    def __init__(self, sampler=None, *, spacing=None):\n        pass\n"
+        "SamplingCallback(sampler=SamplerConfig('ddim', 20, eta=1.0, spacing='quadratic'))\n"
+        "steps = config.num_steps(T)\n"
+    )
+    found = old_callback_arguments(ast.parse(planted))
+    assert found == ["line 1: FIDCallback(num_steps=)", "line 3: DemoReport(spacing)"]
 
 
 # ------------------------------------------------------------------------------------------------ the docs' layout

@@ -20,7 +20,7 @@ def _module(num_timesteps: int = 20, image_size: int = 8, schedule: str = "cosin
     torch.manual_seed(0)
     net = UNet(in_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4)
     return DiffusionModule(net, image_size=image_size, in_channels=1, num_timesteps=num_timesteps, schedule=schedule,
-                           ema_decay=0.0, **kwargs)  # fmt: skip
+                           **kwargs)  # fmt: skip
 
 
 @pytest.mark.integration

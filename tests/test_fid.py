@@ -47,9 +47,7 @@ class Replay(L.LightningModule):
 
 def fit(module: L.LightningModule, callback: L.Callback, root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
     # a DiffusionModule is trained with the default callbacks, as `ddpm fit` does
-    defaults = (
-        default_callbacks(module.hparams.ema_decay, progress_bar=False) if isinstance(module, DiffusionModule) else []
-    )
+    defaults = default_callbacks(0.0, progress_bar=False) if isinstance(module, DiffusionModule) else []  # no EMA
     trainer = L.Trainer(
         default_root_dir=root,
         accelerator="cpu",
@@ -230,11 +228,6 @@ def test_two_fits_in_one_process_give_the_same_fid(tmp_path: Path) -> None:
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"sampler": "euler"}, "unknown sampler 'euler'; allowed: ddpm, ddim, dpmpp_2m"),
         ({"sampler": {"name": "dpmpp_2m", "steps": 0}}, "steps must be a positive number"),
-        pytest.param(  # the deprecated spelling
-            {"sampler": "dpmpp_2m", "num_steps": 0},
-            "steps must be a positive number",
-            marks=pytest.mark.filterwarnings(r"ignore:FIDCallback\(num_steps=\.\.\.\) is deprecated"),
-        ),
         ({"sampler": {"name": "ddim", "spacing": "log"}}, "unknown spacing 'log'; allowed: uniform, quadratic"),
         ({"real_split": "holdout"}, "real_split='holdout'"),
     ],

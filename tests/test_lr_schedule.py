@@ -111,9 +111,7 @@ class RecordLR(L.Callback):
 
 
 def _fit(max_steps: int, schedule: dict, ckpt_path: Path | None, save: Path) -> dict[int, float]:
-    module = DiffusionModule(
-        net=UNet(**TINY), num_timesteps=50, lr=1e-3, warmup_steps=W, lr_schedule=schedule, ema_decay=0.0
-    )
+    module = DiffusionModule(net=UNet(**TINY), num_timesteps=50, lr=1e-3, warmup_steps=W, lr_schedule=schedule)
     record = RecordLR()
     trainer = L.Trainer(
         max_steps=max_steps,

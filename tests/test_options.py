@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from helpers import flat
+from helpers import unet_spec
 
 from ddpm_lightning.callbacks import default_callbacks
 from ddpm_lightning.data import EmbeddedDigitsDataModule
@@ -17,9 +17,7 @@ TINY = {"in_channels": 1, "ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "ima
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path, channels_last):
-    module = DiffusionModule(
-        **flat(**TINY, num_timesteps=50, warmup_steps=1, ema_decay=0.5, channels_last=channels_last)
-    )
+    module = DiffusionModule(net=unet_spec(**TINY), num_timesteps=50, warmup_steps=1, channels_last=channels_last)
     trainer = L.Trainer(
         max_steps=3,
         accelerator="cpu",
@@ -28,7 +26,7 @@ def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path,
         enable_progress_bar=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=default_callbacks(module.hparams.ema_decay, progress_bar=False),
+        callbacks=default_callbacks(0.5, progress_bar=False),
     )
     trainer.fit(module, EmbeddedDigitsDataModule(batch_size=4, image_size=16))
     raw_conv = module.net.down[0][0].conv1.weight

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import flat
+from helpers import unet_spec
 
 from ddpm_lightning.diffusion import (
     SAMPLERS,
@@ -297,15 +297,14 @@ def test_sampler_config_parse_keeps_unset_fields_of_the_base():
 
 # ------------------------------------------------------------------------------------------------ module defaults
 def _module(**kwargs) -> DiffusionModule:
-    return DiffusionModule(**flat(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-                           num_timesteps=100, ema_decay=0.0, **kwargs))  # fmt: skip
+    net = unet_spec(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    return DiffusionModule(net=net, num_timesteps=100, **kwargs)
 
 
-def test_module_sampler_setting_and_its_deprecated_flat_aliases():
-    module = _module(sampler="ddim", sample_steps=50, sample_spacing="quadratic")
+def test_module_sampler_setting():
+    module = _module(sampler=SamplerConfig("ddim", 50, spacing="quadratic"))
     assert module.sampler_config == SamplerConfig("ddim", 50, spacing="quadratic")
     assert module.hparams.sampler == {"name": "ddim", "steps": 50, "eta": 0.0, "spacing": "quadratic"}
-    assert "sample_steps" not in module.hparams  # checkpoints store the setting, not the aliases
     assert module.sampler_config_for("dpmpp_2m") == SamplerConfig("dpmpp_2m", 50, spacing="quadratic")
     assert module.sampler_config_for("ddpm", steps=10).nfe(100) == 10
     assert _module(sampler={"name": "ddpm", "steps": 25}).sampler_config.nfe(100) == 25
@@ -315,11 +314,11 @@ def test_module_sampler_setting_and_its_deprecated_flat_aliases():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sampler": "dpmpp_2m", "sample_steps": 101}, r"steps must be in \[1, 100\].*got 101"),
+        ({"sampler": SamplerConfig("dpmpp_2m", 101)}, r"steps must be in \[1, 100\].*got 101"),
         ({"sampler": {"name": "ddpm", "steps": 101}}, r"steps must be in \[1, 100\].*got 101"),
-        ({"sampler": "ddpm", "sample_steps": 0}, r"steps must be a positive number .* got 0"),
+        ({"sampler": {"name": "ddpm", "steps": 0}}, r"steps must be a positive number .* got 0"),
         ({"sampler": "euler"}, "allowed: ddpm, ddim, dpmpp_2m"),
-        ({"sample_spacing": "log"}, "allowed: uniform, quadratic"),
+        ({"sampler": {"name": "ddpm", "spacing": "log"}}, "allowed: uniform, quadratic"),
     ],
 )
 def test_module_rejects_bad_sampler_settings_at_construction(kwargs, message):

@@ -1,7 +1,6 @@
 """The reverse-chain sampling callback: PNG files of the right size, images in TensorBoard, files for CSV runs,
 determinism, and uint8 HWC images for W&B."""
 
-import contextlib
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -10,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import flat
+from helpers import unet_spec
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 SIZE, PAD = 32, 2
 NUM_SAMPLES, CHAIN_SAMPLES, CHAIN_STEPS, DDIM_STEPS = 9, 3, 4, 6
+EMA_DECAY = 0.9
 
 
 def _grid_size(rows: int, columns: int) -> tuple[int, int]:
@@ -33,17 +33,9 @@ def _grid_size(rows: int, columns: int) -> tuple[int, int]:
 
 def _tiny_module() -> DiffusionModule:
     return DiffusionModule(
-        **flat(
-            image_size=SIZE,
-            in_channels=1,
-            ch=32,
-            ch_mult=(1, 2),
-            num_res_blocks=1,
-            attn_resolutions=(),
-            num_timesteps=100,
-            warmup_steps=1,
-            ema_decay=0.9,
-        )
+        net=unet_spec(image_size=SIZE, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
+        num_timesteps=100,
+        warmup_steps=1,
     )
 
 
@@ -69,7 +61,7 @@ def _fit(
         max_steps=max_steps,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[callback, *default_callbacks(module.hparams.ema_decay, progress_bar=False)],
+        callbacks=[callback, *default_callbacks(EMA_DECAY, progress_bar=False)],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -210,14 +202,12 @@ def test_ddim_steps_beyond_T_fail_at_setup(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "expected"),
+    ("sampler", "expected"),
     [
-        ({"sampler": "dpmpp_2m"}, SamplerConfig("dpmpp_2m", 50)),  # a bare name: the former default of 50 steps
-        ({"sampler": "ddim", "num_steps": 6, "eta": 1.0}, SamplerConfig("ddim", 6, eta=1.0)),
-        ({"num_steps": 8, "spacing": "quadratic"}, SamplerConfig("ddim", 8, spacing="quadratic")),
+        ("dpmpp_2m", SamplerConfig("dpmpp_2m", 50)),  # a bare name: 50 steps, as the default
+        ({"name": "ddim", "steps": 6, "eta": 1.0}, SamplerConfig("ddim", 6, eta=1.0)),
+        (SamplerConfig("ddim", 8, spacing="quadratic"), SamplerConfig("ddim", 8, spacing="quadratic")),
     ],
 )
-def test_the_former_sampler_arguments_still_work(kwargs: dict, expected: SamplerConfig) -> None:
-    deprecated = {"num_steps", "eta", "spacing"} & kwargs.keys()
-    with pytest.warns(DeprecationWarning, match="deprecated") if deprecated else contextlib.nullcontext():
-        assert SamplingCallback(**kwargs).sampler == expected
+def test_the_sampler_is_a_setting_a_mapping_or_a_name(sampler: Any, expected: SamplerConfig) -> None:
+    assert SamplingCallback(sampler=sampler).sampler == expected

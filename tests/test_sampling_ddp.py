@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import flat
+from helpers import unet_spec
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,10 +18,10 @@ pytestmark = pytest.mark.ddp
 
 def _run(root: Path, devices: int, strategy: str) -> Path:
     torch.manual_seed(0)
-    module = DiffusionModule(**flat(
-        image_size=16, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-        num_timesteps=50, warmup_steps=1, ema_decay=0.5,
-    ))  # fmt: skip
+    module = DiffusionModule(
+        net=unet_spec(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
+        num_timesteps=50, warmup_steps=1,
+    )  # fmt: skip
     data = DataLoader(TensorDataset(torch.zeros(16, 1, 16, 16)), batch_size=8 // devices)
     trainer = L.Trainer(
         default_root_dir=root,
@@ -34,7 +34,7 @@ def _run(root: Path, devices: int, strategy: str) -> Path:
             SamplingCallback(
                 every_n_steps=1, num_samples=4, chain_samples=2, chain_steps=3, sampler=SamplerConfig("ddim", 5)
             ),
-            *default_callbacks(module.hparams.ema_decay, progress_bar=False),
+            *default_callbacks(0.5, progress_bar=False),
         ],
         enable_checkpointing=False,
         enable_progress_bar=False,

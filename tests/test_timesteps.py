@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import flat
+from helpers import unet_spec
 from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -76,7 +76,8 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="loss_weighting='min_snr'.*loss_type='vlb'"):
         GaussianDiffusion(make_betas("cosine", 10), loss_type="vlb", loss_weighting="min_snr")
     with pytest.raises(ValueError, match="timestep_sampling 'importance'.*loss_second_moment"):
-        DiffusionModule(**flat(image_size=8, in_channels=1, ch=32, ch_mult=(1,), timestep_sampling="importance"))
+        net = unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,))
+        DiffusionModule(net, timestep_sampling="importance")
 
 
 @pytest.mark.parametrize("variance", ["fixed_large", "learned_range"])
@@ -101,11 +102,11 @@ def test_the_vlb_loss_is_t_times_the_bounds_term_and_trains_the_mean(variance):
 
 
 def _module(**kwargs) -> DiffusionModule:
-    return DiffusionModule(**flat(
-        image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_timesteps=10,
-        schedule="cosine", warmup_steps=1, ema_decay=0.5, loss_type="vlb", timestep_sampling="loss_second_moment",
+    return DiffusionModule(
+        net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
+        num_timesteps=10, schedule="cosine", warmup_steps=1, loss_type="vlb", timestep_sampling="loss_second_moment",
         **kwargs,
-    ))  # fmt: skip
+    )  # fmt: skip
 
 
 def _fit(module: DiffusionModule, root, steps: int, ckpt_path=None) -> L.Trainer:
@@ -293,10 +294,10 @@ def test_a_bare_name_in_a_checkpoint_resumes_with_its_mapping():
 @pytest.mark.integration
 def test_a_stateless_sampler_trains_without_gathering_and_is_stored_as_its_mapping(tmp_path, monkeypatch):
     setting = {"name": "laplace", "loc": 1.0, "scale": 0.5}
-    module = DiffusionModule(**flat(
-        image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_timesteps=10,
-        schedule="cosine", warmup_steps=1, ema_decay=0.5, timestep_sampling=setting,
-    ))  # fmt: skip
+    module = DiffusionModule(
+        net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
+        num_timesteps=10, schedule="cosine", warmup_steps=1, timestep_sampling=setting,
+    )  # fmt: skip
     drawn = []
     sample = module.timestep_sampler.sample
     monkeypatch.setattr(module.timestep_sampler, "sample", lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import flat
+from helpers import unet_spec
 from torch.utils.data import DataLoader, TensorDataset
 
 import ddpm_lightning.evaluation.nll as nll_module
@@ -310,21 +310,10 @@ def test_the_ancestral_step_uses_the_learned_variance_and_the_strided_one_its_re
 
 # ------------------------------------------------------------------------------------- the module and `ddpm nll`
 def _tiny(variance: str = "learned_range", net=None) -> DiffusionModule:
-    return DiffusionModule(
-        **flat(
-            net=net,
-            image_size=None if net is not None else 8,
-            in_channels=None if net is not None else 1,
-            ch=None if net is not None else 32,
-            ch_mult=None if net is not None else (1, 2),
-            num_res_blocks=None if net is not None else 1,
-            attn_resolutions=None if net is not None else (),
-            num_timesteps=50,
-            variance=variance,
-            warmup_steps=1,
-            ema_decay=0.5,
-        )
-    )
+    if net is None:
+        unet = unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+        return DiffusionModule(net=unet, num_timesteps=50, variance=variance, warmup_steps=1)
+    return DiffusionModule(net, num_timesteps=50, variance=variance, warmup_steps=1)
 
 
 class _SameChannels(torch.nn.Module):
@@ -360,7 +349,7 @@ def test_a_learned_variance_model_trains_checkpoints_samples_and_has_a_bpd(tmp_p
         accelerator="cpu",
         max_steps=3,
         logger=False,
-        callbacks=default_callbacks(module.hparams.ema_decay, progress_bar=False),
+        callbacks=default_callbacks(0.5, progress_bar=False),
         enable_progress_bar=False,
         enable_model_summary=False,
     )

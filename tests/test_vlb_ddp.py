@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import TinyImages, flat, tiny_diffusion
+from helpers import TinyImages, tiny_diffusion, unet_spec
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.callbacks import BPDCallback, default_callbacks
@@ -68,10 +68,10 @@ class SaveHistory(L.Callback):
 @pytest.mark.filterwarnings("ignore:.*(does not have many workers|You defined a `validation_step`).*")
 def test_the_importance_sampling_history_is_the_same_on_every_rank(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = DiffusionModule(**flat(
-        image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_timesteps=10,
-        schedule="cosine", warmup_steps=0, ema_decay=0.0, loss_type="vlb", timestep_sampling="loss_second_moment",
-    ))  # fmt: skip
+    module = DiffusionModule(
+        net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
+        num_timesteps=10, schedule="cosine", warmup_steps=0, loss_type="vlb", timestep_sampling="loss_second_moment",
+    )  # fmt: skip
     data = TensorDataset(torch.rand(32, 1, 8, 8) * 2 - 1)
     trainer = L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,

@@ -11,7 +11,8 @@ here, where they are read; nothing else in the package knows an old name. Deprec
   ran with (:func:`upgrade_net_spec`, :data:`UNET_LEGACY_SETTINGS`: symmetric down-sampling padding, GroupNorm eps
   1e-5).
 - :data:`FLAT_MODEL_SETTINGS`: the types of the flat aliases, which ``ddpm fit`` accepts as options of the command.
-- :func:`callback_sampler`: the callbacks' flat ``num_steps``, ``eta`` and ``spacing`` into their ``sampler``.
+- :func:`upgrade_callback_configs`: the flat ``num_steps``, ``eta`` and ``spacing`` of the sampling callbacks in a
+  config (:data:`SAMPLER_CALLBACKS`, ``trainer.callbacks`` of ``ddpm fit``) into their ``sampler``.
 - :func:`upgrade_sweep_argv`: ``ddpm sampler-sweep --nfe`` as ``--steps``.
 """
 
@@ -19,23 +20,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from ddpm_lightning import choices
 
-if TYPE_CHECKING:
-    from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
-
 __all__ = [
     "FLAT_MODEL_SETTINGS",
+    "CALLBACK_SAMPLER_ALIASES",
     "SAMPLER_ALIASES",
+    "SAMPLER_CALLBACKS",
     "UNET_ALIASES",
     "UNET_LEGACY_SETTINGS",
-    "callback_sampler",
     "flat_setting_target",
     "upgrade_hyperparameters",
     "upgrade_net_spec",
     "upgrade_state_dict",
+    "upgrade_callback_configs",
     "upgrade_sweep_argv",
 ]
 
@@ -60,6 +60,10 @@ FLAT_MODEL_SETTINGS: dict[str, Any] = {
     "eta": float,
     "sample_spacing": Literal[choices.SPACINGS],  # type: ignore[valid-type]
 }
+#: the callbacks that took flat sampler arguments, by class name -> the steps of a bare sampler name (their default)
+SAMPLER_CALLBACKS = {"SamplingCallback": 50, "FIDCallback": 50, "DemoReport": 25}
+#: their deprecated flat sampler arguments -> the field of ``init_args.sampler`` each one sets
+CALLBACK_SAMPLER_ALIASES = {"num_steps": "steps", "eta": "eta", "spacing": "spacing"}
 assert tuple(FLAT_MODEL_SETTINGS) == (*UNET_ALIASES, *SAMPLER_ALIASES), "FLAT_MODEL_SETTINGS: an alias is missing"
 
 
@@ -124,29 +128,41 @@ def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return hparams
 
 
-def callback_sampler(
-    sampler: SamplerConfig | Mapping[str, Any] | Sampler,
-    num_steps: int | None,
-    eta: float | None,
-    spacing: Spacing | None,
-    default_steps: int,
-    owner: str,
-) -> SamplerConfig:
-    """The sampler setting of a callback from its ``sampler`` argument and the deprecated ``num_steps``, ``eta`` and
-    ``spacing``; a bare sampler name runs ``default_steps`` network evaluations (the callback's former default)."""
-    old = {"num_steps": num_steps, "eta": eta, "spacing": spacing}
-    given = [name for name, value in old.items() if value is not None]
-    if given:
-        warnings.warn(
-            f"{owner}({', '.join(given)}=...) is deprecated: give sampler={{name: ..., steps: ..., eta: ..., "
-            "spacing: ...} (a SamplerConfig)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-    from ddpm_lightning.diffusion import SamplerConfig
+def upgrade_callback_configs(config: Any) -> tuple[Any, list[str]]:
+    """A loaded config (or a value of one) whose callback entries of :data:`SAMPLER_CALLBACKS` set the deprecated
+    ``init_args`` ``num_steps``, ``eta`` and ``spacing`` (:data:`CALLBACK_SAMPLER_ALIASES`) in ``init_args.sampler``
+    (a bare sampler name there running the callback's former default steps), and one line for each such entry that
+    says what to set instead; anything else is returned unchanged. ValueError naming the callback for a bad value."""
+    messages: list[str] = []
 
-    base = SamplerConfig(name="ddim", steps=default_steps)
-    return SamplerConfig.parse(sampler, base, steps=num_steps, eta=eta, spacing=spacing)
+    def upgrade(value: Any) -> Any:
+        if isinstance(value, list):
+            return [upgrade(item) for item in value]
+        if not isinstance(value, Mapping):
+            return value
+        value = {key: upgrade(item) for key, item in value.items()}
+        class_path, init_args = str(value.get("class_path")), value.get("init_args")
+        name = class_path.rpartition(".")[2]
+        if name not in SAMPLER_CALLBACKS or not isinstance(init_args, Mapping):
+            return value
+        old = {key: init_args[key] for key in CALLBACK_SAMPLER_ALIASES if key in init_args}
+        if not old:
+            return value
+        from ddpm_lightning.diffusion import SamplerConfig  # torch: not for the commands' --help
+
+        base = SamplerConfig("ddim", SAMPLER_CALLBACKS[name])
+        fields = {CALLBACK_SAMPLER_ALIASES[key]: item for key, item in old.items()}
+        try:
+            sampler = SamplerConfig.parse(init_args.get("sampler"), base, **fields).to_dict()
+        except ValueError as err:
+            raise ValueError(f"{class_path}: {err}") from err
+        given = ", ".join(f"init_args.{key}={item!r}" for key, item in old.items())
+        new = ", ".join(f"init_args.sampler.{field}" for field in fields)
+        messages.append(f"{class_path}: {given}: deprecated, set {new} instead")
+        rest = {key: item for key, item in init_args.items() if key not in old}
+        return {**value, "init_args": {**rest, "sampler": sampler}}
+
+    return upgrade(config), messages
 
 
 def upgrade_sweep_argv(argv: Sequence[str]) -> list[str]:

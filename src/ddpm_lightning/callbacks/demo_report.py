@@ -28,9 +28,8 @@ from ddpm_lightning import io
 from ddpm_lightning.callbacks.guide import GuideCheckpoint, GuideTraining
 from ddpm_lightning.callbacks.resilience import last_checkpoint_path
 from ddpm_lightning.callbacks.sampling import render_samples
-from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
+from ddpm_lightning.diffusion import Sampler, SamplerConfig
 from ddpm_lightning.evaluation.digit_classifier import DigitScorer, requested_class_accuracy
-from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import class_rows, iter_samples, load_module
 
 __all__ = ["DEMO_SAMPLER", "DemoReport"]
@@ -85,7 +84,6 @@ class DemoReport(Callback):
             bare file name in the run's checkpoint folder, where :class:`~ddpm_lightning.callbacks.GuideCheckpoint`
             writes it during the run (e.g. ``guide.ckpt``).
         unguided_baseline: with a guide, also score the same samples unguided (``num_eval_samples`` more samples).
-        num_steps, eta, spacing: deprecated: ``sampler.steps``, ``sampler.eta``, ``sampler.spacing``.
     """
 
     def __init__(
@@ -95,12 +93,10 @@ class DemoReport(Callback):
         chain_samples: int = 8,
         chain_steps: int = 10,
         sampler: SamplerConfig | Mapping[str, Any] | Sampler = DEMO_SAMPLER,
-        num_steps: int | None = None,
-        eta: float | None = None,
+        *,
         seed: int = 0,
         classifier_epochs: int = 6,
         classifier_cache_dir: str | None = None,
-        spacing: Spacing | None = None,
         untrained_baseline: bool = True,
         guide_ckpt: str | None = None,
         unguided_baseline: bool = True,
@@ -110,7 +106,7 @@ class DemoReport(Callback):
                 f"need 1 <= num_samples <= num_eval_samples, got num_samples={num_samples}, "
                 f"num_eval_samples={num_eval_samples}"
             )
-        self.sampler = callback_sampler(sampler, num_steps, eta, spacing, 25, type(self).__name__)
+        self.sampler = SamplerConfig.parse(sampler, DEMO_SAMPLER)
         if (self.sampler.autoguidance_scale != 1) != (guide_ckpt is not None):
             raise ValueError(
                 f"DemoReport: sampler.autoguidance_scale={self.sampler.autoguidance_scale:g} and "

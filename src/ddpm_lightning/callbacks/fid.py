@@ -27,10 +27,9 @@ from ddpm_lightning import compat, io
 from ddpm_lightning.callbacks.periodic import EveryNSteps, gather_by_index, rank_indices
 from ddpm_lightning.callbacks.sampling import MONITORING_SAMPLER
 from ddpm_lightning.data import images_of, to_uint8
-from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
+from ddpm_lightning.diffusion import Sampler, SamplerConfig
 from ddpm_lightning.evaluation.inception_weights import build_fid_extractor, resolve_fid_weights
 from ddpm_lightning.evaluation.real_stats import real_stats_key, real_stats_name
-from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import iter_samples
 
 __all__ = ["FIDCallback", "module_digest"]
@@ -83,7 +82,6 @@ class FIDCallback(EveryNSteps):
         inception_score, kid: also log ``val/is`` and ``val/kid`` (both keep every feature in memory).
         kid_subset_size, kid_subsets: KID's subsets; the size is capped by the numbers of images.
         on_fit_end: evaluate when fit ends, unless the last step was just evaluated.
-        num_steps, eta, spacing: deprecated: ``sampler.steps``, ``sampler.eta``, ``sampler.spacing``.
     """
 
     def __init__(
@@ -92,8 +90,7 @@ class FIDCallback(EveryNSteps):
         num_samples: int = 10_000,
         batch_size: int = 256,
         sampler: SamplerConfig | Mapping[str, Any] | Sampler = MONITORING_SAMPLER,
-        num_steps: int | None = None,
-        eta: float | None = None,
+        *,
         seed: int = 0,
         feature_extractor: nn.Module | None = None,
         feature_extractor_weights_path: str | None = None,
@@ -105,14 +102,13 @@ class FIDCallback(EveryNSteps):
         kid_subset_size: int = 1000,
         kid_subsets: int = 100,
         on_fit_end: bool = True,
-        spacing: Spacing | None = None,
     ):
         super().__init__(every_n_steps, on_fit_end)
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.sampler = callback_sampler(sampler, num_steps, eta, spacing, 50, type(self).__name__)
+        self.sampler = SamplerConfig.parse(sampler, MONITORING_SAMPLER)
         if real_split not in get_args(Split):
             raise ValueError(f"real_split={real_split!r}; expected one of {get_args(Split)}")
         if num_real is not None and num_real < 2:

@@ -20,9 +20,8 @@ from torchvision.utils import make_grid
 
 from ddpm_lightning.callbacks.periodic import EveryNSteps
 from ddpm_lightning.data.transforms import to_uint8
-from ddpm_lightning.diffusion import Sampler, SamplerConfig, Spacing
+from ddpm_lightning.diffusion import Sampler, SamplerConfig
 from ddpm_lightning.io import image_grid, save_png
-from ddpm_lightning.legacy import callback_sampler
 from ddpm_lightning.sampling import class_rows
 
 __all__ = [
@@ -112,7 +111,6 @@ class SamplingCallback(EveryNSteps):
             ``steps: null`` is the full chain); a bare name runs 50 network evaluations of that sampler.
         seed: seed of the first sample.
         on_train_end: also sample once when training ends.
-        num_steps, eta, spacing: deprecated: ``sampler.steps``, ``sampler.eta``, ``sampler.spacing``.
     """
 
     def __init__(
@@ -122,11 +120,9 @@ class SamplingCallback(EveryNSteps):
         chain_samples: int = 8,
         chain_steps: int = 10,
         sampler: SamplerConfig | Mapping[str, Any] | Sampler = MONITORING_SAMPLER,
-        num_steps: int | None = None,
-        eta: float | None = None,
+        *,
         seed: int = 0,
         on_train_end: bool = True,
-        spacing: Spacing | None = None,
     ):
         super().__init__(every_n_steps, on_fit_end=on_train_end)
         if num_samples < 1 or chain_samples < 1 or chain_steps < 1:
@@ -134,7 +130,7 @@ class SamplingCallback(EveryNSteps):
                 f"num_samples, chain_samples and chain_steps must be >= 1, got {num_samples}, {chain_samples}, "
                 f"{chain_steps}"
             )
-        self.sampler = callback_sampler(sampler, num_steps, eta, spacing, 50, type(self).__name__)
+        self.sampler = SamplerConfig.parse(sampler, MONITORING_SAMPLER)
         self.num_samples = num_samples
         self.chain_samples = chain_samples
         self.chain_steps = chain_steps

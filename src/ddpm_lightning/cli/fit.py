@@ -15,7 +15,9 @@ needs and the default callbacks, visible in the config.
   so the run's ``config.yaml`` shows it (:func:`ema_decay_alias`).
 - The deprecated flat settings ``model.ch`` ... of the U-Net and ``model.sample_steps``, ``model.eta``,
   ``model.sample_spacing`` of the sampler are options of the command (not of the module) that set
-  ``model.net.init_args`` and ``model.sampler``, with a warning (:func:`model_aliases`).
+  ``model.net.init_args`` and ``model.sampler``, with a warning (:func:`model_aliases`); the deprecated
+  ``num_steps``, ``eta`` and ``spacing`` of a sampling callback in a config file or a ``--trainer.callbacks`` value set
+  its ``sampler`` as the config is read, with a warning (:func:`load_config_value`).
 - The model's image shape, where neither the config nor the network gives it, is the data module's
   (:func:`shape_from_data`), so that a config writes it once, in ``data``.
 - One fit at a time per run folder: the first process of a fit (global rank 0) holds ``<run dir>/fit.lock``
@@ -40,7 +42,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, get_loader, set_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
@@ -60,7 +62,12 @@ from ddpm_lightning.checkpoint import (
 from ddpm_lightning.cli.config_errors import ConfigErrorParser
 from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_model_settings, spent_time_budget
 from ddpm_lightning.data.base import ImageDataModule, per_process_batch_size
-from ddpm_lightning.legacy import FLAT_MODEL_SETTINGS, flat_setting_target, upgrade_hyperparameters
+from ddpm_lightning.legacy import (
+    FLAT_MODEL_SETTINGS,
+    flat_setting_target,
+    upgrade_callback_configs,
+    upgrade_hyperparameters,
+)
 from ddpm_lightning.lit_module import DiffusionModule
 
 __all__ = [
@@ -77,6 +84,7 @@ __all__ = [
     "git_commit",
     "init_from",
     "is_first_process",
+    "load_config_value",
     "lock_run_dir",
     "model_aliases",
     "package_versions",
@@ -113,6 +121,25 @@ _LOGGER_CLASSES_WITH_SAVE_DIR = ("WandbLogger", "TensorBoardLogger", "CSVLogger"
 # (SLURM_PROCID), Lightning's own launcher and a multi-node launch by hand (NODE_RANK, LOCAL_RANK)
 _RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
 RUN_LOCK = "fit.lock"
+
+
+# ------------------------------------------------------------------------------------------------ config reading
+#: the parser mode of the command (jsonargparse's ``parser_mode``): YAML read by :func:`load_config_value`
+CONFIG_MODE = "ddpm_yaml"
+_load_yaml = get_loader("yaml")
+
+
+def load_config_value(text: str) -> Any:
+    """A config file or value (``--trainer.callbacks+={...}``) read as YAML, with the deprecated flat sampler
+    arguments of its callbacks set in their ``sampler`` (:func:`~ddpm_lightning.legacy.upgrade_callback_configs`,
+    with a warning)."""
+    value, messages = upgrade_callback_configs(_load_yaml(text))
+    for message in messages:
+        rank_zero_warn(message, category=FutureWarning)
+    return value
+
+
+set_loader(CONFIG_MODE, load_config_value, exceptions=(yaml.YAMLError,))
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -457,6 +484,10 @@ def with_default_callbacks(
 
 class DDPMCLI(LightningCLI):
     """LightningCLI over :class:`DiffusionModule` and any LightningDataModule (``data.class_path``)."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """The parsers of the command, which read configs with :func:`load_config_value`."""
+        return super().init_parser(**{"parser_mode": CONFIG_MODE, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
