@@ -299,7 +299,7 @@ def fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
         "--model.net.init_args.attn_resolutions=[8]",
         "--model.net.init_args.dropout=0.1",
         "--model.num_timesteps=50",
-        "--model.warmup_steps=4",
+        "--model.lr_schedule.warmup_steps=4",
         "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",
         "--data.batch_size=4",
         "--data.image_size=16",

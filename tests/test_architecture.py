@@ -52,14 +52,14 @@ def _trainer(tmp_path: Path, module: DiffusionModule, max_steps: int = 3) -> L.T
         enable_progress_bar=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=default_callbacks(module.hparams.ema_decay, progress_bar=False),
+        callbacks=default_callbacks(0.0, progress_bar=False),
     )
 
 
 # ------------------------------------------------------------------------------------------------ the network
 @pytest.mark.unit
 def test_the_default_network_is_the_papers_unet():
-    module = DiffusionModule(ema_decay=0.0)
+    module = DiffusionModule()
     assert isinstance(module.net, UNet) and module.image_shape == (3, 32, 32)
     assert sum(p.numel() for p in module.net.parameters()) == 35_746_307
     assert module.hparams.net["class_path"] == "ddpm_lightning.models.unet.UNet"
@@ -92,7 +92,7 @@ def test_an_injected_network_gets_its_shape_from_the_module_and_is_checked_by_a_
 @pytest.mark.unit
 def test_the_flat_shape_composes_over_a_unet_preset():
     preset = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=16)
-    module = DiffusionModule(net=preset, image_size=8, num_timesteps=100, ema_decay=0.0)
+    module = DiffusionModule(net=preset, image_size=8, num_timesteps=100)
     assert module.net.init_args["image_size"] == 8 and module.image_shape == (1, 8, 8)
     assert module.hparams.net["init_args"]["image_size"] == 8
 
@@ -143,8 +143,8 @@ def test_the_optimizer_and_the_nonfinite_guard_cover_every_trainable_parameter(t
             loss = super().training_step(batch, batch_idx)
             return loss + 0.0 * self.extra(torch.ones(1, 1)).sum()
 
-    module = WithExtra(net=ConvStack(1), image_size=16, in_channels=1, num_timesteps=100, ema_decay=0.0,
-                       nonfinite_loss="skip", warmup_steps=0)  # fmt: skip
+    module = WithExtra(net=ConvStack(1), image_size=16, in_channels=1, num_timesteps=100,
+                       runtime={"nonfinite_loss": "skip"}, lr_schedule={"warmup_steps": 0})  # fmt: skip
     optimizer = module.configure_optimizers()["optimizer"]
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in module.parameters()}
     # NaN gradients in the extra parameter alone, on every step: the guard must skip those updates
@@ -281,7 +281,7 @@ def _unet_checkpoint(path: Path, drop: tuple[str, ...] = ()) -> DiffusionModule:
     wrote them."""
     torch.manual_seed(0)
     module = DiffusionModule(UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                                  image_size=8), num_timesteps=100, ema_decay=0.0)  # fmt: skip
+                                  image_size=8), num_timesteps=100)  # fmt: skip
     hparams = dict(module.hparams)
     init_args = {k: v for k, v in hparams["net"]["init_args"].items() if k not in drop}
     hparams["net"] = {**hparams["net"], "init_args": init_args}

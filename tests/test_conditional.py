@@ -50,7 +50,7 @@ def randomize(net: nn.Module, seed: int = 1) -> nn.Module:
 
 
 def conditional_module(**kwargs) -> DiffusionModule:
-    module = DiffusionModule(net=tiny_unet(**kwargs.pop("net", {})), num_timesteps=100, ema_decay=0.0, **kwargs)
+    module = DiffusionModule(net=tiny_unet(**kwargs.pop("net", {})), num_timesteps=100, **kwargs)
     randomize(module.net)
     return module.eval()
 
@@ -202,7 +202,7 @@ def test_an_unconditional_preset_is_made_conditional_by_num_classes() -> None:
 @pytest.mark.unit
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_an_injected_unconditional_network_without_y_keeps_working() -> None:
-    module = DiffusionModule(net=Unconditional(), num_timesteps=100, ema_decay=0.0)
+    module = DiffusionModule(net=Unconditional(), num_timesteps=100)
     assert module.num_classes is None and module.hparams.num_classes is None
     x = module.sample(2, SamplerConfig("ddim", 3))
     assert x.shape == (2, 1, 8, 8)

@@ -30,7 +30,12 @@ def conditional_diffusion() -> DiffusionModule:
         num_groups=4, num_classes=3,
     )  # fmt: skip
     module = FrozenDiffusion(
-        net=net, num_timesteps=20, beta_end=0.01, objective="v", warmup_steps=0, ema_decay=0.0, sampler=SAMPLER
+        net=net,
+        num_timesteps=20,
+        schedule={"name": "linear", "beta_end": 0.01},
+        objective="v",
+        lr_schedule={"warmup_steps": 0},
+        sampler=SAMPLER,
     )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -86,7 +86,7 @@ def _save(module: DiffusionModule, path: Path) -> Path:
 
 def _tiny_module(**settings: object) -> DiffusionModule:
     net = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
-    return _randomised(DiffusionModule(net, ema_decay=0.0, **settings))
+    return _randomised(DiffusionModule(net, **settings))
 
 
 # ------------------------------------------------------------------------------------------------ the network
@@ -193,7 +193,7 @@ def test_our_schedule_equals_the_schedulers_betas(tmp_path, scheduler):
 )
 def test_one_ancestral_step_agrees_with_ddpm_scheduler_step(variance, objective, out):
     module = DiffusionModule(UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8), variance=variance,
-                             objective=objective, ema_decay=0.0)  # fmt: skip
+                             objective=objective)  # fmt: skip
     diffusion = module.diffusion.double()
     names = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
     scheduler = diffusers.DDPMScheduler(variance_type=variance, prediction_type=names[objective], clip_sample=True)
@@ -262,14 +262,14 @@ def test_ours_to_diffusers_and_back_is_bit_identical(tmp_path):
     assert back.net.init_args == module.net.init_args
     theirs, ours = back.net.state_dict(), module.net.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
-    assert (back.hparams.schedule, back.hparams.objective, back.hparams.variance) == ("cosine", "v", "learned_range")
+    assert (back.schedule.name, back.hparams.objective, back.hparams.variance) == ("cosine", "v", "learned_range")
 
 
 @pytest.mark.integration
 def test_a_scale_shift_network_converts_to_diffusers_and_back_with_the_same_function(tmp_path):
     net = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0,
                time_conditioning="scale_shift")  # fmt: skip
-    module = _randomised(DiffusionModule(net, ema_decay=0.0))
+    module = _randomised(DiffusionModule(net))
     _save(module, tmp_path / "ours.ckpt")
     to_diffusers(tmp_path / "ours.ckpt", tmp_path / "pipe")
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
@@ -311,7 +311,7 @@ def test_what_diffusers_cannot_express_is_refused(tmp_path):
     _save(_tiny_module(variance="learned"), tmp_path / "learned.ckpt")
     with pytest.raises(LayoutError, match="variance='learned' has no DDPMScheduler variance_type"):
         to_diffusers(tmp_path / "learned.ckpt", tmp_path / "a")
-    module = DiffusionModule(_NotAUNet(), ema_decay=0.0, num_timesteps=10, beta_end=0.002)
+    module = DiffusionModule(_NotAUNet(), num_timesteps=10, schedule={"name": "linear", "beta_end": 0.002})
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     torch.save(checkpoint | {"pytorch-lightning_version": L.__version__}, tmp_path / "other.ckpt")
     with pytest.raises(LayoutError, match="_NotAUNet has no UNet2DModel counterpart"):
@@ -326,7 +326,7 @@ def test_what_diffusers_cannot_express_is_refused(tmp_path):
 @pytest.mark.integration
 def test_a_diffusers_unet_is_an_injected_network_that_checkpoints_rebuild(tmp_path):
     torch.manual_seed(0)
-    module = DiffusionModule(DiffusersUNet(TINY), ema_decay=0.0, num_timesteps=100)
+    module = DiffusionModule(DiffusersUNet(TINY), num_timesteps=100)
     assert module.image_shape == (3, 32, 32)
     loaded = load_module(_save(_randomised(module), tmp_path / "m.ckpt"), "cpu")
     x_t, t = torch.randn(2, 3, 32, 32), torch.tensor([0, 99])
@@ -383,7 +383,7 @@ def test_init_from_loads_the_weights_and_their_ema_and_names_a_parameter_that_do
     averaged = {k: v + 1.0 for k, v in checkpoint["state_dict"].items()}  # as the EMA callback writes them
     checkpoint = checkpoint | {"current_model_state": checkpoint["state_dict"], "state_dict": averaged}
     torch.save(checkpoint | {"pytorch-lightning_version": L.__version__}, tmp_path / "ema.ckpt")
-    target = DiffusionModule(UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,)), ema_decay=0.9)
+    target = DiffusionModule(UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,)))
     trainer = L.Trainer(callbacks=[EMA(0.9)], logger=False, enable_checkpointing=False, enable_progress_bar=False)
     message = init_from(target, trainer, tmp_path / "ema.ckpt")
     assert "and their EMA" in message and "dropout: checkpoint 0.0, this run 0.1" in message
@@ -393,7 +393,7 @@ def test_init_from_loads_the_weights_and_their_ema_and_names_a_parameter_that_do
     average = ema.average_module().net.state_dict()
     assert all(torch.equal(v, averaged[f"net.{k}"]) for k, v in average.items())
 
-    other = DiffusionModule(UNet(ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,)), ema_decay=0.0)
+    other = DiffusionModule(UNet(ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,)))
     with pytest.raises(CheckpointError, match=r"temb\.0\.weight has shape \(128, 32\) there but \(256, 64\)"):
         init_from(other, trainer, tmp_path / "ema.ckpt")
 
@@ -404,7 +404,7 @@ def test_fit_init_from_a_converted_checkpoint_trains_from_its_weights(tmp_path, 
     module = from_diffusers(folder, tmp_path / "m.ckpt")
     (tmp_path / "net.yaml").write_text(json.dumps(module.hparams["net"]))
     run = tmp_path / "run"
-    args = ["fit", "--seed_everything=0", f"--model.net={tmp_path / 'net.yaml'}", "--model.warmup_steps=1",
+    args = ["fit", "--seed_everything=0", f"--model.net={tmp_path / 'net.yaml'}", "--model.lr_schedule.warmup_steps=1",
             "--model.lr=1e-12", "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule",
             "--data.init_args.batch_size=4",
             "--data.init_args.image_size=8", "--trainer.accelerator=cpu", "--trainer.max_steps=1",
@@ -428,7 +428,7 @@ def test_fit_init_from_a_converted_checkpoint_trains_from_its_weights(tmp_path, 
 def test_the_papers_cifar10_weights_convert_and_sample(tmp_path):
     module = from_diffusers("google/ddpm-cifar10-32", tmp_path / "cifar10.ckpt")
     assert sum(p.numel() for p in module.net.parameters()) == 35_746_307
-    assert (module.hparams.schedule, module.hparams.num_timesteps, module.hparams.objective) == ("linear", 1000, "eps")
+    assert (module.schedule.name, module.hparams.num_timesteps, module.hparams.objective) == ("linear", 1000, "eps")
     loaded = load_module(tmp_path / "cifar10.ckpt", "cpu")
     images = loaded.sample(4, {"name": "ddim", "steps": 20}, seed=0)
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()

@@ -31,7 +31,8 @@ TINY = {"in_channels": 1, "image_size": 8, "ch": 16, "ch_mult": (1,), "num_res_b
 
 def tiny_module(**settings) -> DiffusionModule:
     torch.manual_seed(0)
-    return DiffusionModule(net=UNet(**TINY), num_timesteps=50, warmup_steps=2, **settings)
+    lr_schedule = {"warmup_steps": 2, **settings.pop("lr_schedule", {})}
+    return DiffusionModule(net=UNet(**TINY), num_timesteps=50, lr_schedule=lr_schedule, **settings)
 
 
 def tiny_trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:

@@ -47,9 +47,7 @@ class Replay(L.LightningModule):
 
 def fit(module: L.LightningModule, callback: L.Callback, root: Path, max_steps: int = 1, **kwargs: Any) -> L.Trainer:
     # a DiffusionModule is trained with the default callbacks, as `ddpm fit` does
-    defaults = (
-        default_callbacks(module.hparams.ema_decay, progress_bar=False) if isinstance(module, DiffusionModule) else []
-    )
+    defaults = default_callbacks(0.0, progress_bar=False) if isinstance(module, DiffusionModule) else []
     trainer = L.Trainer(
         default_root_dir=root,
         accelerator="cpu",

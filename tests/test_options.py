@@ -28,7 +28,7 @@ def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path,
         enable_progress_bar=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=default_callbacks(module.hparams.ema_decay, progress_bar=False),
+        callbacks=default_callbacks(0.5, progress_bar=False),
     )
     trainer.fit(module, EmbeddedDigitsDataModule(batch_size=4, image_size=16))
     raw_conv = module.net.down[0][0].conv1.weight
@@ -51,7 +51,11 @@ def test_the_gpu_speed_options_together_train_and_give_a_loadable_checkpoint(tmp
     from ddpm_lightning.cli import main
     from ddpm_lightning.sampling import load_module
 
-    options = ("--model.compile=true", "--trainer.precision=bf16-mixed", "--model.matmul_precision=high")
+    options = (
+        "--model.runtime.compile=true",
+        "--trainer.precision=bf16-mixed",
+        "--model.runtime.matmul_precision=high",
+    )
     main(fit_args(tmp_path, 4, *options, "--trainer.gradient_clip_val=1.0"))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 4

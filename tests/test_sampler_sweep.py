@@ -28,7 +28,7 @@ def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 1x32x32 model with T = 20, saved as `ddpm fit` would after training on the digits."""
     torch.manual_seed(0)
     net = UNet(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
-    module = DiffusionModule(net, schedule="cosine", objective="v", num_timesteps=T, ema_decay=0.0)
+    module = DiffusionModule(net, schedule="cosine", objective="v", num_timesteps=T)
     path = tmp_path_factory.mktemp("ckpt") / "digits.ckpt"
     datamodule = {"_class_path": "ddpm_lightning.data.EmbeddedDigitsDataModule", "val_fraction": 0.1, "seed": 0}
     torch.save(

@@ -298,7 +298,7 @@ def test_sampler_config_parse_keeps_unset_fields_of_the_base():
 # ------------------------------------------------------------------------------------------------ module defaults
 def _module(**kwargs) -> DiffusionModule:
     return DiffusionModule(**flat(in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-                           num_timesteps=100, ema_decay=0.0, **kwargs))  # fmt: skip
+                           num_timesteps=100, **kwargs))  # fmt: skip
 
 
 def test_module_sampler_setting_and_its_deprecated_flat_aliases():

@@ -69,7 +69,7 @@ def _fit(
         max_steps=max_steps,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[callback, *default_callbacks(module.hparams.ema_decay, progress_bar=False)],
+        callbacks=[callback, *default_callbacks(0.9, progress_bar=False)],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

@@ -34,7 +34,7 @@ def _run(root: Path, devices: int, strategy: str) -> Path:
             SamplingCallback(
                 every_n_steps=1, num_samples=4, chain_samples=2, chain_steps=3, sampler=SamplerConfig("ddim", 5)
             ),
-            *default_callbacks(module.hparams.ema_decay, progress_bar=False),
+            *default_callbacks(0.5, progress_bar=False),
         ],
         enable_checkpointing=False,
         enable_progress_bar=False,

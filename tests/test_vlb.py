@@ -342,9 +342,9 @@ def test_the_module_checks_the_networks_channels_against_the_variance():
 
 
 def test_the_module_passes_the_loss_weighting_to_the_diffusion_and_its_hyper_parameters():
-    module = DiffusionModule(net=_SameChannels(), num_timesteps=50, loss_weighting="min_snr", min_snr_gamma=3.0)
+    module = DiffusionModule(net=_SameChannels(), num_timesteps=50, loss_weighting={"name": "min_snr", "gamma": 3.0})
     assert (module.diffusion.loss_weighting, module.diffusion.min_snr_gamma) == ("min_snr", 3.0)
-    assert module.hparams.loss_weighting == "min_snr" and module.hparams.min_snr_gamma == 3.0
+    assert module.hparams.loss_weighting == {"name": "min_snr", "gamma": 3.0}
     assert float(module.diffusion.loss_weights.max()) <= 1.0  # eps: min(SNR, 3) / SNR
 
 
@@ -359,7 +359,7 @@ def test_a_learned_variance_model_trains_checkpoints_samples_and_has_a_bpd(tmp_p
         accelerator="cpu",
         max_steps=3,
         logger=False,
-        callbacks=default_callbacks(module.hparams.ema_decay, progress_bar=False),
+        callbacks=default_callbacks(0.5, progress_bar=False),
         enable_progress_bar=False,
         enable_model_summary=False,
     )

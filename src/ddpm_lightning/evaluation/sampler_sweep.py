@@ -219,7 +219,7 @@ def sweep(
         "checkpoint": ", ".join(str(c) for c in ckpts),
         "model": "; ".join(
             dict.fromkeys(  # each different process once: checkpoints of one run share theirs
-                f"{m.hparams.schedule} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
+                f"{m.schedule.name} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
                 f"T = {m.diffusion.num_timesteps}"
                 for m in modules
             )
