@@ -18,7 +18,7 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.cli.fit import DDPMCLI, data_shape, shape_from_data
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.legacy import SAMPLER_ALIASES, UNET_ALIASES, upgrade_hyperparameters
+from ddpm_lightning.legacy import FLAT_MODEL_SETTINGS, upgrade_hyperparameters
 from ddpm_lightning.legacy import UNET_LEGACY_SETTINGS as LEGACY
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
@@ -99,7 +99,7 @@ def test_the_flat_shape_composes_over_a_unet_preset():
 
 @pytest.mark.unit
 def test_the_deprecated_flat_settings_are_mapped_where_settings_are_read_not_by_the_module():
-    assert not set(inspect.signature(DiffusionModule).parameters) & {*UNET_ALIASES, *SAMPLER_ALIASES}
+    assert not set(inspect.signature(DiffusionModule).parameters) & set(FLAT_MODEL_SETTINGS)
     preset = {"class_path": "ddpm_lightning.models.UNet", "init_args": {"ch": 32, "ch_mult": [1, 2]}}
     upgraded = upgrade_hyperparameters({"net": preset, "ch": 64, "image_size": 8, "sampler": "ddim", "sample_steps": 5})
     assert upgraded["net"]["init_args"] == {"ch": 64, "ch_mult": [1, 2], "image_size": 8} | LEGACY
