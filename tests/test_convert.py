@@ -484,3 +484,18 @@ def test_the_hub_is_unreachable_where_nothing_listens(monkeypatch: pytest.Monkey
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert not hub_reachable(timeout=1)
+
+
+@pytest.mark.unit
+def test_the_deprecated_ema_decay_of_convert_is_dropped_with_a_warning():
+    from ddpm_lightning.legacy import upgrade_convert_argv
+
+    argv = ["--to-diffusers", "a.ckpt", "--ema-decay", "0.9", "--out", "b", "--ema-decay=0.5"]
+    with pytest.warns(FutureWarning, match="--ema-decay is deprecated and ignored"):
+        assert upgrade_convert_argv(argv) == ["--to-diffusers", "a.ckpt", "--out", "b"]
+    assert upgrade_convert_argv(["--to-diffusers", "a.ckpt", "--out", "b"]) == [
+        "--to-diffusers",
+        "a.ckpt",
+        "--out",
+        "b",
+    ]

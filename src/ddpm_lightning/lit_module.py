@@ -143,7 +143,7 @@ class DiffusionModule(L.LightningModule):
         lr: float = 2e-4,
         lr_schedule: LRSchedule | LRScheduleName = "constant",
         optimizer: AdamConfig = ADAM,
-        sampler: SamplerConfig | Mapping[str, Any] | Sampler = PAPER_SAMPLER,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = "ddpm",  # PAPER_SAMPLER, by name (re-parses in YAML)
         runtime: RuntimeConfig = RUNTIME,
         num_classes: int | None = None,
         p_uncond: float = 0.1,
