@@ -44,8 +44,7 @@ __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps"]
 
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
 ADAM, RUNTIME = AdamConfig(), RuntimeConfig()  # Adam's defaults; fp32 eager channels-last, stop on a NaN/inf loss
-NOISE_ASSIGNMENTS = choices.NOISE_ASSIGNMENTS
-NoiseAssignment = Literal[NOISE_ASSIGNMENTS]  # type: ignore[valid-type]
+NoiseAssignment = Literal[choices.NOISE_ASSIGNMENTS]  # type: ignore[valid-type]
 
 
 def _labels(batch: Any, num_classes: int) -> torch.Tensor:
@@ -143,7 +142,7 @@ class DiffusionModule(L.LightningModule):
         lr: float = 2e-4,
         lr_schedule: LRSchedule | LRScheduleName = "constant",
         optimizer: AdamConfig = ADAM,
-        sampler: SamplerConfig | Mapping[str, Any] | Sampler = "ddpm",  # PAPER_SAMPLER, by name (re-parses in YAML)
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = "ddpm",  # PAPER_SAMPLER by name: the CLI re-validates it
         runtime: RuntimeConfig = RUNTIME,
         num_classes: int | None = None,
         p_uncond: float = 0.1,
@@ -158,8 +157,9 @@ class DiffusionModule(L.LightningModule):
         timestep_config = TimestepSamplingConfig.parse(timestep_sampling)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
-        if noise_assignment not in NOISE_ASSIGNMENTS:
-            raise ValueError(f"unknown noise_assignment {noise_assignment!r}; allowed: {', '.join(NOISE_ASSIGNMENTS)}")
+        if noise_assignment not in choices.NOISE_ASSIGNMENTS:
+            allowed = ", ".join(choices.NOISE_ASSIGNMENTS)
+            raise ValueError(f"unknown noise_assignment {noise_assignment!r}; allowed: {allowed}")
         self.schedule, weighting = NoiseSchedule.parse(schedule), LossWeightingConfig.parse(loss_weighting)
         self.diffusion = GaussianDiffusion(
             self.schedule.betas(num_timesteps),
