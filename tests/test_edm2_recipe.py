@@ -240,5 +240,6 @@ def test_the_cifar10_edm2_config_runs_with_the_debug_overlay(cifar10_dir: Path, 
           f"--data.init_args.data_dir={cifar10_dir}", "--trainer.max_steps=2",
           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])  # fmt: skip
     module = load_module(tmp_path / "checkpoints" / "last.ckpt", "cpu")
-    assert type(module.net).__name__ == "MPUNet" and module.hparams.loss_weighting == "learned"
+    assert type(module.net).__name__ == "MPUNet" and module.hparams.loss_weighting["name"] == "learned"
     assert module.hparams.lr_schedule["name"] == "inverse_sqrt"
+    assert module.hparams.lr_schedule["warmup_steps"] == 10  # the overlay's field, composed into the recipe's setting
