@@ -166,7 +166,7 @@ def fit_lightning(
         clock = Path(folder) / "clock.json"
         steps = sizes.warmup_steps + sizes.timed_steps
         config: dict[str, Any] = {
-            "model": {"compile": compile},
+            "model": {"runtime": {"compile": compile}},
             "data": {
                 "class_path": "synthetic.SyntheticCIFAR10",
                 "init_args": {

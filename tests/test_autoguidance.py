@@ -25,7 +25,7 @@ def _module(num_timesteps: int = 20, image_size: int = 8, schedule: str = "cosin
 
 @pytest.mark.integration
 def test_a_run_keeps_its_guide_checkpoint_and_samples_guided_by_it(tmp_path: Path, capsys):
-    module = _module(image_size=28, lr=1e-2, warmup_steps=0)
+    module = _module(image_size=28, lr=1e-2, lr_schedule={"warmup_steps": 0})
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
                         callbacks=[GuideCheckpoint(at_fraction=0.5)])  # fmt: skip
@@ -61,7 +61,7 @@ def test_guides_of_another_shape_process_or_classes_are_refused():
     cases = [
         (_module(image_size=16), r"guide draws images of shape \(1, 16, 16\), this model \(1, 8, 8\)"),
         (_module(num_timesteps=10), "guide has T = 10, the model T = 20"),
-        (_module(schedule="linear", beta_end=0.01), "another noise schedule"),
+        (_module(schedule={"name": "linear", "beta_end": 0.01}), "another noise schedule"),
         (_module(num_classes=3), "conditional on 3 classes and this model on None"),
     ]
     for guide, message in cases:

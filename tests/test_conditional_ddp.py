@@ -29,7 +29,14 @@ def conditional_diffusion() -> DiffusionModule:
         in_channels=3, image_size=IMAGE_SIZE, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
         num_groups=4, num_classes=3,
     )  # fmt: skip
-    module = FrozenDiffusion(net=net, num_timesteps=20, beta_end=0.01, objective="v", warmup_steps=0, sampler=SAMPLER)
+    module = FrozenDiffusion(
+        net=net,
+        num_timesteps=20,
+        schedule={"name": "linear", "beta_end": 0.01},
+        objective="v",
+        lr_schedule={"warmup_steps": 0},
+        sampler=SAMPLER,
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in module.net.parameters():

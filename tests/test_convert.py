@@ -262,7 +262,7 @@ def test_ours_to_diffusers_and_back_is_bit_identical(tmp_path):
     assert back.net.init_args == module.net.init_args
     theirs, ours = back.net.state_dict(), module.net.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
-    assert (back.hparams.schedule, back.hparams.objective, back.hparams.variance) == ("cosine", "v", "learned_range")
+    assert (back.schedule.name, back.hparams.objective, back.hparams.variance) == ("cosine", "v", "learned_range")
 
 
 @pytest.mark.integration
@@ -311,7 +311,7 @@ def test_what_diffusers_cannot_express_is_refused(tmp_path):
     _save(_tiny_module(variance="learned"), tmp_path / "learned.ckpt")
     with pytest.raises(LayoutError, match="variance='learned' has no DDPMScheduler variance_type"):
         to_diffusers(tmp_path / "learned.ckpt", tmp_path / "a")
-    module = DiffusionModule(_NotAUNet(), num_timesteps=10, beta_end=0.002)
+    module = DiffusionModule(_NotAUNet(), num_timesteps=10, schedule={"name": "linear", "beta_end": 0.002})
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     torch.save(checkpoint | {"pytorch-lightning_version": L.__version__}, tmp_path / "other.ckpt")
     with pytest.raises(LayoutError, match="_NotAUNet has no UNet2DModel counterpart"):
@@ -404,7 +404,7 @@ def test_fit_init_from_a_converted_checkpoint_trains_from_its_weights(tmp_path, 
     module = from_diffusers(folder, tmp_path / "m.ckpt")
     (tmp_path / "net.yaml").write_text(json.dumps(module.hparams["net"]))
     run = tmp_path / "run"
-    args = ["fit", "--seed_everything=0", f"--model.net={tmp_path / 'net.yaml'}", "--model.warmup_steps=1",
+    args = ["fit", "--seed_everything=0", f"--model.net={tmp_path / 'net.yaml'}", "--model.lr_schedule.warmup_steps=1",
             "--model.lr=1e-12", "--data.class_path=ddpm_lightning.data.EmbeddedDigitsDataModule",
             "--data.init_args.batch_size=4",
             "--data.init_args.image_size=8", "--trainer.accelerator=cpu", "--trainer.max_steps=1",
@@ -428,7 +428,7 @@ def test_fit_init_from_a_converted_checkpoint_trains_from_its_weights(tmp_path, 
 def test_the_papers_cifar10_weights_convert_and_sample(tmp_path):
     module = from_diffusers("google/ddpm-cifar10-32", tmp_path / "cifar10.ckpt")
     assert sum(p.numel() for p in module.net.parameters()) == 35_746_307
-    assert (module.hparams.schedule, module.hparams.num_timesteps, module.hparams.objective) == ("linear", 1000, "eps")
+    assert (module.schedule.name, module.hparams.num_timesteps, module.hparams.objective) == ("linear", 1000, "eps")
     loaded = load_module(tmp_path / "cifar10.ckpt", "cpu")
     images = loaded.sample(4, {"name": "ddim", "steps": 20}, seed=0)
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
@@ -484,3 +484,18 @@ def test_the_hub_is_unreachable_where_nothing_listens(monkeypatch: pytest.Monkey
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert not hub_reachable(timeout=1)
+
+
+@pytest.mark.unit
+def test_the_deprecated_ema_decay_of_convert_is_dropped_with_a_warning():
+    from ddpm_lightning.legacy import upgrade_convert_argv
+
+    argv = ["--to-diffusers", "a.ckpt", "--ema-decay", "0.9", "--out", "b", "--ema-decay=0.5"]
+    with pytest.warns(FutureWarning, match="--ema-decay is deprecated and ignored"):
+        assert upgrade_convert_argv(argv) == ["--to-diffusers", "a.ckpt", "--out", "b"]
+    assert upgrade_convert_argv(["--to-diffusers", "a.ckpt", "--out", "b"]) == [
+        "--to-diffusers",
+        "a.ckpt",
+        "--out",
+        "b",
+    ]

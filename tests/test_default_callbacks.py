@@ -38,7 +38,7 @@ model:
     class_path: ddpm_lightning.models.UNet
     init_args: {image_size: 16, in_channels: 1, ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: []}
   num_timesteps: 50
-  warmup_steps: 2
+  lr_schedule: {warmup_steps: 2}
   ema_decay: 0.9
 data:
   class_path: ddpm_lightning.data.EmbeddedDigitsDataModule

@@ -31,7 +31,8 @@ TINY = {"in_channels": 1, "image_size": 8, "ch": 16, "ch_mult": (1,), "num_res_b
 
 def tiny_module(**settings) -> DiffusionModule:
     torch.manual_seed(0)
-    return DiffusionModule(net=UNet(**TINY), num_timesteps=50, warmup_steps=2, **settings)
+    lr_schedule = {"warmup_steps": 2, **settings.pop("lr_schedule", {})}
+    return DiffusionModule(net=UNet(**TINY), num_timesteps=50, lr_schedule=lr_schedule, **settings)
 
 
 def tiny_trainer(tmp_path: Path, max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:
@@ -239,5 +240,6 @@ def test_the_cifar10_edm2_config_runs_with_the_debug_overlay(cifar10_dir: Path, 
           f"--data.init_args.data_dir={cifar10_dir}", "--trainer.max_steps=2",
           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])  # fmt: skip
     module = load_module(tmp_path / "checkpoints" / "last.ckpt", "cpu")
-    assert type(module.net).__name__ == "MPUNet" and module.hparams.loss_weighting == "learned"
+    assert type(module.net).__name__ == "MPUNet" and module.hparams.loss_weighting["name"] == "learned"
     assert module.hparams.lr_schedule["name"] == "inverse_sqrt"
+    assert module.hparams.lr_schedule["warmup_steps"] == 10  # the overlay's field, composed into the recipe's setting

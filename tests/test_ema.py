@@ -116,8 +116,8 @@ def test_an_untracked_sigma_rel_is_reconstructed_from_the_snapshots_of_two_other
 @pytest.mark.unit
 def test_sampling_asks_the_registered_average() -> None:
     module, other = (
-        DiffusionModule(net=UNet(**TINY), num_timesteps=20, beta_end=0.01),
-        DiffusionModule(net=UNet(**TINY), num_timesteps=20, beta_end=0.01),
+        DiffusionModule(net=UNet(**TINY), num_timesteps=20, schedule={"name": "linear", "beta_end": 0.01}),
+        DiffusionModule(net=UNet(**TINY), num_timesteps=20, schedule={"name": "linear", "beta_end": 0.01}),
     )
 
     class Fixed(WeightAverage):
@@ -153,7 +153,12 @@ def _fit(module: DiffusionModule, tmp_path: Path, callbacks: list, steps: int) -
 
 @pytest.mark.integration
 def test_two_weight_averages_in_one_run_are_refused(tmp_path: Path) -> None:
-    module = DiffusionModule(net=UNet(**TINY), num_timesteps=20, beta_end=0.01, warmup_steps=0)
+    module = DiffusionModule(
+        net=UNet(**TINY),
+        num_timesteps=20,
+        schedule={"name": "linear", "beta_end": 0.01},
+        lr_schedule={"warmup_steps": 0},
+    )
     with pytest.raises(ValueError, match="one weight average per run, got EMA, PostHocEMA"):
         _fit(module, tmp_path, [EMA(0.9), PostHocEMA(snapshot_every=2)], 2)
 
@@ -181,7 +186,13 @@ def test_a_tracked_sigma_rel_reconstructed_from_the_snapshots_is_the_tracked_ave
     the reconstruction equals the run's average (the checkpoint's state_dict) to float32 rounding; the reconstructed
     checkpoint loads like a run's."""
     torch.manual_seed(0)
-    module = DiffusionModule(net=UNet(**TINY), num_timesteps=20, beta_end=0.01, warmup_steps=0, lr=1e-2)
+    module = DiffusionModule(
+        net=UNet(**TINY),
+        num_timesteps=20,
+        schedule={"name": "linear", "beta_end": 0.01},
+        lr_schedule={"warmup_steps": 0},
+        lr=1e-2,
+    )
     callback = PostHocEMA(sigma_rels=(0.05, 0.10), snapshot_every=4)
     trainer = _fit(module, tmp_path, [callback], 12)
     assert module.sampling_module() is callback.average_module()
@@ -221,8 +232,8 @@ def _fit_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
         "--model.net=ddpm_lightning.models.UNet",
         *(f"--model.net.init_args.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items()),
         "--model.num_timesteps=20",
-        "--model.beta_end=0.01",
-        "--model.warmup_steps=2",
+        "--model.schedule.beta_end=0.01",
+        "--model.lr_schedule.warmup_steps=2",
         "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",
         "--data.batch_size=4",
         "--data.image_size=8",
@@ -303,7 +314,7 @@ def test_the_deprecated_model_ema_decay_warns_and_configures_the_ema_callback(tm
     with pytest.warns(FutureWarning, match=r"model.ema_decay=0.5 is deprecated: list the EMA callback"):
         trainer, cli = _trainer(tmp_path, "--model.ema_decay=0.5")
     assert [c.decay for c in trainer.callbacks if isinstance(c, EMA)] == [0.5]
-    assert cli.model.hparams.ema_decay is None  # the callback holds it now, and the saved config shows it
+    assert "ema_decay" not in cli.model.hparams  # the callback holds it now, and the saved config shows it
     listed = cli.config.trainer.callbacks
     assert [(c.class_path, c.init_args.decay) for c in listed] == [("ddpm_lightning.callbacks.EMA", 0.5)]
     with pytest.warns(FutureWarning, match=r"ema_decay=0.0 is deprecated"):

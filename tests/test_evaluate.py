@@ -55,7 +55,9 @@ def test_evaluate_checkpoint_reports_no_inception_score_from_converted_weights(
 ) -> None:
     torch.manual_seed(0)
     net = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
-    module = DiffusionModule(net, num_timesteps=20, beta_end=0.01, sampler=SamplerConfig("ddim", 2))
+    module = DiffusionModule(
+        net, num_timesteps=20, schedule={"name": "linear", "beta_end": 0.01}, sampler=SamplerConfig("ddim", 2)
+    )
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     torch.save(checkpoint | {"pytorch-lightning_version": L.__version__}, tmp_path / "m.ckpt")
     out = tmp_path / "report.json"

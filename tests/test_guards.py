@@ -27,7 +27,7 @@ def cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ("--model.num_timesteps=0", "num_timesteps must be a positive integer, got 0"),
         ("--model.lr=0", "lr must be > 0, got 0"),
         ("--model.lr=-0.001", "lr must be > 0, got -0.001"),
-        ("--model.nonfinite_loss=ignore", "ignore"),
+        ("--model.runtime.nonfinite_loss=ignore", "ignore"),
     ],
 )
 def test_bad_model_setting_is_named(tmp_path: Path, option: str, expected: str, capsys) -> None:
@@ -100,7 +100,7 @@ def test_nan_loss_skip_counts_and_leaves_weights_finite(tmp_path: Path, monkeypa
     inject_nan_at_step_2(monkeypatch)
     skipped = "1 optimizer step skipped for non-finite gradients so far, the first at step 2"
     with pytest.warns(UserWarning, match=skipped):
-        main(fit_args(tmp_path, 3, "--model.nonfinite_loss=skip"))
+        main(fit_args(tmp_path, 3, "--model.runtime.nonfinite_loss=skip"))
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["nonfinite_skips"] == 1
     assert checkpoint["global_step"] == 3  # Lightning counts the skipped batch as a step

@@ -1,5 +1,6 @@
 """The learning-rate schedules against their formulas written here, and across a resume."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -41,16 +42,18 @@ def expected(name: str, s: int, decay_fraction: float = 0.25, ref_steps: int = 7
 def test_each_schedule_follows_its_formula(name: str) -> None:
     schedule = LRSchedule(name=name, min_lr_ratio=R, decay_fraction=0.25, ref_steps=7)
     for s in range(N + 5):
-        assert schedule.factor(s, W, N) == pytest.approx(expected(name, s), abs=1e-12), s
+        assert dataclasses.replace(schedule, warmup_steps=W).factor(s, N) == pytest.approx(
+            expected(name, s), abs=1e-12
+        ), s
 
 
 @pytest.mark.unit
 def test_the_decays_end_on_the_floor_and_wsd_is_flat_before_its_last_fraction() -> None:
     for name in ("linear", "cosine", "wsd"):
-        assert LRSchedule(name=name, min_lr_ratio=R).factor(N, W, N) == pytest.approx(R)
-    wsd = LRSchedule(name="wsd", decay_fraction=0.25)
-    assert [wsd.factor(s, W, N) for s in range(W, 15)] == [1.0] * (15 - W)
-    assert wsd.factor(16, W, N) < 1.0
+        assert LRSchedule(name=name, warmup_steps=W, min_lr_ratio=R).factor(N, N) == pytest.approx(R)
+    wsd = LRSchedule(name="wsd", warmup_steps=W, decay_fraction=0.25)
+    assert [wsd.factor(s, N) for s in range(W, 15)] == [1.0] * (15 - W)
+    assert wsd.factor(16, N) < 1.0
 
 
 @pytest.mark.unit
@@ -111,7 +114,7 @@ class RecordLR(L.Callback):
 
 
 def _fit(max_steps: int, schedule: dict, ckpt_path: Path | None, save: Path) -> dict[int, float]:
-    module = DiffusionModule(net=UNet(**TINY), num_timesteps=50, lr=1e-3, warmup_steps=W, lr_schedule=schedule)
+    module = DiffusionModule(net=UNet(**TINY), num_timesteps=50, lr=1e-3, lr_schedule={"warmup_steps": W, **schedule})
     record = RecordLR()
     trainer = L.Trainer(
         max_steps=max_steps,

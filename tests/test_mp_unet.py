@@ -65,7 +65,7 @@ def test_at_initialisation_every_block_keeps_the_activations_rms_within_half_and
 @pytest.mark.unit
 def test_every_weight_has_unit_norm_per_output_channel_after_an_optimizer_step() -> None:
     torch.manual_seed(0)
-    module = DiffusionModule(net=MPUNet(**SMALL), num_timesteps=50, lr=0.05, warmup_steps=0)
+    module = DiffusionModule(net=MPUNet(**SMALL), num_timesteps=50, lr=0.05, lr_schedule={"warmup_steps": 0})
     optimizer = module.configure_optimizers()["optimizer"]
     batch = torch.rand(8, 1, 16, 16) * 2 - 1
     for _ in range(3):
@@ -125,7 +125,7 @@ def mp_args(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
     return [*args, "--model.net=ddpm_lightning.models.MPUNet", "--model.net.init_args.ch=16",
             "--model.net.init_args.ch_mult=[1,2]", "--model.net.init_args.num_blocks=1",
             "--model.net.init_args.attn_resolutions=[8]", "--model.net.init_args.dropout=0.1",
-            "--model.adam_betas=[0.9,0.99]", "--model.lr=0.01", *extra]  # fmt: skip
+            "--model.optimizer.betas=[0.9,0.99]", "--model.lr=0.01", *extra]  # fmt: skip
 
 
 @pytest.mark.integration
@@ -157,7 +157,7 @@ class SaveWeights(L.Callback):
 def test_two_ddp_processes_keep_equal_normalised_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = DiffusionModule(net=MPUNet(**{**SMALL, "attn_resolutions": []}), num_timesteps=50, lr=0.01,
-                             warmup_steps=0, timestep_sampling="logit_normal")  # fmt: skip
+                             lr_schedule={"warmup_steps": 0}, timestep_sampling="logit_normal")  # fmt: skip
     trainer = L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -17,7 +17,12 @@ TINY = {"in_channels": 1, "ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "ima
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_applies_to_the_trained_network_and_its_ema_copy(tmp_path, channels_last):
-    module = DiffusionModule(net=unet_spec(**TINY), num_timesteps=50, warmup_steps=1, channels_last=channels_last)
+    module = DiffusionModule(
+        net=unet_spec(**TINY),
+        num_timesteps=50,
+        lr_schedule={"warmup_steps": 1},
+        runtime={"channels_last": channels_last},
+    )
     trainer = L.Trainer(
         max_steps=3,
         accelerator="cpu",
@@ -49,7 +54,11 @@ def test_the_gpu_speed_options_together_train_and_give_a_loadable_checkpoint(tmp
     from ddpm_lightning.cli import main
     from ddpm_lightning.sampling import load_module
 
-    options = ("--model.compile=true", "--trainer.precision=bf16-mixed", "--model.matmul_precision=high")
+    options = (
+        "--model.runtime.compile=true",
+        "--trainer.precision=bf16-mixed",
+        "--model.runtime.matmul_precision=high",
+    )
     main(fit_args(tmp_path, 4, *options, "--trainer.gradient_clip_val=1.0"))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 4

@@ -79,7 +79,7 @@ def test_resume_with_another_model_shape_names_the_parameter(
         main(fit_args(tmp_path, 2, "--ckpt_path=last", "--model.ch=64"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "last.ckpt" in err and "model.ch: checkpoint 32, given 64" in err
+    assert "cannot resume" in err and "last.ckpt" in err and "model.net.init_args.ch: checkpoint 32, given 64" in err
 
 
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path: Path) -> None:

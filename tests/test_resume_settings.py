@@ -28,7 +28,7 @@ def tiny_fit(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
         "--model.net.init_args.image_size=8",
         "--model.num_timesteps=50",
         "--model.lr=1e-3",
-        "--model.warmup_steps=2",
+        "--model.lr_schedule.warmup_steps=2",
         "--data=ddpm_lightning.data.EmbeddedDigitsDataModule",
         "--data.batch_size=4",
         "--data.image_size=8",
@@ -115,7 +115,24 @@ def test_a_flat_deprecated_model_setting_on_resume_is_caught(trained: Path, caps
     with pytest.raises(SystemExit) as exit_info:
         main(tiny_fit(run_dir, 4, "--model.ch=64", f"--ckpt_path={last(run_dir)}"))
     assert exit_info.value.code == 2
-    assert "model.ch: checkpoint 32, given 64" in capsys.readouterr().err
+    assert "model.net.init_args.ch: checkpoint 32, given 64" in capsys.readouterr().err  # where model.ch is today
+
+
+@pytest.mark.filterwarnings("ignore:model.* deprecated, set model:FutureWarning")
+def test_old_flat_settings_on_resume_change_their_grouped_setting_or_are_refused_under_its_name(
+    trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_fit(run_dir, 4, "--model.beta_end=0.01", f"--ckpt_path={last(run_dir)}"))
+    assert exit_info.value.code == 2
+    assert "model.schedule: checkpoint" in capsys.readouterr().err  # the noise schedule cannot change
+    main(tiny_fit(run_dir, 4, "--model.warmup_steps=3", "--model.weight_decay=0.1", f"--ckpt_path={last(run_dir)}"))
+    out = capsys.readouterr().out
+    assert "model.lr_schedule: checkpoint" in out and "'warmup_steps': 3" in out
+    assert "model.optimizer: checkpoint" in out and "'weight_decay': 0.1" in out
+    hparams = read_checkpoint(last(run_dir))["hyper_parameters"]
+    assert hparams["lr_schedule"]["warmup_steps"] == 3 and hparams["optimizer"]["weight_decay"] == 0.1
 
 
 def test_settings_left_at_their_defaults_take_the_checkpoints() -> None:

@@ -35,7 +35,7 @@ def _tiny_module() -> DiffusionModule:
     return DiffusionModule(
         net=unet_spec(image_size=SIZE, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
         num_timesteps=100,
-        warmup_steps=1,
+        lr_schedule={"warmup_steps": 1},
     )
 
 

@@ -20,7 +20,7 @@ def _run(root: Path, devices: int, strategy: str) -> Path:
     torch.manual_seed(0)
     module = DiffusionModule(
         net=unet_spec(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
-        num_timesteps=50, warmup_steps=1,
+        num_timesteps=50, lr_schedule={"warmup_steps": 1},
     )  # fmt: skip
     data = DataLoader(TensorDataset(torch.zeros(16, 1, 16, 16)), batch_size=8 // devices)
     trainer = L.Trainer(

@@ -77,7 +77,7 @@ def test_steps_between_logging_steps_make_no_host_device_transfer(tmp_path: Path
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16: clipping with fused Adam too
 def test_nonfinite_gradients_leave_weights_and_adam_untouched(tmp_path: Path, precision: str) -> None:
     snapshots = WeightsAndAdam()
-    module = tiny(NaNImages, nonfinite_loss="skip")
+    module = tiny(NaNImages, runtime={"nonfinite_loss": "skip"})
     with pytest.warns(
         UserWarning, match="1 optimizer step skipped for non-finite gradients so far, the first at step 1"
     ):
@@ -149,7 +149,7 @@ def test_ddp_processes_skip_together_without_a_collective_or_sync_per_step(tmp_p
     fit = trainer(
         tmp_path, 12, [DumpRank(tmp_path)], logger=False, devices=2, strategy="ddp_spawn", enable_progress_bar=False
     )
-    fit.fit(tiny(NaNImages, nonfinite_loss="skip"), images(batch_size=2))
+    fit.fit(tiny(NaNImages, runtime={"nonfinite_loss": "skip"}), images(batch_size=2))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["skips"] for r in ranks] == [1, 1]  # rank 1's own loss was finite: it skipped on the shared gradients
     assert ranks[0]["weights"] == ranks[1]["weights"]

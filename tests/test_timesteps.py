@@ -104,7 +104,8 @@ def test_the_vlb_loss_is_t_times_the_bounds_term_and_trains_the_mean(variance):
 def _module(**kwargs) -> DiffusionModule:
     return DiffusionModule(
         net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
-        num_timesteps=10, schedule="cosine", warmup_steps=1, loss_type="vlb", timestep_sampling="loss_second_moment",
+        num_timesteps=10, schedule="cosine", lr_schedule={"warmup_steps": 1}, loss_type="vlb",
+        timestep_sampling="loss_second_moment",
         **kwargs,
     )  # fmt: skip
 
@@ -296,7 +297,7 @@ def test_a_stateless_sampler_trains_without_gathering_and_is_stored_as_its_mappi
     setting = {"name": "laplace", "loc": 1.0, "scale": 0.5}
     module = DiffusionModule(
         net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
-        num_timesteps=10, schedule="cosine", warmup_steps=1, timestep_sampling=setting,
+        num_timesteps=10, schedule="cosine", lr_schedule={"warmup_steps": 1}, timestep_sampling=setting,
     )  # fmt: skip
     drawn = []
     sample = module.timestep_sampler.sample

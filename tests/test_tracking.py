@@ -26,7 +26,7 @@ model:
     class_path: ddpm_lightning.models.UNet
     init_args: {ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: []}
   num_timesteps: 100
-  warmup_steps: 2
+  lr_schedule: {warmup_steps: 2}
   sampler: {name: ddim, steps: 5}
 data:
   class_path: ddpm_lightning.data.EmbeddedDigitsDataModule

@@ -312,8 +312,8 @@ def test_the_ancestral_step_uses_the_learned_variance_and_the_strided_one_its_re
 def _tiny(variance: str = "learned_range", net=None) -> DiffusionModule:
     if net is None:
         unet = unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
-        return DiffusionModule(net=unet, num_timesteps=50, variance=variance, warmup_steps=1)
-    return DiffusionModule(net, num_timesteps=50, variance=variance, warmup_steps=1)
+        return DiffusionModule(net=unet, num_timesteps=50, variance=variance, lr_schedule={"warmup_steps": 1})
+    return DiffusionModule(net, num_timesteps=50, variance=variance, lr_schedule={"warmup_steps": 1})
 
 
 class _SameChannels(torch.nn.Module):
@@ -332,9 +332,9 @@ def test_the_module_checks_the_networks_channels_against_the_variance():
 
 
 def test_the_module_passes_the_loss_weighting_to_the_diffusion_and_its_hyper_parameters():
-    module = DiffusionModule(net=_SameChannels(), num_timesteps=50, loss_weighting="min_snr", min_snr_gamma=3.0)
+    module = DiffusionModule(net=_SameChannels(), num_timesteps=50, loss_weighting={"name": "min_snr", "gamma": 3.0})
     assert (module.diffusion.loss_weighting, module.diffusion.min_snr_gamma) == ("min_snr", 3.0)
-    assert module.hparams.loss_weighting == "min_snr" and module.hparams.min_snr_gamma == 3.0
+    assert module.hparams.loss_weighting == {"name": "min_snr", "gamma": 3.0}
     assert float(module.diffusion.loss_weights.max()) <= 1.0  # eps: min(SNR, 3) / SNR
 
 

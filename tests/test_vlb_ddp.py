@@ -70,7 +70,8 @@ def test_the_importance_sampling_history_is_the_same_on_every_rank(tmp_path: Pat
     torch.manual_seed(0)
     module = DiffusionModule(
         net=unet_spec(image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
-        num_timesteps=10, schedule="cosine", warmup_steps=0, loss_type="vlb", timestep_sampling="loss_second_moment",
+        num_timesteps=10, schedule="cosine", lr_schedule={"warmup_steps": 0}, loss_type="vlb",
+        timestep_sampling="loss_second_moment",
     )  # fmt: skip
     data = TensorDataset(torch.rand(32, 1, 8, 8) * 2 - 1)
     trainer = L.Trainer(

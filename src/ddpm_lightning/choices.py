@@ -1,4 +1,5 @@
-"""The names a command line offers (samplers, spacings, schedules, ...), as plain tuples with no torch import, and the
+"""The names a command line or a config offers (samplers, spacings, schedules, ...), as plain tuples with no torch
+import, written once: the library's ``Literal`` types are made of them (``Literal[choices.VARIANCES]``). Also the
 options several commands share.
 
 Command parsers take their choices from here so that ``--help`` answers without importing torch;
@@ -14,6 +15,12 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun")
 SPACINGS = ("uniform", "quadratic", "karras")
 SCHEDULES = ("linear", "cosine")
 VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
+OBJECTIVES = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr", "learned")
+LOSS_TYPES = ("simple", "vlb")
+NOISE_ASSIGNMENTS = ("random", "immiscible")
+NONFINITE_LOSSES = ("stop", "skip")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 METRICS = ("fid", "isc", "kid")
 EVAL_DATASETS = ("cifar10", "digits")
 PAPER_NUM_SAMPLES = 50_000

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from ddpm_lightning import compat
+from ddpm_lightning import choices, compat
 
 __all__ = ["NonFiniteGuard", "NonFiniteLossError", "NonFiniteSteps", "is_check_step"]
 
@@ -73,8 +73,8 @@ class NonFiniteGuard:
     """
 
     def __init__(self, mode: str = "stop") -> None:
-        if mode not in ("stop", "skip"):
-            raise ValueError(f"unknown nonfinite_loss {mode!r}; allowed: stop, skip")
+        if mode not in choices.NONFINITE_LOSSES:
+            raise ValueError(f"unknown nonfinite_loss {mode!r}; allowed: {', '.join(choices.NONFINITE_LOSSES)}")
         self.mode = mode
         self.steps = NonFiniteSteps()
         self.loss: torch.Tensor | None = None  # the detached training loss of the step
@@ -155,7 +155,7 @@ class NonFiniteGuard:
             raise NonFiniteLossError(
                 f"the training loss is {loss} at step {step} and its gradients are not finite: that optimizer step "
                 f"was skipped, {count} in all up to step {module.global_step}; check the data and the learning rate, "
-                "or set model.nonfinite_loss=skip"
+                "or set model.runtime.nonfinite_loss=skip"
             )
         plural = "s" if count > 1 else ""
         rank_zero_warn(

@@ -17,14 +17,16 @@ import lightning as L
 import torch
 from torch import nn
 
-from ddpm_lightning import compat
+from ddpm_lightning import choices, compat
 from ddpm_lightning.checkpoint import check_state_dict_shapes, read_checkpoint
 from ddpm_lightning.conditioning import batch_labels, bind_labels, drop_labels, label_kwargs
 from ddpm_lightning.data.base import images_of
-from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig, make_betas
+from ddpm_lightning.diffusion import GaussianDiffusion, Sampler, SamplerConfig
 from ddpm_lightning.diffusion.assignment import assign_noise
+from ddpm_lightning.diffusion.gaussian import LossType, LossWeighting, Objective, Variance
+from ddpm_lightning.diffusion.schedules import NoiseSchedule, ScheduleName
 from ddpm_lightning.diffusion.timesteps import TimestepSampling, TimestepSamplingConfig
-from ddpm_lightning.diffusion.weighting import LearnedLossWeight
+from ddpm_lightning.diffusion.weighting import LearnedLossWeight, LossWeightingConfig
 from ddpm_lightning.generation import Sampling
 from ddpm_lightning.guard import NonFiniteGuard, NonFiniteLossError, NonFiniteSteps
 from ddpm_lightning.legacy import upgrade_hyperparameters, upgrade_net_spec, upgrade_state_dict
@@ -36,11 +38,13 @@ from ddpm_lightning.models.build import (
     resolve_image_shape,
     resolve_num_classes,
 )
-from ddpm_lightning.optim import LRSchedule, LRScheduleName, apply_settings, configure_adam
+from ddpm_lightning.optim import AdamConfig, LRSchedule, LRScheduleName, RuntimeConfig, apply_settings, configure_adam
 
 __all__ = ["DiffusionModule", "NonFiniteLossError", "NonFiniteSteps"]
 
 PAPER_SAMPLER = SamplerConfig()  # the full ancestral chain
+ADAM, RUNTIME = AdamConfig(), RuntimeConfig()  # Adam's defaults; fp32 eager channels-last, stop on a NaN/inf loss
+NoiseAssignment = Literal[choices.NOISE_ASSIGNMENTS]  # type: ignore[valid-type]
 
 
 class DiffusionModule(Sampling, L.LightningModule):
@@ -59,15 +63,17 @@ class DiffusionModule(Sampling, L.LightningModule):
             ``image_size``/``in_channels`` attributes; ``ddpm fit`` fills in what neither gives from the data module
             (``ddpm_lightning.cli.fit.shape_from_data``), so a config writes the shape once, in ``data``. Given with
             a U-Net, they set its shape. A dummy forward at construction checks the network's output.
-        schedule, num_timesteps, beta_start, beta_end: the noise schedule (:func:`make_betas`).
+        schedule: the noise schedule (:class:`NoiseSchedule`), a name or a mapping such as
+            ``{name: linear, beta_start: 1.0e-4, beta_end: 0.02}``.
+        num_timesteps: T, the steps of the diffusion.
         variance, objective: see :class:`GaussianDiffusion`. A learned variance (``"learned_range"``,
             ``"learned"``) needs a network with twice the image channels (the default U-Net is built so, and a U-Net
             without ``out_channels`` gets them) and trains with L_hybrid.
-        loss_weighting, min_snr_gamma: the weighting of L_simple, ``"none"`` (the paper), ``"min_snr"``
-            (min-SNR-gamma, Hang et al. 2023; see :class:`GaussianDiffusion`) or ``"learned"``: EDM2's uncertainty
-            weighting L_t / exp(u(t)) + u(t) with u a learned head on the noise level
-            (:class:`~ddpm_lightning.diffusion.weighting.LearnedLossWeight`, the module's ``loss_weight``; drawn by
-            :class:`~ddpm_lightning.callbacks.LossWeightCurve`).
+        loss_weighting: the weighting of L_simple (:class:`LossWeightingConfig`), ``"none"`` (the paper),
+            ``"min_snr"`` (min-SNR-gamma, Hang et al. 2023, e.g. ``{name: min_snr, gamma: 5.0}``; see
+            :class:`GaussianDiffusion`) or ``"learned"``: EDM2's uncertainty weighting L_t / exp(u(t)) + u(t) with u a
+            learned head on the noise level (:class:`~ddpm_lightning.diffusion.weighting.LearnedLossWeight`, the
+            module's ``loss_weight``; drawn by :class:`~ddpm_lightning.callbacks.LossWeightCurve`).
         loss_type: ``"simple"`` (L_simple, or L_hybrid with a learned variance) or ``"vlb"`` (the bound alone);
             see :class:`GaussianDiffusion`.
         timestep_sampling: how t is drawn (:class:`TimestepSamplingConfig`), a name or a mapping such as
@@ -77,25 +83,21 @@ class DiffusionModule(Sampling, L.LightningModule):
             sampling by sqrt(E[L_t^2]) over the last 10 losses at each t with weights 1 / (T p_t) (improved DDPM
             Sec. 3.3, meant for ``loss_type="vlb"``), whose history is gathered from every process (the same on all
             ranks) and checkpointed. Every process draws its own t (its own seed) from the same p_t.
-        lr, warmup_steps, adam_betas, weight_decay: Adam with a linear learning-rate warm-up, over every trainable
-            parameter of the module.
-        ema_decay: deprecated: list ``ddpm_lightning.callbacks.EMA`` (``init_args: {decay: ...}``) in
-            ``trainer.callbacks`` instead. ``ddpm fit`` turns a given value into that callback with a warning (0: no
-            EMA); Python code passes it to ``default_callbacks``. None: not given.
-        lr_schedule: the learning rate after the warm-up (:class:`~ddpm_lightning.optim.LRSchedule`): ``"constant"``
-            (the paper), ``"linear"`` or ``"cosine"`` decay to a floor, ``"wsd"`` (warm-up, stable, decay over the
-            last ``decay_fraction``), e.g. ``{name: cosine, min_lr_ratio: 0.1}``; a decay runs over
-            ``trainer.max_steps`` unless it sets ``total_steps``.
+        lr: Adam's learning rate, over every trainable parameter of the module (the EMA is a callback:
+            ``ddpm_lightning.callbacks.EMA``).
+        lr_schedule: its linear warm-up (``warmup_steps``, default 5000) and what follows
+            (:class:`~ddpm_lightning.optim.LRSchedule`): ``"constant"`` (the paper), ``"linear"`` or ``"cosine"``
+            decay to a floor, ``"wsd"`` (warm-up, stable, decay over the last ``decay_fraction``), e.g.
+            ``{name: cosine, warmup_steps: 1000, min_lr_ratio: 0.1}``; a decay runs over ``trainer.max_steps`` unless
+            it sets ``total_steps``.
+        optimizer: Adam's other settings (:class:`~ddpm_lightning.optim.AdamConfig`), ``{betas: [0.9, 0.999],
+            weight_decay: 0.0}``.
         sampler: the default :class:`SamplerConfig` of :meth:`sample` and of the commands, e.g.
             ``{name: ddim, steps: 50}``; a bare name means that sampler on all T steps. A class-conditional model
             may set its ``guidance_scale``.
-        nonfinite_loss: a NaN/inf loss makes NaN/inf gradients, whose optimizer step is always skipped on the device
-            (counted in ``train/nonfinite_skips``). ``"stop"`` then ends the run at the next logging step with an
-            error naming the step; ``"skip"`` carries on. Checking on the device keeps the step free of host syncs.
-        compile: ``torch.compile`` the network for training (the EMA copy used for sampling stays eager).
-        channels_last: keep the network (and its EMA copy) in the channels-last memory format: 1.1x faster training
-            on a CPU (``make bench``) and the layout tensor-core convolutions want on GPUs.
-        matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``"high"``: TF32); None keeps it.
+        runtime: how the steps run (:class:`~ddpm_lightning.optim.RuntimeConfig`): ``compile``, ``channels_last``
+            (on), ``matmul_precision`` and ``nonfinite_loss`` (``"stop"``: a NaN/inf loss ends the run at the next
+            logging step; ``"skip"``: its step is skipped and the run carries on), e.g. ``{compile: true}``.
         num_classes: None: unconditional (the paper). K: class-conditional on labels 0..K-1 (the data's), with the
             null class K for classifier-free guidance (Ho & Salimans 2021); the network must accept ``y``. None also
             takes the network's own ``num_classes`` attribute; a default U-Net (or a preset without it) gets it.
@@ -105,12 +107,8 @@ class DiffusionModule(Sampling, L.LightningModule):
             draws assigned to its images by minimum total distance (Immiscible Diffusion, Li et al. 2024;
             :func:`~ddpm_lightning.diffusion.assignment.assign_noise`).
 
-    A network with ``normalize_weights_`` (the magnitude-preserving :class:`~ddpm_lightning.models.MPUNet`) has it
-    called after every optimizer step: EDM2's forced weight normalisation.
-
-    The flat settings of earlier versions (``model.ch`` ..., ``model.sample_steps`` ...) are mapped onto these where
-    configs and checkpoints are read (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`: ``ddpm fit`` and
-    :meth:`load_from_checkpoint`), not here.
+    The settings of earlier versions (``model.ch``, ``model.beta_end`` ...) are mapped onto these where configs and
+    checkpoints are read (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`), not here.
     """
 
     def __init__(
@@ -118,75 +116,65 @@ class DiffusionModule(Sampling, L.LightningModule):
         net: nn.Module | None = None,
         image_size: int | None = None,
         in_channels: int | None = None,
-        schedule: Literal["linear", "cosine"] = "linear",
+        schedule: NoiseSchedule | ScheduleName = "linear",
         num_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        variance: Literal["fixed_large", "fixed_small", "learned_range", "learned"] = "fixed_large",
-        objective: Literal["eps", "x0", "v"] = "eps",
-        loss_weighting: Literal["none", "min_snr", "learned"] = "none",
-        min_snr_gamma: float = 5.0,
-        loss_type: Literal["simple", "vlb"] = "simple",
+        variance: Variance = "fixed_large",
+        objective: Objective = "eps",
+        loss_weighting: LossWeightingConfig | LossWeighting = "none",
+        loss_type: LossType = "simple",
         timestep_sampling: TimestepSamplingConfig | TimestepSampling = "uniform",
         lr: float = 2e-4,
-        warmup_steps: int = 5000,
         lr_schedule: LRSchedule | LRScheduleName = "constant",
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        ema_decay: float | None = None,
-        sampler: SamplerConfig | Mapping[str, Any] | Sampler = PAPER_SAMPLER,
-        nonfinite_loss: Literal["stop", "skip"] = "stop",
-        compile: bool = False,
-        channels_last: bool = True,
-        matmul_precision: Literal["highest", "high", "medium"] | None = None,
+        optimizer: AdamConfig = ADAM,
+        sampler: SamplerConfig | Mapping[str, Any] | Sampler = "ddpm",  # PAPER_SAMPLER by name: the CLI re-validates it
+        runtime: RuntimeConfig = RUNTIME,
         num_classes: int | None = None,
         p_uncond: float = 0.1,
-        noise_assignment: Literal["random", "immiscible"] = "random",
+        noise_assignment: NoiseAssignment = "random",
     ):
         settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments, as given
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.guard = NonFiniteGuard(nonfinite_loss)
+        self.runtime, self.adam = RuntimeConfig.parse(runtime), AdamConfig.parse(optimizer)
+        self.guard = NonFiniteGuard(self.runtime.nonfinite_loss)
         timestep_config = TimestepSamplingConfig.parse(timestep_sampling)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1) (the share of labels made null), got {p_uncond}")
-        if noise_assignment not in ("random", "immiscible"):
-            raise ValueError(f"unknown noise_assignment {noise_assignment!r}; allowed: random, immiscible")
-        betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
+        if noise_assignment not in choices.NOISE_ASSIGNMENTS:
+            allowed = ", ".join(choices.NOISE_ASSIGNMENTS)
+            raise ValueError(f"unknown noise_assignment {noise_assignment!r}; allowed: {allowed}")
+        self.schedule, weighting = NoiseSchedule.parse(schedule), LossWeightingConfig.parse(loss_weighting)
         self.diffusion = GaussianDiffusion(
-            betas,
+            self.schedule.betas(num_timesteps),
             variance=variance,
             objective=objective,
-            loss_weighting=loss_weighting,
-            min_snr_gamma=min_snr_gamma,
+            loss_weighting=weighting.name,
+            min_snr_gamma=weighting.gamma,
             loss_type=loss_type,
         )
         self.timestep_sampler = timestep_config.build(self.diffusion.alphas_cumprod)
-        if loss_weighting == "learned":
+        if weighting.name == "learned":
             self.loss_weight = LearnedLossWeight(self.diffusion.alphas_cumprod)
         out_factor = self.diffusion.output_channels_factor
         self.net = make_net(upgrade_net_spec(net), image_size, in_channels, out_factor, num_classes)
         self.image_shape = resolve_image_shape(self.net, image_size, in_channels)
         self.num_classes = resolve_num_classes(self.net, num_classes)
-        # fail at construction, not at the first sampling callback
         self.sampler_config = SamplerConfig.parse(sampler)
-        self.sampler_config = self.sampler_config_for(self.sampler_config)  # checked against T and num_classes
+        self.sampler_config = self.sampler_config_for(self.sampler_config)  # checked now, not at the first sampling
         self.lr_schedule = LRSchedule.parse(lr_schedule)
         check_output_shape(self.net, self.image_shape, out_factor, variance, self.num_classes)
-        if channels_last:
+        if self.runtime.channels_last:
             # before any callback copies the module (EMA), so that the copies run in the same format
             self.net.to(memory_format=torch.channels_last)
 
-        self._save_settings(settings, net, timestep_config)
+        self._save_settings(settings, net, timestep_config, weighting)
         # checkpoints written before the network was injected name it `unet`: renamed on every load_state_dict
         self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
 
-    def _save_settings(self, settings: dict[str, Any], net: Any, timestep_config: TimestepSamplingConfig) -> None:
+    def _save_settings(
+        self, settings: dict[str, Any], net: Any, timestep: TimestepSamplingConfig, weighting: LossWeightingConfig
+    ) -> None:
         """Save the hyper-parameters once, in the canonical form: plain types that load with weights_only=True, the
         resolved shape and settings. A network given in YAML (LightningCLI) or as a mapping keeps its
         class_path/init_args as written (other classes do not say their arguments). No `_instantiator` key:
@@ -201,9 +189,13 @@ class DiffusionModule(Sampling, L.LightningModule):
                 "image_size": self.image_shape[-1],
                 "in_channels": self.image_shape[0],
                 "num_classes": self.num_classes,
-                "timestep_sampling": timestep_config.to_setting(),
+                "schedule": self.schedule.to_dict(),
+                "loss_weighting": weighting.to_dict(),
+                "timestep_sampling": timestep.to_setting(),
                 "sampler": self.sampler_config.to_dict(),
                 "lr_schedule": self.lr_schedule.to_dict(),
+                "optimizer": self.adam.to_dict(),
+                "runtime": self.runtime.to_dict(),
             }
         )
 
@@ -281,10 +273,10 @@ class DiffusionModule(Sampling, L.LightningModule):
     def setup(self, stage: str) -> None:
         # Lightning runs the callbacks' setup first, so the EMA copy made there stays eager: a deep copy of a compiled
         # module would call the original module's compiled forward, i.e. sample with the raw weights
-        if self.hparams.compile and not compat.is_compiled(self.net):
+        if self.runtime.compile and not compat.is_compiled(self.net):
             self.net.compile()
-        if self.hparams.matmul_precision is not None:
-            torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        if self.runtime.matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.runtime.matmul_precision)
         if stage == "fit" and self.trainer.world_size > 1:
             # seed_everything gives every process the same seed; offset it so that the processes draw different
             # t and eps for their images (a resumed run then restores each process's own RNG state)
@@ -293,13 +285,13 @@ class DiffusionModule(Sampling, L.LightningModule):
             check_data_shape(self.image_shape, getattr(self.trainer, "datamodule", None))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return configure_adam(self.parameters(), self.net, hp.lr, hp.adam_betas, hp.weight_decay, hp.warmup_steps,
-                              self.lr_schedule, compat.attached_trainer(self))  # fmt: skip
+        adam, trainer = self.adam, compat.attached_trainer(self)
+        return configure_adam(self.parameters(), self.net, self.hparams.lr, adam.betas, adam.weight_decay,
+                              self.lr_schedule, trainer)  # fmt: skip
 
     def on_train_start(self) -> None:
         # a resumed run's settings, over those restored from its checkpoint
-        apply_settings(self.trainer, self.hparams.lr, self.hparams.adam_betas, self.hparams.weight_decay)
+        apply_settings(self.trainer, self.hparams.lr, self.adam.betas, self.adam.weight_decay)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)

@@ -1,11 +1,13 @@
-"""The learning-rate schedule: a linear warm-up, then constant (the paper), a linear or cosine decay to a floor,
-warm-up-stable-decay, or EDM2's inverse square root; one frozen setting, validated once, whose factor is a pure
-function of the step. :func:`configure_adam` builds a module's optimizer and schedule from it, :func:`apply_settings`
-puts a resumed run's settings into them.
+"""The training settings of :class:`~ddpm_lightning.lit_module.DiffusionModule` other than the model: Adam's
+(:class:`AdamConfig`), the learning-rate schedule (:class:`LRSchedule`) and how the steps run (:class:`RuntimeConfig`);
+each a frozen setting, validated once, given in YAML as a mapping (or, for the schedule, a bare name).
+:func:`configure_adam` builds a module's optimizer and schedule from them, :func:`apply_settings` puts a resumed run's
+settings into them.
 
-Because the factor depends only on (step, warm-up, decay length), a resumed run recomputes it from the restored step:
-it continues where it stopped, and a resume that changes the setting (or the run's length) follows the new formula
-from that step on.
+The schedule is a linear warm-up, then constant (the paper), a linear or cosine decay to a floor, warm-up-stable-decay,
+or EDM2's inverse square root. Because its factor depends only on (step, warm-up, decay length), a resumed run
+recomputes it from the restored step: it continues where it stopped, and a resume that changes the setting (or the
+run's length) follows the new formula from that step on.
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-__all__ = ["DECAYING", "LR_SCHEDULES", "LRSchedule", "LRScheduleName", "apply_settings", "configure_adam"]
+from ddpm_lightning import choices
+
+__all__ = [
+    "DECAYING",
+    "LR_SCHEDULES",
+    "AdamConfig",
+    "LRSchedule",
+    "LRScheduleName",
+    "RuntimeConfig",
+    "apply_settings",
+    "configure_adam",
+]
 
 LRScheduleName = Literal["constant", "linear", "cosine", "wsd", "inverse_sqrt"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LRScheduleName)
@@ -27,12 +40,97 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LRScheduleName)
 DECAYING = ("linear", "cosine", "wsd")
 
 
+def _parse(cls: Any, value: Any, setting: str) -> Any:
+    """``cls`` from an instance, a mapping (YAML) or None (its defaults)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    if value is None:
+        return cls()
+    fields = ", ".join(f.name for f in dataclasses.fields(cls))
+    raise ValueError(f"{setting} must be a mapping of {fields}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamConfig:
+    """Adam's settings other than the learning rate (``lr`` and ``lr_schedule`` set that).
+
+    Args:
+        betas: (beta1, beta2), the decay rates of the moment estimates (Kingma & Ba 2015); EDM2 uses (0.9, 0.99).
+        weight_decay: L2 penalty added to the gradients (torch's Adam), >= 0.
+
+    In YAML: ``optimizer: {betas: [0.9, 0.99], weight_decay: 0.0}``.
+    """
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        object.__setattr__(self, "betas", betas)
+
+    @classmethod
+    def parse(cls, value: AdamConfig | Mapping[str, Any] | None) -> AdamConfig:
+        """Settings from settings, a mapping (YAML) or None (Adam's defaults)."""
+        return _parse(cls, value, "optimizer")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for hyper-parameters."""
+        return {"betas": list(self.betas), "weight_decay": self.weight_decay}
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the training steps run; none of these changes the function learned.
+
+    Args:
+        compile: ``torch.compile`` the network for training (the EMA copy used for sampling stays eager).
+        channels_last: keep the network (and its EMA copy) in the channels-last memory format: 1.1x faster training
+            on a CPU (``make bench``) and the layout tensor-core convolutions want on GPUs.
+        matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``"high"``: TF32); None keeps it.
+        nonfinite_loss: a NaN/inf loss makes NaN/inf gradients, whose optimizer step is always skipped on the device
+            (counted in ``train/nonfinite_skips``). ``"stop"`` then ends the run at the next logging step with an
+            error naming the step; ``"skip"`` carries on. Checking on the device keeps the step free of host syncs.
+
+    In YAML: ``runtime: {compile: true, matmul_precision: high}``.
+    """
+
+    compile: bool = False
+    channels_last: bool = True
+    matmul_precision: Literal[choices.MATMUL_PRECISIONS] | None = None  # type: ignore[valid-type]
+    nonfinite_loss: Literal[choices.NONFINITE_LOSSES] = "stop"  # type: ignore[valid-type]
+
+    def __post_init__(self) -> None:
+        if self.matmul_precision is not None and self.matmul_precision not in choices.MATMUL_PRECISIONS:
+            raise ValueError(
+                f"unknown runtime.matmul_precision {self.matmul_precision!r}; allowed: "
+                f"{', '.join(choices.MATMUL_PRECISIONS)} or null"
+            )
+        if self.nonfinite_loss not in choices.NONFINITE_LOSSES:
+            allowed = ", ".join(choices.NONFINITE_LOSSES)
+            raise ValueError(f"unknown runtime.nonfinite_loss {self.nonfinite_loss!r}; allowed: {allowed}")
+
+    @classmethod
+    def parse(cls, value: RuntimeConfig | Mapping[str, Any] | None) -> RuntimeConfig:
+        """Settings from settings, a mapping (YAML) or None (the defaults)."""
+        return _parse(cls, value, "runtime")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for hyper-parameters."""
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
-    """The learning rate after its linear warm-up, as a factor of ``lr``.
+    """The learning rate, a linear warm-up then a schedule, as a factor of ``lr``.
 
-    With ``s`` the optimizer steps done, ``W`` the warm-up steps, ``N`` the decay length and ``r`` ``min_lr_ratio``:
-    warm-up ``min((s + 1) / W, 1)`` for ``s < W`` (Ho et al.'s code), then
+    With ``s`` the optimizer steps done, ``W`` the warm-up steps (``warmup_steps``), ``N`` the decay length and ``r``
+    ``min_lr_ratio``: warm-up ``min((s + 1) / W, 1)`` for ``s < W`` (Ho et al.'s code), then
 
     - ``constant``: 1 (the paper);
     - ``linear``: ``1 - (1 - r) p`` with ``p = (s - W) / (N - W)`` clipped to [0, 1];
@@ -43,17 +141,20 @@ class LRSchedule:
       reference step, then decaying as the inverse square root of the steps; it needs no run length.
 
     Args:
-        name: the schedule, one of :data:`LR_SCHEDULES`.
+        name: the schedule after the warm-up, one of :data:`LR_SCHEDULES`.
+        warmup_steps: the optimizer steps of the linear warm-up from lr / W to lr (the paper: 5000), >= 0.
         min_lr_ratio: the floor r of the decaying schedules, as a fraction of ``lr`` in [0, 1].
         decay_fraction: ``wsd``'s share of the run spent decaying, in (0, 1].
         total_steps: the decay length N in optimizer steps; None: the run's ``trainer.max_steps`` (a decaying schedule
             refuses a run without one, e.g. one bounded by ``max_time`` only, unless a ``TrainingBudget`` fixes it).
         ref_steps: ``inverse_sqrt``'s reference step t_ref, >= 1.
 
-    In YAML: ``lr_schedule: {name: wsd, decay_fraction: 0.3}`` or a bare name, ``lr_schedule: cosine``.
+    In YAML: ``lr_schedule: {name: wsd, warmup_steps: 1000, decay_fraction: 0.3}`` or a bare name,
+    ``lr_schedule: cosine``.
     """
 
     name: LRScheduleName = "constant"
+    warmup_steps: int = 5000
     min_lr_ratio: float = 0.0
     decay_fraction: float = 0.2
     total_steps: int | None = None
@@ -62,6 +163,8 @@ class LRSchedule:
     def __post_init__(self) -> None:
         if self.name not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.name!r}; allowed: {', '.join(LR_SCHEDULES)}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"lr_schedule.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"lr_schedule.min_lr_ratio must be in [0, 1] (a fraction of lr), got {self.min_lr_ratio}")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -105,8 +208,9 @@ class LRSchedule:
             )
         return None
 
-    def factor(self, step: int, warmup_steps: int, total_steps: int | None) -> float:
+    def factor(self, step: int, total_steps: int | None) -> float:
         """The learning rate of optimizer step ``step`` (0-based: the steps done) as a factor of ``lr``."""
+        warmup_steps = self.warmup_steps
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if self.name == "constant":
@@ -124,7 +228,7 @@ class LRSchedule:
             return 1.0 - (1.0 - r) * p
         return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
 
-    def step_function(self, warmup_steps: int, trainer: Any = None) -> Callable[[int], float]:
+    def step_function(self, trainer: Any = None) -> Callable[[int], float]:
         """The factor as a function of the step for ``LambdaLR``, over the run of ``trainer`` (None: no run length):
         its ``max_steps``, or the length a step budget among its callbacks (``TrainingBudget``: ``sets_max_steps``)
         fixes once it has measured the run's rate (the lr stays at 1 after the warm-up until then)."""
@@ -132,14 +236,14 @@ class LRSchedule:
         budget = next((c for c in callbacks if getattr(c, "sets_max_steps", False)), None)
         if budget is None:
             total = self.decay_steps(trainer.max_steps if trainer is not None else None)
-            return functools.partial(self.factor, warmup_steps=warmup_steps, total_steps=total)
-        return functools.partial(self._budgeted_factor, warmup_steps, budget)
+            return functools.partial(self.factor, total_steps=total)
+        return functools.partial(self._budgeted_factor, budget)
 
-    def _budgeted_factor(self, warmup_steps: int, budget: Any, step: int) -> float:
+    def _budgeted_factor(self, budget: Any, step: int) -> float:
         if budget.max_steps is None:
-            waiting = step >= warmup_steps and self.name != "inverse_sqrt"
-            return 1.0 if waiting else self.factor(step, warmup_steps, None)
-        return self.factor(step, warmup_steps, self.decay_steps(budget.max_steps))
+            waiting = step >= self.warmup_steps and self.name != "inverse_sqrt"
+            return 1.0 if waiting else self.factor(step, None)
+        return self.factor(step, self.decay_steps(budget.max_steps))
 
 
 def configure_adam(
@@ -148,18 +252,17 @@ def configure_adam(
     lr: float,
     betas: tuple[float, float],
     weight_decay: float,
-    warmup_steps: int,
     schedule: LRSchedule,
     trainer: Any = None,
 ) -> dict[str, Any]:
     """Lightning's ``configure_optimizers`` answer: fused Adam over the trainable ``parameters``, and ``schedule``
-    after ``warmup_steps`` as a ``LambdaLR`` stepped every optimizer step over the run of ``trainer``. A network with
+    (its warm-up first) as a ``LambdaLR`` stepped every optimizer step over the run of ``trainer``. A network with
     ``normalize_weights_`` (the magnitude-preserving :class:`~ddpm_lightning.models.MPUNet`) has it called after every
     step: EDM2's forced weight normalisation, before the weight average reads the weights."""
     trainable = [p for p in parameters if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
     # a function of the step alone, rebuilt on every fit: a resumed run continues from its restored step
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.step_function(warmup_steps, trainer))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.step_function(trainer))
     normalize = getattr(net, "normalize_weights_", None)
     if callable(normalize):
         optimizer.register_step_post_hook(lambda *_: normalize())

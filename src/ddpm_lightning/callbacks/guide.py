@@ -143,7 +143,7 @@ class GuideTraining(Callback):
         with torch.random.fork_rng(devices=[]):  # the main run's random numbers stay as they are without a guide
             self.guide = type(pl_module)(**hparams).to(pl_module.device)
         hp = self.guide.hparams
-        self._optimizer = torch.optim.Adam(self.guide.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas))
+        self._optimizer = torch.optim.Adam(self.guide.parameters(), lr=hp.lr, betas=self.guide.adam.betas)
         self._average = {k: v.detach().clone() for k, v in self.guide.net.state_dict().items()}
         self._steps, self._done = 0, False
         if self._restored is not None:
@@ -154,11 +154,11 @@ class GuideTraining(Callback):
     def _train_step(self, trainer: L.Trainer, batch: Any) -> None:
         guide, optimizer, hp = self.guide, self.guide_optimizer, self.guide.hparams
         schedule, steps = guide.lr_schedule, self.steps(trainer)
-        if steps is None and schedule.name in DECAYING and self._steps >= hp.warmup_steps:
+        if steps is None and schedule.name in DECAYING and self._steps >= schedule.warmup_steps:
             factor = 1.0  # the run's length is not known yet: the schedule decays once it is
         else:
             total = None if steps is None else schedule.decay_steps(steps)
-            factor = schedule.factor(self._steps, hp.warmup_steps, total)
+            factor = schedule.factor(self._steps, total)
         for group in optimizer.param_groups:
             group["lr"] = hp.lr * factor
         guide.train()

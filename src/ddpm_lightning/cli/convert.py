@@ -25,13 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--to-diffusers", metavar="CKPT", type=Path, help="checkpoint written by `ddpm fit`")
     parser.add_argument("--out", required=True, type=Path, help="the checkpoint, or the pipeline folder, to write")
-    parser.add_argument(
-        "--ema-decay",
-        type=float,
-        default=None,
-        help="deprecated and ignored: the EMA of a fine-tuning run (`ddpm fit --init_from`) is the EMA callback of "
-        "its config (trainer.callbacks: ddpm_lightning.callbacks.EMA with its decay)",
-    )
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="the checkpoint's default sampler")
     parser.add_argument(
         "--variance",
@@ -44,21 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddpm convert --from-diffusers DIR_OR_HUB_ID --out model.ckpt`` or ``--to-diffusers CKPT --out DIR``."""
-    args = build_parser().parse_args(argv)
+    from ddpm_lightning.legacy import upgrade_convert_argv
+
+    args = build_parser().parse_args(upgrade_convert_argv(sys.argv[1:] if argv is None else argv))
     from ddpm_lightning.interop.diffusers import from_diffusers, to_diffusers
 
     try:
-        if args.ema_decay is not None:
-            print(
-                "ddpm convert: warning: --ema-decay is deprecated and ignored: the EMA of a fine-tuning run is the EMA "
-                "callback of its config (trainer.callbacks)",
-                file=sys.stderr,
-            )
         if args.from_diffusers is not None:
             module = from_diffusers(args.from_diffusers, args.out, sampler=args.sampler, variance=args.variance)
             hp, size = module.hparams, sum(p.numel() for p in module.net.parameters())
             print(
-                f"wrote {args.out}: {size:,} parameters, T={hp.num_timesteps} {hp.schedule} betas, variance "
+                f"wrote {args.out}: {size:,} parameters, T={hp.num_timesteps} {module.schedule.name} betas, variance "
                 f"{hp.variance}, objective {hp.objective}"
             )
         else:

@@ -11,11 +11,11 @@ needs and the default callbacks, visible in the config.
   lists, unless a callback of the same kind is already there, so a config with its own callbacks never loses the
   EMA, the graceful stop or the final checkpoint; drop one by leaving its name out. A listed weight average
   (``ddpm_lightning.callbacks.EMA`` with its ``decay``, or ``PostHocEMA``) stands in for the default ``EMA(0.9999)``.
-- ``model.ema_decay``, deprecated, sets the decay of that callback in ``trainer.callbacks`` with a warning (0: no EMA),
-  so the run's ``config.yaml`` shows it (:func:`ema_decay_alias`).
-- The deprecated flat settings ``model.ch`` ... of the U-Net and ``model.sample_steps``, ``model.eta``,
-  ``model.sample_spacing`` of the sampler are options of the command (not of the module) that set
-  ``model.net.init_args`` and ``model.sampler``, with a warning (:func:`model_aliases`); the deprecated
+- The deprecated flat model settings of earlier versions (:data:`~ddpm_lightning.legacy.FLAT_MODEL_SETTINGS`) are
+  options of the command (not of the module) that set today's settings, with a warning, before a resumed run compares
+  its settings with the checkpoint's: the U-Net's ``model.ch`` ... its ``model.net.init_args``, the others their
+  grouped setting (:func:`model_aliases`), and the EMA's decay the EMA callback in ``trainer.callbacks``, so the run's
+  ``config.yaml`` shows it (:func:`~ddpm_lightning.legacy.ema_decay_alias`).; the deprecated
   ``num_steps``, ``eta`` and ``spacing`` of a sampling callback in a config file or a ``--trainer.callbacks`` value set
   its ``sampler`` as the config is read, with a warning (:func:`load_config_value`).
 - The model's image shape, where neither the config nor the network gives it, is the data module's
@@ -64,6 +64,10 @@ from ddpm_lightning.cli.resume import BudgetSpent, parse_max_time, reconcile_mod
 from ddpm_lightning.data.base import ImageDataModule, per_process_batch_size
 from ddpm_lightning.legacy import (
     FLAT_MODEL_SETTINGS,
+    MODEL_ALIASES,
+    SETTING_ALIASES,
+    config_settings,
+    ema_decay_alias,
     flat_setting_target,
     upgrade_callback_configs,
     upgrade_hyperparameters,
@@ -77,7 +81,6 @@ __all__ = [
     "checkpoints_in_run_dir",
     "cpu_world_size",
     "data_shape",
-    "ema_decay_alias",
     "finish_wandb_run",
     "fit",
     "follow_run_dir",
@@ -111,7 +114,6 @@ _SAME_KIND: dict[str, tuple[type, ...]] = {
     "EMA": (WeightAveraging, WeightAverage),
     "ProgressBar": (LightningProgressBar,),
 }
-_EMA_CLASS_PATH = "ddpm_lightning.callbacks.EMA"
 
 # a logger's save_dir with one of these values follows trainer.default_root_dir (WandbLogger's own default is ".")
 RUN_DIR_PLACEHOLDERS = (None, "", ".", "${trainer.default_root_dir}")
@@ -248,69 +250,37 @@ def _class_of(class_path: Any) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
-def ema_decay_alias(config: Any) -> float | None:
-    """Turn the deprecated ``model.ema_decay`` of a parsed config into the EMA callback, with a warning.
-
-    A listed ``EMA`` gets that ``decay`` (0: it is removed); without one, ``trainer.callbacks`` gets an entry
-    ``ddpm_lightning.callbacks.EMA`` with that ``decay`` when ``default_callbacks`` names "EMA" (0: "EMA" is left out
-    of them); another listed weight average (``PostHocEMA``) wins and the value is ignored. Sets ``model.ema_decay``
-    to None and returns the value it had (None: not given).
-    """
-    decay = config.model.get("ema_decay") if config.get("model") is not None else None
-    if decay is None:
+def average_kind(entry: Any) -> str | None:
+    """What a ``trainer.callbacks`` entry of a parsed config is: ``"ema"`` (:class:`EMA` or a subclass), ``"other"``
+    (another weight average, ``PostHocEMA``) or None."""
+    cls = _class_of(getattr(entry, "class_path", None))
+    if cls is None or not issubclass(cls, (WeightAveraging, WeightAverage)):
         return None
-    config.model.ema_decay = None
-    callbacks = _entries(config.trainer.get("callbacks"))
-    classes = [_class_of(getattr(entry, "class_path", None)) for entry in callbacks]
-    emas = [entry for entry, cls in zip(callbacks, classes, strict=True) if cls is not None and issubclass(cls, EMA)]
-    others = [
-        entry
-        for entry, cls in zip(callbacks, classes, strict=True)
-        if cls is not None and issubclass(cls, (WeightAveraging, WeightAverage)) and not issubclass(cls, EMA)
-    ]
-    advice = f"`- {{class_path: {_EMA_CLASS_PATH}, init_args: {{decay: {decay}}}}}`"
-    if others:
-        rank_zero_warn(
-            f"model.ema_decay={decay} is deprecated and ignored: trainer.callbacks lists {others[0].class_path}, "
-            "the run's weight average",
-            category=FutureWarning,
-        )
-        return decay
-    rank_zero_warn(
-        f"model.ema_decay={decay} is deprecated: list the EMA callback in trainer.callbacks instead, {advice}"
-        + (" (0: no EMA; leave EMA out of default_callbacks)" if decay == 0 else ""),
-        category=FutureWarning,
-    )
-    names = config.get("default_callbacks") or []
-    if decay == 0:
-        config.trainer.callbacks = [entry for entry in callbacks if all(entry is not ema for ema in emas)]
-        config.default_callbacks = [name for name in names if name != "EMA"]
-    elif emas:
-        for entry in emas:
-            entry.init_args.decay = decay
-    elif "EMA" in names:  # as before: the decay of the default EMA, which default_callbacks may leave out
-        entry = Namespace(class_path=_EMA_CLASS_PATH, init_args=Namespace(decay=decay, update_starting_at_step=None))
-        config.trainer.callbacks = [*callbacks, entry]
-    return decay
+    return "ema" if issubclass(cls, EMA) else "other"
 
 
 def model_aliases(model: Any) -> dict[str, Any]:
-    """The settings ``net`` and ``sampler`` of a parsed config's ``model`` with its deprecated flat aliases set
+    """The settings of a parsed config's ``model`` that its deprecated flat aliases set
     (:func:`~ddpm_lightning.legacy.upgrade_hyperparameters`: ``model.ch`` into ``model.net.init_args.ch``, or a
-    U-Net of those versions without a network; ``model.sample_steps`` into ``model.sampler.steps`` ...), with a
-    warning; empty when none is set. The CLI then removes the aliases from the config: the module does not take them.
+    U-Net of those versions without a network; ``model.sample_steps`` into ``model.sampler.steps``,
+    ``model.beta_end`` into ``model.schedule.beta_end`` ...), with a warning; empty when none is set. The CLI then
+    removes the aliases from the config: the module does not take them.
     """
-    given = {key: value for key in FLAT_MODEL_SETTINGS if (value := model.get(key)) is not None}
+    given = {key: value for key in MODEL_ALIASES if (value := model.get(key)) is not None}
     if not given:
         return {}
-    plain = {key: _plain(model.get(key)) for key in ("net", "sampler")}
+    plain = {key: _plain(model.get(key)) for key in _ALIAS_TARGETS}
     upgraded = upgrade_hyperparameters({**plain, **given})
     names = [flat_setting_target(k) for k in given]
     rank_zero_warn(
         f"{', '.join(f'model.{k}={v!r}' for k, v in given.items())}: deprecated, set {', '.join(names)} instead",
         category=FutureWarning,
     )
-    return {key: upgraded[key] for key in ("net", "sampler") if upgraded.get(key) != plain[key]}
+    return {key: upgraded[key] for key in _ALIAS_TARGETS if upgraded.get(key) != plain[key]}
+
+
+# the model settings the flat aliases set
+_ALIAS_TARGETS = ("net", *dict.fromkeys(setting for setting, _ in SETTING_ALIASES.values()))
 
 
 def _plain(value: Any) -> Any:
@@ -511,8 +481,23 @@ class DDPMCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
+        # today's names first, so that a resumed run compares them with the checkpoint's
+        self.config = self._upgrade_model_aliases(self.config, self.config.get("subcommand"))
         # what was given, before Lightning replaces the model section with a checkpoint's hyper-parameters
         self.given_config = deepcopy(self.config)
+
+    def _upgrade_model_aliases(self, config: Namespace, subcommand: str | None) -> Namespace:
+        """``config`` with the deprecated flat model settings set where they belong today (:func:`model_aliases`)
+        and removed (the EMA's decay is left to :func:`~ddpm_lightning.legacy.ema_decay_alias`)."""
+        changes = model_aliases(config.get(str(subcommand), config).model)
+        if changes:
+            prefix = [str(subcommand)] if subcommand else []
+            config = self.parser.parse_object(_nested([*prefix, "model"], changes), config)
+        model = config.get(str(subcommand), config).model
+        for key in MODEL_ALIASES:
+            if key in model:
+                del model[key]
+        return config
 
     def _resume(self, ckpt_path: str | Path | None) -> None:
         """Stop when the checkpoint's time budget is spent; apply the model settings given with a checkpoint, or
@@ -526,12 +511,16 @@ class DDPMCLI(LightningCLI):
         if spent is not None:
             _print(spent)
             raise BudgetSpent(0)
-        # a U-Net stored before a setting was recorded: the value it was trained with
-        stored = upgrade_hyperparameters(read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {})
+        # the settings of an earlier version in today's form; a U-Net stored before a setting was recorded: the
+        # value it was trained with
+        raw = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        stored = upgrade_hyperparameters(raw)
         if not stored:
             return
         given = self.given_config[subcommand].model
         from_checkpoint, changed = reconcile_model_settings(given, stored, str(ckpt_path))
+        # what the module of an earlier version held and the config holds today, unless given (the EMA's decay)
+        from_checkpoint |= {k: v for k, v in config_settings(raw).items() if given.get(k) is None}
         config.model = deepcopy(given)
         if from_checkpoint:
             self.config = self.parser.parse_object({subcommand: {"model": from_checkpoint}}, self.config)
@@ -551,16 +540,11 @@ class DDPMCLI(LightningCLI):
             resume_wandb_run(config.trainer, config.get("ckpt_path"))
             resume_logger_versions(config.trainer, config.get("ckpt_path"))
             self._resume(config.ckpt_path)
-        # after _resume (which may replace self.config): a checkpoint of an earlier version may bring its ema_decay
-        ema_decay_alias(self.config.get(str(self.subcommand), self.config))
-        changes = model_aliases(self.config.get(str(self.subcommand), self.config).model)
-        if changes:
-            prefix = [str(self.subcommand)] if self.subcommand else []
-            self.config = self.parser.parse_object(_nested([*prefix, "model"], changes), self.config)
+        # again after _resume (which may replace self.config) and Lightning, which puts a checkpoint's settings into
+        # the config: a checkpoint of an earlier version brings its flat settings and its EMA's decay
+        self.config = self._upgrade_model_aliases(self.config, self.subcommand)
         config = self.config.get(str(self.subcommand), self.config)
-        for key in FLAT_MODEL_SETTINGS:
-            if key in config.model:
-                del config.model[key]
+        ema_decay_alias(config, average_kind)
         shape_from_data(config)
 
     def before_fit(self) -> None:

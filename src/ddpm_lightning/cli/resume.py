@@ -9,7 +9,7 @@ keeps the given one for ``--ckpt_path last``), so a ``--model.*`` given with a c
   every difference;
 - settings that can (:data:`SAFE_SETTINGS`) are applied and printed; the module puts them into the restored
   optimizer and learning-rate schedule (``DiffusionModule.on_train_start``). The schedule is a function of the step:
-  a changed ``lr_schedule``, ``warmup_steps`` or ``trainer.max_steps`` (a decay's length) takes effect from the
+  a changed ``lr_schedule`` (its warm-up included) or ``trainer.max_steps`` (a decay's length) takes effect from the
   restored step on, as if the run had always had it;
 - settings left at their defaults take the checkpoint's values.
 """
@@ -27,11 +27,13 @@ from jsonargparse import Namespace
 
 from ddpm_lightning.checkpoint import read_checkpoint
 from ddpm_lightning.diffusion import SamplerConfig
+from ddpm_lightning.diffusion.schedules import NoiseSchedule
 from ddpm_lightning.diffusion.timesteps import TimestepSamplingConfig
+from ddpm_lightning.diffusion.weighting import LossWeightingConfig
 from ddpm_lightning.legacy import UNET_ALIASES
 from ddpm_lightning.lit_module import DiffusionModule
 from ddpm_lightning.models import UNet
-from ddpm_lightning.optim import LRSchedule
+from ddpm_lightning.optim import AdamConfig, LRSchedule, RuntimeConfig
 
 __all__ = [
     "SAFE_SETTINGS",
@@ -41,21 +43,17 @@ __all__ = [
     "spent_time_budget",
 ]
 
-#: model settings a resumed run may change: the optimizer, warm-up, EMA, sampling defaults and speed switches
-SAFE_SETTINGS = (
-    "lr",
-    "adam_betas",
-    "weight_decay",
-    "warmup_steps",
-    "ema_decay",  # deprecated (the EMA callback's decay, which a resume may change): checkpoints of earlier versions
-    "lr_schedule",
-    "sampler",
-    "nonfinite_loss",
-    "compile",
-    "channels_last",
-    "matmul_precision",
-    "p_uncond",
-)
+#: model settings a resumed run may change: the optimizer, the learning rate and its schedule (warm-up included), the
+#: sampling defaults, the runtime (speed switches, the non-finite policy) and the label dropout
+SAFE_SETTINGS = ("lr", "optimizer", "lr_schedule", "sampler", "runtime", "p_uncond")
+#: the grouped settings, compared in their canonical form (a bare name equals its mapping with the defaults)
+_GROUPED = {
+    "schedule": NoiseSchedule,
+    "loss_weighting": LossWeightingConfig,
+    "lr_schedule": LRSchedule,
+    "optimizer": AdamConfig,
+    "runtime": RuntimeConfig,
+}
 #: network arguments that change memory and speed, not the function: a resumed run may change them
 _NET_SPEED_SETTINGS = ("grad_checkpointing",)
 _SHAPE = ("image_size", "in_channels")
@@ -69,7 +67,7 @@ def _plain(value: Any) -> Any:
     """Namespaces, dataclasses, tuples as dicts and lists, for comparing given settings with stored ones."""
     if isinstance(value, Namespace):
         value = value.as_dict()
-    if isinstance(value, (SamplerConfig, LRSchedule)):
+    if isinstance(value, (SamplerConfig, *_GROUPED.values())):
         return value.to_dict()
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
@@ -165,8 +163,8 @@ def reconcile_model_settings(given: Mapping[str, Any], stored: Mapping[str, Any]
             mine, theirs, default = _sampler(given.get(key)), _sampler(value), _sampler(defaults.get(key))
         elif key == "timestep_sampling":  # a bare name (earlier checkpoints) equals its mapping with the defaults
             mine, theirs, default = (_timesteps(v) for v in (given.get(key), value, defaults.get(key)))
-        elif key == "lr_schedule":
-            mine, theirs, default = (LRSchedule.parse(_plain(v)).to_dict() for v in (given.get(key), value, "constant"))
+        elif key in _GROUPED:
+            mine, theirs, default = (_GROUPED[key].parse(_plain(v)).to_dict() for v in (given.get(key), value, None))
         else:
             mine, theirs, default = given.get(key), value, defaults.get(key, given.get(key))
         if _same(mine, theirs):

@@ -15,16 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_lightning import choices
 from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
-Variance = Literal["fixed_large", "fixed_small", "learned_range", "learned"]
-Objective = Literal["eps", "x0", "v"]
-LossWeighting = Literal["none", "min_snr", "learned"]
-LossType = Literal["simple", "vlb"]
-VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
-OBJECTIVES = ("eps", "x0", "v")
-LOSS_WEIGHTINGS = ("none", "min_snr", "learned")
-LOSS_TYPES = ("simple", "vlb")
+Variance = Literal[choices.VARIANCES]  # type: ignore[valid-type]
+Objective = Literal[choices.OBJECTIVES]  # type: ignore[valid-type]
+LossWeighting = Literal[choices.LOSS_WEIGHTINGS]  # type: ignore[valid-type]
+LossType = Literal[choices.LOSS_TYPES]  # type: ignore[valid-type]
+VARIANCES, OBJECTIVES = choices.VARIANCES, choices.OBJECTIVES
+LOSS_WEIGHTINGS, LOSS_TYPES = choices.LOSS_WEIGHTINGS, choices.LOSS_TYPES
 #: lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Sec. 3.1)
 HYBRID_LAMBDA = 1e-3
 

@@ -1,12 +1,66 @@
-"""Noise schedules beta_1..beta_T, computed in float64."""
+"""Noise schedules beta_1..beta_T, computed in float64, and the setting that names one (:class:`NoiseSchedule`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
-SCHEDULES = ("linear", "cosine")
+from ddpm_lightning import choices
+
+SCHEDULES = choices.SCHEDULES
+ScheduleName = Literal[choices.SCHEDULES]  # type: ignore[valid-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """The noise schedule setting of a model: a name and its constants (:func:`make_betas`); T is the model's own
+    ``num_timesteps``.
+
+    Args:
+        name: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021).
+        beta_start, beta_end: the linear schedule's endpoints at T = 1000 (rescaled by 1000 / T for other T).
+        cosine_s: the cosine schedule's offset s.
+
+    In YAML: ``schedule: {name: linear, beta_start: 1.0e-4, beta_end: 0.02}`` or a bare name, ``schedule: cosine``.
+    """
+
+    name: ScheduleName = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cosine_s: float = 0.008
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.name!r}; allowed: {', '.join(SCHEDULES)}")
+        if not self.cosine_s >= 0:
+            raise ValueError(f"schedule.cosine_s must be >= 0, got {self.cosine_s}")
+
+    @classmethod
+    def parse(cls, value: NoiseSchedule | Mapping[str, Any] | str | None) -> NoiseSchedule:
+        """A schedule from a schedule, a mapping (YAML), a bare name or None (the paper's linear one)."""
+        if isinstance(value, NoiseSchedule):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**value)
+        if isinstance(value, str):
+            return cls(name=value)
+        if value is None:
+            return cls()
+        raise ValueError(f"schedule must be a name ({', '.join(SCHEDULES)}) or a mapping, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for hyper-parameters."""
+        return dataclasses.asdict(self)
+
+    def betas(self, num_timesteps: int) -> torch.Tensor:
+        """beta_1..beta_T in float64 (:func:`make_betas`)."""
+        return make_betas(
+            self.name, num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end, cosine_s=self.cosine_s
+        )
 
 
 def make_betas(

@@ -5,16 +5,61 @@
 with L_t the per-example loss at timestep t and u a one-layer head on a Fourier embedding of the noise level. For a
 fixed network the minimiser is u(t) = log E[L_t | t], so every t's loss is brought to the same scale while training:
 the weighting adapts itself instead of being searched.
+
+:class:`LossWeightingConfig` is a model's weighting setting: this one, min-SNR-gamma or none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LearnedLossWeight"]
+from ddpm_lightning import choices
+from ddpm_lightning.diffusion.gaussian import LossWeighting
+
+__all__ = ["LearnedLossWeight", "LossWeightingConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeightingConfig:
+    """The weighting of L_simple: ``"none"`` (the paper), ``"min_snr"`` (min-SNR-gamma, Hang et al. 2023, clipped at
+    ``gamma``; see :class:`~ddpm_lightning.diffusion.GaussianDiffusion`) or ``"learned"`` (:class:`LearnedLossWeight`).
+
+    In YAML: ``loss_weighting: {name: min_snr, gamma: 5.0}`` or a bare name, ``loss_weighting: min_snr``.
+    """
+
+    name: LossWeighting = "none"
+    gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.name not in choices.LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {self.name!r}; allowed: {', '.join(choices.LOSS_WEIGHTINGS)}")
+        if not self.gamma > 0:
+            raise ValueError(f"loss_weighting.gamma must be > 0, got {self.gamma}")
+
+    @classmethod
+    def parse(cls, value: LossWeightingConfig | Mapping[str, Any] | str | None) -> LossWeightingConfig:
+        """A weighting from a weighting, a mapping (YAML), a bare name or None (none)."""
+        if isinstance(value, LossWeightingConfig):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**value)
+        if isinstance(value, str):
+            return cls(name=value)
+        if value is None:
+            return cls()
+        raise ValueError(
+            f"loss_weighting must be a name ({', '.join(choices.LOSS_WEIGHTINGS)}) or a mapping, got {value!r}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for hyper-parameters."""
+        return dataclasses.asdict(self)
 
 
 class LearnedLossWeight(nn.Module):

@@ -284,7 +284,7 @@ def _info(job: _Sweep) -> dict[str, Any]:
     spec = job.spec
     # each different process once: checkpoints of one run share theirs
     processes = dict.fromkeys(
-        f"{m.hparams.schedule} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
+        f"{m.schedule.name} schedule, {m.hparams.objective} objective, {m.hparams.variance} variance, "
         f"T = {m.diffusion.num_timesteps}"
         for m in job.modules
     )

@@ -292,11 +292,10 @@ def scheduler_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         raise LayoutError(f"prediction_type={prediction!r} does not map; allowed: {', '.join(OBJECTIVES.values())}")
     # our linear schedule rescales its endpoints by 1000 / T (make_betas); diffusers' does not
     scale = T / 1000
+    beta_start, beta_end = float(config.get("beta_start", 1e-4)) * scale, float(config.get("beta_end", 0.02)) * scale
     return {
-        "schedule": schedule,
+        "schedule": {"name": schedule, "beta_start": beta_start, "beta_end": beta_end},
         "num_timesteps": T,
-        "beta_start": float(config.get("beta_start", 1e-4)) * scale,
-        "beta_end": float(config.get("beta_end", 0.02)) * scale,
         "variance": variance,
         "objective": objective,
     }
@@ -309,9 +308,9 @@ def _scheduler_config(module: DiffusionModule) -> dict[str, Any]:
                           f"{', '.join(VARIANCES)}")  # fmt: skip
     return {
         "num_train_timesteps": T,
-        "beta_schedule": SCHEDULES[hp["schedule"]],
-        "beta_start": hp["beta_start"] * 1000 / T,
-        "beta_end": hp["beta_end"] * 1000 / T,
+        "beta_schedule": SCHEDULES[module.schedule.name],
+        "beta_start": module.schedule.beta_start * 1000 / T,
+        "beta_end": module.schedule.beta_end * 1000 / T,
         "variance_type": VARIANCES[hp["variance"]],
         "prediction_type": OBJECTIVES[hp["objective"]],
         # the samplers here clip every x_0 prediction to [-1, 1], as Ho et al.'s code
