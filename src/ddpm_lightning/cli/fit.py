@@ -333,12 +333,17 @@ def shape_from_data(config: Any) -> dict[str, int]:
 
 class RunConfigParser(ConfigErrorParser):
     """The command's parser (one-line errors, :class:`ConfigErrorParser`), whose dump (``--print_config``, the run's
-    ``config.yaml``) shows the image shape the model takes from the data (:func:`shape_from_data`), not null."""
+    ``config.yaml``) shows the image shape the model takes from the data (:func:`shape_from_data`), not null, and
+    leaves out the deprecated flat model settings that are not set."""
 
     def dump(self, cfg: Any = None, *args: Any, **kwargs: Any) -> str:
-        if isinstance(cfg, Namespace) and cfg.get("model") is not None and cfg.get("data") is not None:
+        if isinstance(cfg, Namespace) and cfg.get("model") is not None:
             cfg = deepcopy(cfg)
-            shape_from_data(cfg)
+            for key in FLAT_MODEL_SETTINGS:
+                if key in cfg.model and cfg.model[key] is None:
+                    del cfg.model[key]
+            if cfg.get("data") is not None:
+                shape_from_data(cfg)
         return super().dump(cfg, *args, **kwargs)
 
 
