@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from ddpm_lightning import choices
+from ddpm_lightning.settings import Setting
 
 __all__ = [
     "DECAYING",
@@ -40,20 +41,8 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LRScheduleName)
 DECAYING = ("linear", "cosine", "wsd")
 
 
-def _parse(cls: Any, value: Any, setting: str) -> Any:
-    """``cls`` from an instance, a mapping (YAML) or None (its defaults)."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        return cls(**value)
-    if value is None:
-        return cls()
-    fields = ", ".join(f.name for f in dataclasses.fields(cls))
-    raise ValueError(f"{setting} must be a mapping of {fields}, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
-class AdamConfig:
+class AdamConfig(Setting):
     """Adam's settings other than the learning rate (``lr`` and ``lr_schedule`` set that).
 
     Args:
@@ -62,6 +51,8 @@ class AdamConfig:
 
     In YAML: ``optimizer: {betas: [0.9, 0.99], weight_decay: 0.0}``.
     """
+
+    KEY = "optimizer"
 
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -74,18 +65,13 @@ class AdamConfig:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         object.__setattr__(self, "betas", betas)
 
-    @classmethod
-    def parse(cls, value: AdamConfig | Mapping[str, Any] | None) -> AdamConfig:
-        """Settings from settings, a mapping (YAML) or None (Adam's defaults)."""
-        return _parse(cls, value, "optimizer")
-
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for hyper-parameters."""
         return {"betas": list(self.betas), "weight_decay": self.weight_decay}
 
 
 @dataclasses.dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(Setting):
     """How the training steps run; none of these changes the function learned.
 
     Args:
@@ -99,6 +85,8 @@ class RuntimeConfig:
 
     In YAML: ``runtime: {compile: true, matmul_precision: high}``.
     """
+
+    KEY = "runtime"
 
     compile: bool = False
     channels_last: bool = True
@@ -115,18 +103,9 @@ class RuntimeConfig:
             allowed = ", ".join(choices.NONFINITE_LOSSES)
             raise ValueError(f"unknown runtime.nonfinite_loss {self.nonfinite_loss!r}; allowed: {allowed}")
 
-    @classmethod
-    def parse(cls, value: RuntimeConfig | Mapping[str, Any] | None) -> RuntimeConfig:
-        """Settings from settings, a mapping (YAML) or None (the defaults)."""
-        return _parse(cls, value, "runtime")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types, for hyper-parameters."""
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class LRSchedule:
+class LRSchedule(Setting):
     """The learning rate, a linear warm-up then a schedule, as a factor of ``lr``.
 
     With ``s`` the optimizer steps done, ``W`` the warm-up steps (``warmup_steps``), ``N`` the decay length and ``r``
@@ -153,6 +132,8 @@ class LRSchedule:
     ``lr_schedule: cosine``.
     """
 
+    KEY, NAMES = "lr_schedule", LR_SCHEDULES
+
     name: LRScheduleName = "constant"
     warmup_steps: int = 5000
     min_lr_ratio: float = 0.0
@@ -175,23 +156,6 @@ class LRSchedule:
             raise ValueError(f"lr_schedule.total_steps must be a positive integer or null, got {self.total_steps!r}")
         if isinstance(self.ref_steps, bool) or not isinstance(self.ref_steps, int) or self.ref_steps < 1:
             raise ValueError(f"lr_schedule.ref_steps must be a positive integer, got {self.ref_steps!r}")
-
-    @classmethod
-    def parse(cls, value: LRSchedule | Mapping[str, Any] | str | None) -> LRSchedule:
-        """A schedule from a schedule, a mapping (YAML), a bare name or None (the paper's constant)."""
-        if isinstance(value, LRSchedule):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**value)
-        if isinstance(value, str):
-            return cls(name=value)  # type: ignore[arg-type]
-        if value is None:
-            return cls()
-        raise ValueError(f"lr_schedule must be a name ({', '.join(LR_SCHEDULES)}) or a mapping, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types, for hyper-parameters."""
-        return dataclasses.asdict(self)
 
     def decay_steps(self, max_steps: int | None) -> int | None:
         """The decay length N: ``total_steps``, else ``max_steps`` (the run's, -1 or None: none); ValueError when a

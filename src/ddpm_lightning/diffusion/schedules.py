@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from ddpm_lightning import choices
+from ddpm_lightning.settings import Setting
 
 SCHEDULES = choices.SCHEDULES
 ScheduleName = Literal[choices.SCHEDULES]  # type: ignore[valid-type]
 
 
 @dataclasses.dataclass(frozen=True)
-class NoiseSchedule:
+class NoiseSchedule(Setting):
     """The noise schedule setting of a model: a name and its constants (:func:`make_betas`); T is the model's own
     ``num_timesteps``.
 
@@ -28,6 +28,8 @@ class NoiseSchedule:
     In YAML: ``schedule: {name: linear, beta_start: 1.0e-4, beta_end: 0.02}`` or a bare name, ``schedule: cosine``.
     """
 
+    KEY, NAMES = "schedule", SCHEDULES
+
     name: ScheduleName = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -38,23 +40,6 @@ class NoiseSchedule:
             raise ValueError(f"unknown noise schedule {self.name!r}; allowed: {', '.join(SCHEDULES)}")
         if not self.cosine_s >= 0:
             raise ValueError(f"schedule.cosine_s must be >= 0, got {self.cosine_s}")
-
-    @classmethod
-    def parse(cls, value: NoiseSchedule | Mapping[str, Any] | str | None) -> NoiseSchedule:
-        """A schedule from a schedule, a mapping (YAML), a bare name or None (the paper's linear one)."""
-        if isinstance(value, NoiseSchedule):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**value)
-        if isinstance(value, str):
-            return cls(name=value)
-        if value is None:
-            return cls()
-        raise ValueError(f"schedule must be a name ({', '.join(SCHEDULES)}) or a mapping, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types, for hyper-parameters."""
-        return dataclasses.asdict(self)
 
     def betas(self, num_timesteps: int) -> torch.Tensor:
         """beta_1..beta_T in float64 (:func:`make_betas`)."""

@@ -13,25 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 from ddpm_lightning import choices
 from ddpm_lightning.diffusion.gaussian import LossWeighting
+from ddpm_lightning.settings import Setting
 
 __all__ = ["LearnedLossWeight", "LossWeightingConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LossWeightingConfig:
+class LossWeightingConfig(Setting):
     """The weighting of L_simple: ``"none"`` (the paper), ``"min_snr"`` (min-SNR-gamma, Hang et al. 2023, clipped at
     ``gamma``; see :class:`~ddpm_lightning.diffusion.GaussianDiffusion`) or ``"learned"`` (:class:`LearnedLossWeight`).
 
     In YAML: ``loss_weighting: {name: min_snr, gamma: 5.0}`` or a bare name, ``loss_weighting: min_snr``.
     """
+
+    KEY, NAMES = "loss_weighting", choices.LOSS_WEIGHTINGS
 
     name: LossWeighting = "none"
     gamma: float = 5.0
@@ -41,25 +42,6 @@ class LossWeightingConfig:
             raise ValueError(f"unknown loss_weighting {self.name!r}; allowed: {', '.join(choices.LOSS_WEIGHTINGS)}")
         if not self.gamma > 0:
             raise ValueError(f"loss_weighting.gamma must be > 0, got {self.gamma}")
-
-    @classmethod
-    def parse(cls, value: LossWeightingConfig | Mapping[str, Any] | str | None) -> LossWeightingConfig:
-        """A weighting from a weighting, a mapping (YAML), a bare name or None (none)."""
-        if isinstance(value, LossWeightingConfig):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**value)
-        if isinstance(value, str):
-            return cls(name=value)
-        if value is None:
-            return cls()
-        raise ValueError(
-            f"loss_weighting must be a name ({', '.join(choices.LOSS_WEIGHTINGS)}) or a mapping, got {value!r}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types, for hyper-parameters."""
-        return dataclasses.asdict(self)
 
 
 class LearnedLossWeight(nn.Module):
