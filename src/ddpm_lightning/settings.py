@@ -28,9 +28,9 @@ class Setting:
     def parse(cls: type[S], value: Any) -> S:
         """The setting from itself, a mapping of its fields, None (the defaults) or a bare name; ValueError naming the
         setting and what it takes for anything else."""
-        fields = [f.name for f in dataclasses.fields(cls)]
         if isinstance(value, cls):
             return value
+        fields = [f.name for f in dataclasses.fields(cls)]
         if isinstance(value, Mapping):
             if unknown := sorted(set(value) - set(fields)):
                 raise ValueError(f"{cls.KEY}: unknown {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}")

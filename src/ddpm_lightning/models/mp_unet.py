@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_lightning.models.unet import timestep_embedding
+from ddpm_lightning.models.unet import check_labels, timestep_embedding
 
 __all__ = ["MPConv", "MPUNet", "mp_cat", "mp_silu", "mp_sum", "normalize"]
 
@@ -284,16 +284,8 @@ class MPUNet(nn.Module):
     def embedding(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """mp_silu of the noise embedding, joined with the class embedding for labels below ``num_classes``."""
         emb = self.emb_noise(math.sqrt(2) * timestep_embedding(t, self.ch).to(self.emb_noise.weight.dtype))
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("this MPUNet is unconditional (num_classes=None): it takes no labels y")
-        else:
-            if y is None or y.shape != (t.shape[0],):
-                got = None if y is None else tuple(y.shape)
-                raise ValueError(
-                    f"this MPUNet is conditional (num_classes={self.num_classes}): give labels y of shape "
-                    f"({t.shape[0]},), got {got}"
-                )
+        check_labels("MPUNet", self.num_classes, y, t.shape[0])
+        if self.num_classes is not None:
             one_hot = F.one_hot(y.clamp(max=self.num_classes - 1), self.num_classes).to(emb.dtype)
             joined = mp_sum(emb, self.emb_label(one_hot * math.sqrt(self.num_classes)), self.label_balance)
             emb = torch.where((y < self.num_classes)[:, None], joined, emb)  # the null class: no class embedding

@@ -29,6 +29,19 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb  # (B, dim)
 
 
+def check_labels(network: str, num_classes: int | None, y: torch.Tensor | None, batch: int) -> None:
+    """ValueError unless ``y`` fits ``network`` (``"U-Net"``, ``"MPUNet"``): none for an unconditional one, a (batch,)
+    tensor for one conditional on ``num_classes`` classes."""
+    if num_classes is None:
+        if y is not None:
+            raise ValueError(f"this {network} is unconditional (num_classes=None): it takes no labels y")
+    elif y is None or y.shape != (batch,):
+        got = None if y is None else tuple(y.shape)
+        raise ValueError(
+            f"this {network} is conditional (num_classes={num_classes}): give labels y of shape ({batch},), got {got}"
+        )
+
+
 def _init(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
     """Ho et al.'s variance-scaling init (fan_avg, uniform); scale 0 zero-initialises output layers."""
     if scale == 0:
@@ -331,16 +344,8 @@ class UNet(nn.Module):
             # a U-Net moved to channels_last (faster convolutions) runs in that format whatever the input's layout
             x = x.contiguous(memory_format=torch.channels_last)
         temb = self.temb(timestep_embedding(t, self.ch).to(self.temb[0].weight.dtype))  # (B, 4ch)
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("this U-Net is unconditional (num_classes=None): it takes no labels y")
-        else:
-            if y is None or y.shape != (x.shape[0],):
-                got = None if y is None else tuple(y.shape)
-                raise ValueError(
-                    f"this U-Net is conditional (num_classes={self.num_classes}): give labels y of shape "
-                    f"({x.shape[0]},), got {got}"
-                )
+        check_labels("U-Net", self.num_classes, y, x.shape[0])
+        if self.num_classes is not None:
             # (B, 4ch), as in ADM: the class embedding joins the time embedding (and so its scale and shift)
             temb = temb + self.class_emb(y)
         h = self.conv_in(x)
